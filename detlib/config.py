@@ -1,0 +1,165 @@
+"""Typed config schema, registered with Hydra's ConfigStore.
+
+``configs/train.yaml`` starts its defaults list with ``detlib_schema``, so every yaml and every
+command-line override is merged onto these dataclasses: a misspelt key or a wrong type
+(``trainer.lr=abc``) fails at start-up with Hydra's own message. Ranges that a type can't say
+(lr > 0, beta >= 0, ...) are checked by ``check_ranges`` and by the loss constructors.
+Library code receives these dataclasses (``OmegaConf.to_object``), never a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 3000
+    num_val: int = 300
+    image_size: int = 128
+    min_objects: int = 1
+    max_objects: int = 6
+    min_size: int = 12
+    max_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic | coco
+    root: str = "~/.cache/detlib"  # synthetic: cache folder; coco: base for the relative paths below
+    train_ann: str = ""
+    train_images: str = ""
+    val_ann: str = ""
+    val_images: str = ""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    batch_size: int = 8
+    num_workers: int = 0
+    hflip_prob: float = 0.5
+    invalid: str = "error"  # error | skip: what to do with a degenerate box or a bad image
+    keep_empty: bool = True  # keep training images without annotations
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda (auto: cuda when present)
+    max_iters: int = 1000
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    schedule: str = "cosine"  # cosine | step
+    steps: list[float] = field(default_factory=lambda: [0.67, 0.89])  # step schedule, as fractions of max_iters
+    gamma: float = 0.1
+    eval_period: int = 0  # 0: evaluate at the end only
+    log_period: int = 20
+    checkpoint_period: int = 250
+    keep_last: int = 3
+    resume: str = ""  # "" (fresh) | auto | PATH
+    amp: str = "off"  # off | bf16 | fp16
+    clip_grad_norm: float | None = None
+    on_nonfinite: str = "stop"  # stop | skip
+    max_nonfinite: int = 5  # with skip: stop after this many non-finite steps in a row
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_dets: list[int] = field(default_factory=lambda: [1, 10, 100])
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: Any = MISSING
+    loss: Any = MISSING
+    rpn_loss: Any = MISSING
+
+
+# Loss schemas: configs/loss/*.yaml extend these (defaults: /schema/loss/NAME@_here_), so a typo in
+# a loss parameter or a wrong type fails like any other key.
+@dataclass
+class _Loss:
+    _target_: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
+class SmoothL1Config(_Loss):
+    beta: float = 1.0
+
+
+@dataclass
+class HuberConfig(_Loss):
+    delta: float = 1.0
+
+
+@dataclass
+class BalancedL1Config(_Loss):
+    alpha: float = 0.5
+    gamma: float = 1.5
+    beta: float = 1.0
+
+
+@dataclass
+class IoUConfig(_Loss):
+    mode: str = "linear"
+
+
+LOSS_SCHEMAS = {
+    "smooth_l1": SmoothL1Config, "huber": HuberConfig, "l1": _Loss, "l2": _Loss,
+    "balanced_l1": BalancedL1Config, "iou": IoUConfig, "giou": _Loss, "diou": _Loss, "ciou": _Loss, "eiou": _Loss,
+}
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="detlib_schema", node=Config)
+    for name, node in LOSS_SCHEMAS.items():
+        cs.store(group="schema/loss", name=name, node=node)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Range checks a type can't express; errors name the key and the value."""
+    t, d = cfg.trainer, cfg.data
+    rules = [
+        ("trainer.device", t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), t.device, "auto|cpu|cuda"),
+        ("trainer.max_iters", t.max_iters >= 1, t.max_iters, ">= 1"),
+        ("trainer.lr", t.lr > 0, t.lr, "> 0"),
+        ("trainer.momentum", 0 <= t.momentum < 1, t.momentum, "in [0, 1)"),
+        ("trainer.weight_decay", t.weight_decay >= 0, t.weight_decay, ">= 0"),
+        ("trainer.warmup_iters", t.warmup_iters >= 0, t.warmup_iters, ">= 0"),
+        ("trainer.warmup_factor", 0 < t.warmup_factor <= 1, t.warmup_factor, "in (0, 1]"),
+        ("trainer.schedule", t.schedule in ("cosine", "step"), t.schedule, "cosine|step"),
+        ("trainer.steps", all(0 < s < 1 for s in t.steps), list(t.steps), "fractions in (0, 1)"),
+        ("trainer.eval_period", t.eval_period >= 0, t.eval_period, ">= 0"),
+        ("trainer.log_period", t.log_period >= 1, t.log_period, ">= 1"),
+        ("trainer.checkpoint_period", t.checkpoint_period >= 0, t.checkpoint_period, ">= 0"),
+        ("trainer.keep_last", t.keep_last >= 1, t.keep_last, ">= 1"),
+        ("trainer.amp", t.amp in ("off", "bf16", "fp16"), t.amp, "off|bf16|fp16"),
+        ("trainer.clip_grad_norm", t.clip_grad_norm is None or t.clip_grad_norm > 0, t.clip_grad_norm,
+         "> 0 (or null to disable)"),
+        ("trainer.on_nonfinite", t.on_nonfinite in ("stop", "skip"), t.on_nonfinite, "stop|skip"),
+        ("trainer.max_nonfinite", t.max_nonfinite >= 1, t.max_nonfinite, ">= 1"),
+        ("data.name", d.name in ("synthetic", "coco"), d.name, "synthetic|coco"),
+        ("data.batch_size", d.batch_size >= 1, d.batch_size, ">= 1"),
+        ("data.num_workers", d.num_workers >= 0, d.num_workers, ">= 0"),
+        ("data.hflip_prob", 0 <= d.hflip_prob <= 1, d.hflip_prob, "in [0, 1]"),
+        ("data.invalid", d.invalid in ("error", "skip"), d.invalid, "error|skip"),
+        ("eval.batch_size", cfg.eval.batch_size >= 1, cfg.eval.batch_size, ">= 1"),
+        ("eval.max_dets", len(cfg.eval.max_dets) == 3 and sorted(cfg.eval.max_dets) == list(cfg.eval.max_dets),
+         list(cfg.eval.max_dets), "three increasing numbers"),
+    ]
+    for key, ok, value, rule in rules:
+        if not ok:
+            raise ValueError(f"config: {key} must be {rule}, got {value!r}")

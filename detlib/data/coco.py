@@ -1,0 +1,155 @@
+"""COCO-format detection dataset: images on disk plus one annotation JSON.
+
+Labels are contiguous ``1..K`` (0 is background) in the order of sorted category ids; the dataset
+holds the mapping both ways so evaluation can write the file's own category ids back exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+
+from detlib.data.validation import AnnotationError, validate_coco
+
+log = logging.getLogger(__name__)
+
+
+def load_coco_json(path: str | Path) -> dict:
+    """Read an annotation file, with errors that name it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AnnotationError(f"{path}: not valid JSON ({e})") from e
+
+
+def coco_from_dict(data: dict) -> COCO:
+    """A pycocotools ``COCO`` built from a dict, without its chatter on stdout."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images and boxes of one COCO-format split.
+
+    ``dataset[i]`` (or ``dataset[(i, aug_seed)]`` from the training sampler, which makes the
+    augmentation deterministic) returns ``(image, target)``:
+    ``image (3, H, W) float32 in [0, 1]``; ``target["boxes"] (N, 4) float32 xyxy absolute pixels``,
+    ``target["labels"] (N,) int64 in 1..K``, ``target["image_id"] int``. Crowd regions are never
+    training foregrounds: they are left out of ``boxes`` (evaluation reads them from ``coco``).
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_root: str | Path,
+        train: bool = False,
+        invalid: str = "error",
+        hflip_prob: float = 0.0,
+        keep_empty: bool = True,
+        check_images: bool = True,
+    ) -> None:
+        self.ann_file, self.image_root = Path(ann_file), Path(image_root)
+        if not self.image_root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.image_root} (for {self.ann_file})")
+        data, self.counts = validate_coco(load_coco_json(self.ann_file), self.ann_file, invalid)
+        self.coco = coco_from_dict(data)
+        self.train, self.hflip_prob = train, hflip_prob
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        ids = sorted(self.coco.imgs)
+        if check_images:
+            ids = self._check_images(ids, invalid)
+        if train and not keep_empty:
+            ids = [i for i in ids if self._boxes_of(i)[0].shape[0] > 0]
+        self.ids = ids
+        self._targets = {i: self._boxes_of(i) for i in ids}  # small: boxes are parsed once
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return len(self.cat_ids) + 1
+
+    def _check_images(self, ids: list[int], invalid: str) -> list[int]:
+        """Case 9: a missing, unreadable or wrongly sized image is an error naming it (or skipped)."""
+        keep, bad = [], []
+        for i in ids:
+            info = self.coco.imgs[i]
+            path = self.image_root / info["file_name"]
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+                problem = None if size == (info["width"], info["height"]) else (
+                    f"size {size[0]}x{size[1]} differs from the JSON's {info['width']}x{info['height']}")
+            except FileNotFoundError:
+                problem = "file not found"
+            except OSError as e:
+                problem = f"unreadable ({e})"
+            if problem is None:
+                keep.append(i)
+                continue
+            msg = f"{self.ann_file}: image id {i}: {path}: {problem}"
+            if invalid == "error":
+                raise AnnotationError(msg + " (set data.invalid=skip to skip such images)")
+            bad.append(msg)
+        if bad:
+            log.warning("skipped %d bad images (first: %s)", len(bad), "; ".join(bad[:5]))
+        return keep
+
+    def _boxes_of(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        labels = np.array([self.cat_to_label[a["category_id"]] for a in anns], np.int64)
+        return boxes, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def aspect_ratios(self) -> list[float]:
+        """Width / height of every image, for aspect-ratio grouping."""
+        return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, dict]:
+        index, aug_seed = item if isinstance(item, tuple) else (item, None)
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.image_root / info["file_name"]
+        try:
+            raw = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            image = decode_image(raw, mode=ImageReadMode.RGB)
+        except (OSError, RuntimeError) as e:
+            raise AnnotationError(f"{self.ann_file}: image id {image_id}: cannot read {path}: {e}") from e
+        boxes, labels = self._targets[image_id]
+        boxes, labels = torch.from_numpy(boxes.copy()), torch.from_numpy(labels)
+        if self.train and self.hflip_prob > 0 and aug_seed is not None:
+            g = torch.Generator().manual_seed(aug_seed)
+            if torch.rand((), generator=g).item() < self.hflip_prob:
+                image = image.flip(-1)
+                w = image.shape[-1]
+                boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        target = dict(boxes=boxes, labels=labels, image_id=image_id)
+        return image.float().div_(255), target
+
+
+def collate(batch: list) -> tuple[list[Tensor], list[dict]]:
+    """Detection batches stay lists: images may differ in size."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)

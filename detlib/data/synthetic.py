@@ -1,0 +1,171 @@
+"""The built-in dataset: coloured shapes on textured backgrounds, written to disk in COCO format.
+
+Deterministic from a seed: image ``i`` of a split is drawn from its own ``numpy`` generator seeded by
+``(seed, split, i)``, so the dataset is identical on every machine and can be built in any order.
+It is written once under ``root/<hash of the parameters>/`` (PNG images plus
+``instances_{train,val}.json``) and then read by the same COCO loader a real dataset uses.
+
+Category ids are deliberately non-contiguous (10, 20, 30, ...) so the label <-> category-id
+mapping is exercised on every run, as with COCO's 1..90.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("rectangle", "ellipse", "triangle", "cross")
+CATEGORY_IDS = (10, 20, 30, 40)
+FORMAT_VERSION = 2  # bump when the generator changes, so caches rebuild
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Parameters of the generated dataset; any change gives a new cache folder."""
+
+    num_train: int = 3000
+    num_val: int = 300
+    image_size: int = 128
+    min_objects: int = 1
+    max_objects: int = 6
+    min_size: int = 12  # object side in pixels
+    max_size: int = 64
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "version": FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth colour gradient plus blotchy low-frequency texture and pixel noise, (H, W, 3) uint8."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = rng.uniform(40, 215, 3), rng.uniform(40, 215, 3)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * xx + np.sin(angle) * yy + 1.5) / 3.0
+    img = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
+    coarse = rng.normal(0, 18, (size // 16, size // 16, 3)).astype(np.float32)
+    img += np.kron(coarse, np.ones((16, 16, 1), np.float32))[:size, :size]
+    img += rng.normal(0, 10, img.shape)
+    return img
+
+
+def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
+    """A random colour that differs from the mean ``background`` by at least 60 per channel on average."""
+    mean = background.reshape(-1, 3).mean(0)
+    for _ in range(50):
+        c = rng.integers(0, 256, 3)
+        if np.abs(c - mean).mean() > 60:
+            break
+    return tuple(int(v) for v in c)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, cls: int, box: np.ndarray,
+                 background: np.ndarray) -> list[float]:
+    """Draw shape ``cls`` inside ``box`` (x1, y1, x2, y2), in a colour that stands out; return its tight box."""
+    x1, y1, x2, y2 = box.tolist()
+    colour = _contrasting_colour(rng, background[int(y1):int(y2), int(x1):int(x2)])
+    name = CLASSES[cls]
+    if name == "rectangle":
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=colour)
+    elif name == "ellipse":
+        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=colour)
+    elif name == "triangle":
+        apex = x1 + rng.uniform(0.0, 1.0) * (x2 - x1)
+        pts = [(apex, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)] if rng.random() < 0.5 else [
+            (x1, y1), (x2 - 1, y1), (apex, y2 - 1)]
+        draw.polygon(pts, fill=colour)
+    else:  # cross: two bars through the centre
+        w, h = x2 - x1, y2 - y1
+        tw, th = max(2.0, w / 3), max(2.0, h / 3)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        draw.rectangle([x1, cy - th / 2, x2 - 1, cy + th / 2 - 1], fill=colour)
+        draw.rectangle([cx - tw / 2, y1, cx + tw / 2 - 1, y2 - 1], fill=colour)
+    return [x1, y1, x2, y2]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    iw = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
+    inter = iw * ih
+    area = lambda z: (z[..., 2] - z[..., 0]) * (z[..., 3] - z[..., 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def make_image(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
+    """Generate one image ``(H, W, 3) uint8`` and its objects as ``(class index, [x1, y1, x2, y2])``."""
+    rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1, index])
+    s = spec.image_size
+    pil = Image.fromarray(np.clip(_background(rng, s), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    # Clutter: thin random lines that are not objects, so the detector must learn shapes, not edges.
+    for _ in range(rng.integers(0, 4)):
+        pts = rng.uniform(0, s, 4).tolist()
+        draw.line(pts, fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=1)
+    boxes: list[np.ndarray] = []
+    objects = []
+    for _ in range(rng.integers(spec.min_objects, spec.max_objects + 1)):
+        for _attempt in range(20):  # objects may overlap, but not hide each other
+            side = np.exp(rng.uniform(np.log(spec.min_size), np.log(spec.max_size)))
+            aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
+            w = int(np.clip(round(side * np.sqrt(aspect)), spec.min_size * 0.7, s - 2))
+            h = int(np.clip(round(side / np.sqrt(aspect)), spec.min_size * 0.7, s - 2))
+            x1, y1 = int(rng.integers(0, s - w + 1)), int(rng.integers(0, s - h + 1))
+            box = np.array([x1, y1, x1 + w, y1 + h], np.float64)
+            if not boxes or _iou(box, np.stack(boxes)).max() < 0.3:
+                break
+        else:
+            continue
+        cls = int(rng.integers(len(CLASSES)))
+        objects.append((cls, _draw_object(draw, rng, cls, box, np.asarray(pil))))
+        boxes.append(box)
+    return np.asarray(pil), objects
+
+
+def _write_split(spec: SyntheticSpec, split: str, folder: Path) -> dict:
+    n = spec.num_train if split == "train" else spec.num_val
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(n):
+        pixels, objects = make_image(spec, split, i)
+        name = f"{split}/{i:06d}.png"
+        Image.fromarray(pixels).save(folder / name, compress_level=1)
+        image_id = i + 1  # COCO ids start at 1; 0 is reserved (see RELIABILITY.md case 7)
+        images.append(dict(id=image_id, file_name=name, width=spec.image_size, height=spec.image_size))
+        for cls, (x1, y1, x2, y2) in objects:
+            w, h = x2 - x1, y2 - y1
+            annotations.append(dict(
+                id=len(annotations) + 1, image_id=image_id, category_id=CATEGORY_IDS[cls],
+                bbox=[x1, y1, w, h], area=w * h, iscrowd=0,
+            ))
+    categories = [dict(id=c, name=n, supercategory="shape") for c, n in zip(CATEGORY_IDS, CLASSES)]
+    return dict(info=dict(description=f"detlib synthetic {split}", spec=asdict(spec)),
+                images=images, annotations=annotations, categories=categories)
+
+
+def build_synthetic(root: str | os.PathLike, spec: SyntheticSpec) -> Path:
+    """Write the dataset under ``root/<spec key>/`` unless it is already there; return that folder.
+
+    Completeness is marked by a ``DONE`` file written last, so an interrupted build is redone.
+    """
+    folder = Path(root).expanduser() / f"synthetic-{spec.key()}"
+    if (folder / "DONE").exists():
+        return folder
+    log.info("building the synthetic dataset in %s (%d train, %d val images)", folder, spec.num_train, spec.num_val)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        coco = _write_split(spec, split, folder)
+        tmp = folder / f".instances_{split}.json.tmp"
+        tmp.write_text(json.dumps(coco))
+        os.replace(tmp, folder / f"instances_{split}.json")
+    (folder / "DONE").write_text(json.dumps(asdict(spec)))
+    return folder

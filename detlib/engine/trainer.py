@@ -1,0 +1,289 @@
+"""The training loop: read it top to bottom.
+
+``train(...)`` resumes if asked, then for each iteration: batch -> forward -> losses -> guard
+against non-finite values -> backward -> (clip) -> step. Every ``log_period`` it reads the
+accumulated losses once (the only host sync of the loop) and writes TensorBoard scalars and a log
+line with ETA; every ``eval_period`` it evaluates with pycocotools; every ``checkpoint_period`` it
+saves atomically. SIGTERM and SIGINT save a checkpoint at the next step boundary and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from detlib.config import EvalConfig, TrainerConfig
+from detlib.data.coco import CocoDetection, collate
+from detlib.data.sampler import TrainBatchSampler
+from detlib.engine import checkpoint
+from detlib.evaluation.coco_eval import STAT_NAMES, format_table
+from detlib.evaluation.inference import evaluate
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced NaN or inf; the message names the iteration, the loss terms and the images."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"config: trainer.device={name} but CUDA is not available (use trainer.device=auto or cpu)")
+    return torch.device(name)
+
+
+def lr_lambda(cfg: TrainerConfig):
+    """Linear warmup from ``warmup_factor``, then cosine to 0 or steps of ``gamma``."""
+    milestones = [int(s * cfg.max_iters) for s in cfg.steps]
+
+    def f(it: int) -> float:
+        warm = 1.0
+        if it < cfg.warmup_iters:
+            a = it / cfg.warmup_iters
+            warm = cfg.warmup_factor * (1 - a) + a
+        if cfg.schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(it / cfg.max_iters, 1.0)))
+        return warm * cfg.gamma ** sum(it >= m for m in milestones)
+
+    return f
+
+
+def _autocast_dtype(amp: str) -> torch.dtype | None:
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _to(device: torch.device, images: list, targets: list) -> tuple[list, list]:
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        last = ckpt_dir / "last.pt"
+        if last.is_file():
+            return last
+        log.info("trainer.resume=auto: no checkpoint in %s yet, starting fresh", ckpt_dir)
+        return None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise checkpoint.CheckpointError(
+            f"trainer.resume={resume}: no checkpoint there (use trainer.resume=auto to start fresh when none exists)")
+    return path
+
+
+def _check_resume_meta(saved: dict, current: dict, path: Path) -> None:
+    """Case 22: name what differs between the checkpoint's run and this one."""
+    diffs = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    if not diffs:
+        return
+    fatal = {"num_classes", "model"}
+    msg = f"resuming from {path} with a different set-up:\n  " + "\n  ".join(diffs)
+    if any(d.split(":")[0] in fatal for d in diffs):
+        raise checkpoint.CheckpointError(msg + "\nthe model cannot be loaded into this configuration")
+    log.warning(msg)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(
+    model: nn.Module,
+    train_set: CocoDetection,
+    val_set: CocoDetection,
+    cfg: TrainerConfig,
+    eval_cfg: EvalConfig,
+    run_dir: str | Path,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    meta: dict | None = None,
+) -> dict[str, float | None]:
+    """Train ``model`` for ``cfg.max_iters`` iterations and return the final COCO stats.
+
+    ``meta``: what identifies the set-up (config, dataset, world size); stored in checkpoints and
+    compared on resume. Writes ``tb/``, ``checkpoints/`` and ``metrics.json`` under ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    device = resolve_device(cfg.device)
+    amp_dtype = _autocast_dtype(cfg.amp)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    meta = dict(meta or {})
+    meta.setdefault("num_classes", train_set.num_classes)
+
+    # ---- resume
+    start_iter, accum, count = 0, {}, 0
+    resume_path = _resolve_resume(cfg.resume, ckpt_dir)
+    if resume_path is not None:
+        state = checkpoint.load(resume_path)
+        _check_resume_meta(state.get("meta", {}), meta, resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        start_iter = state["iteration"]
+        accum = {k: v.to(device) for k, v in state["log_accum"].items()}
+        count = state["log_count"]
+        log.info("resumed from %s at iteration %d", resume_path, start_iter)
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_iter if resume_path else None)
+    sampler = TrainBatchSampler(len(train_set), batch_size, seed, start_iter, cfg.max_iters)
+    loader = DataLoader(
+        train_set, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed))
+
+    def save(iteration: int) -> None:
+        state = dict(
+            model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(), iteration=iteration, epoch=iteration // sampler.batches_per_epoch(),
+            rng=checkpoint.rng_state(), log_accum={k: v.cpu() for k, v in accum.items()}, log_count=count,
+            sampler=dict(seed=seed, batch_size=batch_size, next_iteration=iteration), meta=meta)
+        checkpoint.save(state, ckpt_dir, iteration, cfg.keep_last)
+
+    def run_eval(iteration: int) -> dict:
+        t0 = time.perf_counter()
+        stats, val_losses, _results, _E = evaluate(
+            model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype)
+        for k, v in stats.items():
+            writer.add_scalar(f"val/{k}", float("nan") if v is None else v, iteration)
+        for k, v in val_losses.items():
+            writer.add_scalar(f"val/{k}", v, iteration)
+        writer.flush()
+        log.info("eval @ %d (%.1fs): AP %.4f AP50 %.4f AP75 %.4f  val loss %.4f", iteration,
+                 time.perf_counter() - t0, stats["AP"] or 0, stats["AP50"] or 0, stats["AP75"] or 0,
+                 val_losses.get("loss", float("nan")))
+        return stats
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    # ---- loop
+    model.train()
+    nonfinite_in_row, saved_at = 0, start_iter
+    t_start, it_start = time.perf_counter(), start_iter
+    bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=None if cfg.progress else True,
+               dynamic_ncols=True, desc="train")
+    stats: dict = {}
+    try:
+        with logging_redirect_tqdm():
+            for it, (images, targets) in enumerate(loader, start=start_iter):
+                images, targets = _to(device, images, targets)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    out = model(images, targets)
+                losses = out["losses"]
+                loss = sum(losses.values())
+
+                if not torch.isfinite(loss):  # one scalar read per step: the guard needs it now
+                    nonfinite_in_row += 1
+                    detail = _describe_nonfinite(it, losses, targets, train_set, out, run_dir)
+                    if cfg.on_nonfinite == "stop" or nonfinite_in_row >= cfg.max_nonfinite:
+                        raise NonFiniteLossError(detail)
+                    log.warning("skipping step: %s", detail)
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    bar.update(1)
+                    continue
+                nonfinite_in_row = 0
+
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad_norm is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+
+                for k, v in losses.items():
+                    accum[k] = accum.get(k, 0) + v.detach().float()
+                count += 1
+                done = it + 1
+                bar.update(1)
+
+                if done % cfg.log_period == 0 or done == cfg.max_iters:
+                    means = {k: float(v) / count for k, v in accum.items()}  # the one sync per log period
+                    means["loss"] = sum(means.values())
+                    for k, v in means.items():
+                        writer.add_scalar(f"train/{k}", v, done)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], done)
+                    accum, count = {}, 0
+                    rate = (done - it_start) / (time.perf_counter() - t_start)
+                    eta = (cfg.max_iters - done) / max(rate, 1e-9)
+                    bar.set_postfix(loss=f"{means['loss']:.3f}", box=f"{means['loss_box_reg']:.3f}")
+                    terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+                    log.info("iter %d/%d  loss %.4f (%s)  lr %.5f  %.2f it/s  eta %s", done, cfg.max_iters,
+                             means["loss"], terms, optimizer.param_groups[0]["lr"], rate,
+                             time.strftime("%H:%M:%S", time.gmtime(eta)))
+                if cfg.eval_period and done % cfg.eval_period == 0 and done < cfg.max_iters:
+                    run_eval(done)
+                if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == cfg.max_iters:
+                    save(done)
+                    saved_at = done
+                if stop["signal"]:
+                    if saved_at != done:
+                        save(done)
+                    log.warning("%s: saved a checkpoint at iteration %d; resume with trainer.resume=auto",
+                                stop["signal"], done)
+                    return {}
+        bar.close()
+        if start_iter >= cfg.max_iters:
+            log.info("already trained %d iterations; evaluating only", start_iter)
+        train_time = time.perf_counter() - t_start
+        stats = run_eval(cfg.max_iters)
+        _write_json(run_dir / "metrics.json", {k: stats[k] for k in STAT_NAMES})
+        print("\n" + format_table(stats, f"COCO box evaluation on {len(val_set)} val images "
+                                  f"after {cfg.max_iters} iterations ({train_time / 60:.1f} min training)"))
+    finally:
+        bar.close()
+        writer.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return stats
+
+
+def _describe_nonfinite(it: int, losses: dict, targets: list, dataset: CocoDetection, out: dict, run_dir: Path) -> str:
+    """Name the iteration, every loss term and the batch's images; dump the batch for inspection."""
+    values = {k: float(v) for k, v in losses.items()}
+    ids = [t["image_id"] for t in targets]
+    files = [dataset.coco.imgs[i]["file_name"] for i in ids]
+    dump = run_dir / f"nonfinite_iter{it + 1:07d}.pt"
+    sampled = out.get("sampled")
+    torch.save({"iteration": it + 1, "losses": values, "image_ids": ids, "files": files,
+                "targets": [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets],
+                "proposals": None if sampled is None else sampled.proposals.cpu(),
+                "labels": None if sampled is None else sampled.labels.cpu(),
+                "deltas": None if out.get("deltas") is None else out["deltas"].detach().cpu()}, dump)
+    return (f"non-finite loss at iteration {it + 1}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+            + f"; image ids {ids}; files {files}; batch dumped to {dump}")
+

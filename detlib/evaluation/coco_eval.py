@@ -1,0 +1,145 @@
+"""COCO box evaluation with pycocotools, guarded against the inputs it gets silently wrong.
+
+Before pycocotools runs: detections whose image is not in the ground truth are an error naming the
+ids; an empty detection list gives AP 0 with a warning instead of ``loadRes([])``'s crash; results
+are put in a deterministic order so tied scores don't make AP depend on gather order. After it
+runs: COCO's -1 ("no such objects") becomes ``None``, and the 12 stats are read from the
+``precision``/``recall`` arrays at the configured ``maxDets``, so non-default maxDets never give a
+silent -1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def to_coco_results(
+    detections: Sequence[dict], image_ids: Sequence[int], label_to_cat: dict[int, int]
+) -> list[dict]:
+    """Model outputs (``boxes (D, 4)`` xyxy, ``scores``, ``labels`` 1..K-1) -> COCO results (xywh, category ids)."""
+    results = []
+    lut = torch.zeros(max(label_to_cat) + 1, dtype=torch.int64)
+    for label, cat in label_to_cat.items():
+        lut[label] = cat
+    for det, image_id in zip(detections, image_ids):
+        boxes = det["boxes"].detach().float().cpu()
+        if boxes.numel() == 0:
+            continue
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+        cats = lut[det["labels"].cpu()].tolist()
+        for box, score, cat in zip(xywh, det["scores"].float().cpu().tolist(), cats):
+            results.append({"image_id": int(image_id), "category_id": cat, "bbox": box, "score": score})
+    return results
+
+
+def _results_coco(gt: COCO, results: list[dict]) -> COCO:
+    """What ``gt.loadRes(results)`` builds for boxes, but also for an empty list."""
+    anns = []
+    for i, r in enumerate(results, start=1):
+        x, y, w, h = r["bbox"]
+        anns.append({**r, "id": i, "area": w * h, "iscrowd": 0})
+    dt = COCO()
+    dt.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]), "annotations": anns}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt.createIndex()
+    return dt
+
+
+def check_results(gt: COCO, results: list[dict]) -> None:
+    """Refuse detections that pycocotools would mis-score or crash on; errors name the ids."""
+    unknown = sorted({r["image_id"] for r in results} - set(gt.getImgIds()))
+    if unknown:
+        raise ValueError(f"detections name image ids not in the ground truth: {unknown[:10]} ({len(unknown)} ids)")
+    cats = sorted({r["category_id"] for r in results} - set(gt.getCatIds()))
+    if cats:
+        raise ValueError(f"detections name category ids not in the ground truth: {cats[:10]}")
+    bad = [r for r in results if len(r.get("bbox", ())) != 4 or not np.isfinite(r["bbox"]).all()
+           or not np.isfinite(r.get("score", np.nan))]
+    if bad:
+        raise ValueError(f"{len(bad)} detections have a bad bbox or score, first: {bad[0]}")
+
+
+def summarize(E: COCOeval) -> dict[str, float | None]:
+    """The 12 COCO stats from an evaluated ``COCOeval``; -1 ("no such objects") becomes None.
+
+    Same arithmetic as ``COCOeval.summarize`` but indexed by the configured ``maxDets``
+    (AP at the largest; AR1/AR10/AR100 at the first three), so custom maxDets don't give -1.
+    """
+    p = E.params
+    prec, rec = E.eval["precision"], E.eval["recall"]  # (T, R, K, A, M), (T, K, A, M)
+    areas = {a: i for i, a in enumerate(p.areaRngLbl)}
+    top = len(p.maxDets) - 1
+    t50, t75 = (int(np.argmin(np.abs(p.iouThrs - v))) for v in (0.5, 0.75))
+
+    def mean(x: np.ndarray) -> float | None:
+        x = x[x > -1]
+        return float(np.mean(x)) if x.size else None
+
+    def ap(area: str = "all", t: int | None = None) -> float | None:
+        s = prec[:, :, :, areas[area], top]
+        return mean(s if t is None else s[t])
+
+    def ar(m: int, area: str = "all") -> float | None:
+        return mean(rec[:, :, areas[area], m])
+
+    m = [min(i, top) for i in range(3)]
+    values = [ap(), ap(t=t50), ap(t=t75), ap("small"), ap("medium"), ap("large"),
+              ar(m[0]), ar(m[1]), ar(m[2]), ar(top, "small"), ar(top, "medium"), ar(top, "large")]
+    return dict(zip(STAT_NAMES, values))
+
+
+def evaluate_coco(
+    gt: COCO, results: list[dict], max_dets: Sequence[int] = (1, 10, 100)
+) -> tuple[dict[str, float | None], COCOeval | None]:
+    """Box AP of COCO-format ``results`` against ``gt``: the 12 stats (floats in [0, 1] or None) and the COCOeval."""
+    check_results(gt, results)
+    if not results:
+        log.warning("no detections at all: every AP is 0")
+    # Deterministic order: COCOeval's stable sort by score keeps input order among ties.
+    results = sorted(results, key=lambda r: (r["image_id"], -r["score"], r["category_id"], tuple(r["bbox"])))
+    E = COCOeval(gt, _results_coco(gt, results), iouType="bbox")
+    E.params.maxDets = list(max_dets)
+    with contextlib.redirect_stdout(io.StringIO()):
+        E.evaluate()
+        E.accumulate()
+    stats = summarize(E)
+    if not results:  # AP is 0 (not None) wherever ground truth exists
+        stats = {k: (0.0 if v is not None else None) for k, v in stats.items()}
+    return stats, E
+
+
+def per_class_ap(E: COCOeval, names: dict[int, str]) -> dict[str, float | None]:
+    """AP@[.5:.95] per category (area all, largest maxDets), keyed by category name."""
+    prec = E.eval["precision"][:, :, :, 0, -1]
+    out = {}
+    for k, cat in enumerate(E.params.catIds):
+        x = prec[:, :, k]
+        x = x[x > -1]
+        out[names.get(cat, str(cat))] = float(x.mean()) if x.size else None
+    return out
+
+
+def format_table(stats: dict[str, float | None], title: str = "COCO box evaluation") -> str:
+    """The 12 stats as a small text table."""
+    labels = {
+        "AP": "AP @[.50:.95]", "AP50": "AP @.50", "AP75": "AP @.75", "APs": "AP small", "APm": "AP medium",
+        "APl": "AP large", "AR1": "AR maxDets 1", "AR10": "AR maxDets 10", "AR100": "AR maxDets 100",
+        "ARs": "AR small", "ARm": "AR medium", "ARl": "AR large",
+    }
+    lines = [title, "-" * 28]
+    for k in STAT_NAMES:
+        v = stats.get(k)
+        lines.append(f"{labels[k]:<16}{k:>6}  " + ("   n/a" if v is None else f"{v:6.3f}"))
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""Box-regression losses, in torch.nn.functional's style, and the small modules Hydra instantiates.
+
+Two kinds of loss live here:
+
+* elementwise losses on encoded deltas ``(N, 4)`` (dx, dy, dw, dh): ``smooth_l1``, ``huber``,
+  ``l1``, ``l2``, ``balanced_l1``; the loss is summed over the 4 coordinates per box, then reduced;
+* IoU-family losses on decoded boxes ``(N, 4)`` xyxy: ``iou_loss``, ``giou_loss``, ``diou_loss``,
+  ``ciou_loss``, ``eiou_loss``; one value per box, then reduced.
+
+Every function takes ``reduction`` in ``none | sum | mean``. ``mean`` of an empty input is 0 with a
+gradient (torch gives NaN there), so an image without foreground never poisons a batch.
+
+Each module declares ``space = "deltas"`` or ``"boxes"``: the box head decodes the predicted deltas
+against their proposals by itself when a box-space loss is chosen, so no user-facing flag
+(mmdetection's ``reg_decoded_bbox``) can be forgotten.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+Reduction = str  # "none" | "sum" | "mean"
+
+
+def _reduce(loss: Tensor, reduction: Reduction) -> Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        # sum() of an empty tensor is 0 and keeps the graph; dividing by max(n, 1) avoids 0/0.
+        return loss.sum() / max(loss.numel(), 1)
+    raise ValueError(f"reduction must be one of none|sum|mean, got {reduction!r}")
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """Upcast half and bfloat16 (AMP) to float32; keep float32 and float64 as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _residual(input: Tensor, target: Tensor) -> Tensor:
+    if input.shape != target.shape:
+        raise ValueError(f"input and target shapes differ: {tuple(input.shape)} vs {tuple(target.shape)}")
+    return _at_least_fp32(input) - _at_least_fp32(target)
+
+
+def smooth_l1(input: Tensor, target: Tensor, beta: float = 1.0, reduction: Reduction = "mean") -> Tensor:
+    """Smooth L1 (Fast R-CNN): ``0.5 x^2 / beta`` if ``|x| < beta`` else ``|x| - 0.5 beta``.
+
+    Gradient magnitude is bounded by 1. ``beta = 0`` is exactly L1.
+    """
+    x = _residual(input, target).abs()
+    if beta < 1e-5:  # as torch does: avoid 0/0 in the quadratic branch
+        loss = x
+    else:
+        loss = torch.where(x < beta, 0.5 * x * x / beta, x - 0.5 * beta)
+    return _reduce(loss, reduction)
+
+
+def huber(input: Tensor, target: Tensor, delta: float = 1.0, reduction: Reduction = "mean") -> Tensor:
+    """Huber: ``0.5 x^2`` if ``|x| <= delta`` else ``delta (|x| - 0.5 delta)``.
+
+    Gradient magnitude is bounded by ``delta``; ``huber(delta) == delta * smooth_l1(beta=delta)``.
+    """
+    x = _residual(input, target).abs()
+    loss = torch.where(x <= delta, 0.5 * x * x, delta * (x - 0.5 * delta))
+    return _reduce(loss, reduction)
+
+
+def l1(input: Tensor, target: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """L1 (MAE): ``|x|``. Constant gradient magnitude, a kink at 0."""
+    return _reduce(_residual(input, target).abs(), reduction)
+
+
+def l2(input: Tensor, target: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """L2 (MSE): ``x^2``. Smooth, but the gradient ``2x`` grows with the error: outliers dominate."""
+    x = _residual(input, target)
+    return _reduce(x * x, reduction)
+
+
+def balanced_l1(
+    input: Tensor,
+    target: Tensor,
+    alpha: float = 0.5,
+    gamma: float = 1.5,
+    beta: float = 1.0,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Balanced L1 (Libra R-CNN, Pang et al. 2019), as mmdetection's ``balanced_l1_loss``.
+
+    ``alpha/b (b|x|+1) ln(b|x|/beta + 1) - alpha|x|`` below ``beta``, ``gamma|x| + C`` above, with
+    ``b = e^(gamma/alpha) - 1`` and ``C = gamma/b - alpha beta`` so the pieces meet at ``beta``.
+    """
+    x = _residual(input, target).abs()
+    b = math.exp(gamma / alpha) - 1
+    inner = alpha / b * (b * x + 1) * torch.log(b * x / beta + 1) - alpha * x
+    outer = gamma * x + gamma / b - alpha * beta
+    return _reduce(torch.where(x < beta, inner, outer), reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# IoU family, on decoded boxes (N, 4) xyxy. Computed in at least float32 (also under autocast).
+
+
+def _box_terms(pred: Tensor, target: Tensor, eps: float) -> dict[str, Tensor]:
+    """Shared geometry of two aligned box sets: IoU, enclosing box, centres, widths and heights."""
+    if pred.shape != target.shape or pred.shape[-1:] != (4,):
+        raise ValueError(f"expected matching (N, 4) xyxy boxes, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    pred, target = _at_least_fp32(pred), _at_least_fp32(target)
+    x1, y1, x2, y2 = pred.unbind(-1)
+    x1g, y1g, x2g, y2g = target.unbind(-1)
+    # Inverted predictions count as zero-area (clamp) so that every term stays finite.
+    wp, hp = (x2 - x1).clamp(min=0), (y2 - y1).clamp(min=0)
+    wg, hg = (x2g - x1g).clamp(min=0), (y2g - y1g).clamp(min=0)
+    iw = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0)
+    ih = (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
+    inter = iw * ih
+    union = wp * hp + wg * hg - inter
+    iou = inter / (union + eps)
+    cw = torch.max(x2, x2g) - torch.min(x1, x1g)  # enclosing box
+    ch = torch.max(y2, y2g) - torch.min(y1, y1g)
+    rho2 = ((x1 + x2 - x1g - x2g) ** 2 + (y1 + y2 - y1g - y2g) ** 2) / 4  # squared centre distance
+    return dict(iou=iou, union=union, cw=cw, ch=ch, rho2=rho2, wp=wp, hp=hp, wg=wg, hg=hg)
+
+
+def iou_loss(
+    input: Tensor, target: Tensor, mode: str = "linear", eps: float = 1e-7, reduction: Reduction = "mean"
+) -> Tensor:
+    """IoU loss: ``1 - IoU`` (``mode="linear"``) or ``-ln IoU`` (``mode="log"``, UnitBox)."""
+    iou = _box_terms(input, target, eps)["iou"]
+    if mode == "linear":
+        loss = 1 - iou
+    elif mode == "log":
+        loss = -torch.log(iou.clamp(min=eps))
+    else:
+        raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
+    return _reduce(loss, reduction)
+
+
+def giou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduction = "mean") -> Tensor:
+    """GIoU loss (Rezatofighi 2019): ``1 - IoU + |C - (A u B)| / |C|``, C the enclosing box."""
+    t = _box_terms(input, target, eps)
+    area_c = t["cw"] * t["ch"]
+    return _reduce(1 - t["iou"] + (area_c - t["union"]) / (area_c + eps), reduction)
+
+
+def diou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduction = "mean") -> Tensor:
+    """DIoU loss (Zheng 2020): ``1 - IoU + rho^2 / c^2``, c the enclosing box's diagonal."""
+    t = _box_terms(input, target, eps)
+    c2 = t["cw"] ** 2 + t["ch"] ** 2 + eps
+    return _reduce(1 - t["iou"] + t["rho2"] / c2, reduction)
+
+
+def ciou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduction = "mean") -> Tensor:
+    """CIoU loss (Zheng 2020): DIoU plus ``alpha v``, v the aspect-ratio consistency term."""
+    t = _box_terms(input, target, eps)
+    c2 = t["cw"] ** 2 + t["ch"] ** 2 + eps
+    v = (4 / math.pi**2) * (torch.atan(t["wg"] / (t["hg"] + eps)) - torch.atan(t["wp"] / (t["hp"] + eps))) ** 2
+    with torch.no_grad():  # alpha is a trade-off weight, not optimised (as in the paper and torchvision)
+        alpha = v / (1 - t["iou"] + v + eps)
+    return _reduce(1 - t["iou"] + t["rho2"] / c2 + alpha * v, reduction)
+
+
+def eiou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduction = "mean") -> Tensor:
+    """EIoU loss (Zhang 2022): DIoU plus separate width and height terms, ``dw^2/cw^2 + dh^2/ch^2``."""
+    t = _box_terms(input, target, eps)
+    c2 = t["cw"] ** 2 + t["ch"] ** 2 + eps
+    dw2 = (t["wp"] - t["wg"]) ** 2 / (t["cw"] ** 2 + eps)
+    dh2 = (t["hp"] - t["hg"]) ** 2 / (t["ch"] ** 2 + eps)
+    return _reduce(1 - t["iou"] + t["rho2"] / c2 + dw2 + dh2, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules that configs instantiate (configs/loss/*.yaml). Each holds its parameters and weight,
+# checks them at construction (start-up), and says which space it works in.
+
+
+def _check(name: str, value: float, ok: bool, rule: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+        raise ValueError(f"{name} {rule}, got {value!r}")
+    return float(value)
+
+
+class BoxLoss(nn.Module):
+    """A weighted box-regression loss: ``weight * fn(input, target, **params)``.
+
+    ``forward(input, target, reduction="sum")``: ``(N, 4)`` deltas or xyxy boxes, per ``space``.
+    """
+
+    space: ClassVar[str] = "deltas"
+    fn: ClassVar = staticmethod(l1)
+
+    def __init__(self, weight: float = 1.0, **params: float | str) -> None:
+        super().__init__()
+        self.weight = _check("weight", weight, isinstance(weight, (int, float)) and weight >= 0, "must be >= 0")
+        self.params = params
+
+    def forward(self, input: Tensor, target: Tensor, reduction: Reduction = "sum") -> Tensor:
+        return self.weight * type(self).fn(input, target, reduction=reduction, **self.params)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"weight={self.weight}"] + [f"{k}={v}" for k, v in self.params.items()])
+
+
+def _num(x: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class SmoothL1(BoxLoss):
+    fn = staticmethod(smooth_l1)
+
+    def __init__(self, beta: float = 1.0, weight: float = 1.0) -> None:
+        super().__init__(weight, beta=_check("beta", beta, _num(beta) and beta >= 0, "must be >= 0"))
+
+
+class Huber(BoxLoss):
+    fn = staticmethod(huber)
+
+    def __init__(self, delta: float = 1.0, weight: float = 1.0) -> None:
+        super().__init__(weight, delta=_check("delta", delta, _num(delta) and delta > 0, "must be > 0"))
+
+
+class L1(BoxLoss):
+    fn = staticmethod(l1)
+
+
+class L2(BoxLoss):
+    fn = staticmethod(l2)
+
+
+class BalancedL1(BoxLoss):
+    fn = staticmethod(balanced_l1)
+
+    def __init__(self, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0, weight: float = 1.0) -> None:
+        super().__init__(
+            weight,
+            alpha=_check("alpha", alpha, _num(alpha) and alpha > 0, "must be > 0"),
+            gamma=_check("gamma", gamma, _num(gamma) and gamma > 0, "must be > 0"),
+            beta=_check("beta", beta, _num(beta) and beta > 0, "must be > 0"),
+        )
+
+
+class IoULoss(BoxLoss):
+    space = "boxes"
+    fn = staticmethod(iou_loss)
+
+    def __init__(self, mode: str = "linear", weight: float = 1.0) -> None:
+        if mode not in ("linear", "log"):
+            raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
+        super().__init__(weight, mode=mode)
+
+
+class GIoULoss(BoxLoss):
+    space = "boxes"
+    fn = staticmethod(giou_loss)
+
+
+class DIoULoss(BoxLoss):
+    space = "boxes"
+    fn = staticmethod(diou_loss)
+
+
+class CIoULoss(BoxLoss):
+    space = "boxes"
+    fn = staticmethod(ciou_loss)
+
+
+class EIoULoss(BoxLoss):
+    space = "boxes"
+    fn = staticmethod(eiou_loss)

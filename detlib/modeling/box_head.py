@@ -1,0 +1,164 @@
+"""The Fast R-CNN RoI box head: RoIAlign -> MLP -> class scores and class-specific box deltas.
+
+Written here rather than taken from torchvision because torchvision's ``RoIHeads`` hard-codes
+smooth L1 with beta = 1/9. Prediction and loss are separate calls, so validation loss is free:
+
+    logits, deltas = head(features, proposals, image_sizes)
+    losses = head.losses(logits, deltas, sampled)          # needs targets
+    detections = head.postprocess(logits, deltas, proposals, image_sizes)
+
+Built from torchvision's parts: ``MultiScaleRoIAlign``, ``BoxCoder``, ``Matcher``,
+``BalancedPositiveNegativeSampler``, ``box_iou``, ``batched_nms``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+from detlib.losses import BoxLoss
+
+
+@dataclass
+class Sampled:
+    """RoIs sampled for the loss, concatenated over the batch (R = sum of per-image samples).
+
+    ``proposals (R, 4)`` xyxy; ``labels (R,)`` int64, 0 = background; ``gt_boxes (R, 4)`` xyxy of
+    each RoI's matched ground truth (meaningless where ``labels == 0``); ``per_image``: list of
+    per-image proposal tensors, for RoIAlign.
+    """
+
+    proposals: Tensor
+    labels: Tensor
+    gt_boxes: Tensor
+    per_image: list[Tensor]
+
+
+class MLPHead(nn.Module):
+    """Two fully connected layers on flattened RoI features (torchvision's ``TwoMLPHead``)."""
+
+    def __init__(self, in_features: int, hidden: int) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+
+
+class RoIBoxHead(nn.Module):
+    def __init__(
+        self,
+        roi_align: MultiScaleRoIAlign,
+        in_channels: int,
+        num_classes: int,
+        box_loss: BoxLoss,
+        hidden: int = 256,
+        box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ) -> None:
+        super().__init__()
+        self.roi_align = roi_align
+        res = roi_align.output_size[0] * roi_align.output_size[1]
+        self.mlp = MLPHead(in_channels * res, hidden)
+        self.cls_score = nn.Linear(hidden, num_classes)
+        self.bbox_pred = nn.Linear(hidden, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+        self.num_classes = num_classes
+        self.box_loss = box_loss
+        # (10, 10, 5, 5): Fast R-CNN's target scaling, so deltas have roughly unit variance.
+        # The clamp log(1000/16) (BoxCoder's default) stops exp() overflow when decoding dw, dh.
+        self.box_coder = BoxCoder(tuple(box_coder_weights), bbox_xform_clip=math.log(1000.0 / 16))
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+
+    def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> Sampled:
+        """Add ground truth to the proposals, match by IoU, sample fg/bg RoIs per image."""
+        props, labels, gts = [], [], []
+        for p, t in zip(proposals, targets):
+            gt, gt_labels = t["boxes"], t["labels"]
+            p = torch.cat([p, gt.to(p.dtype)])
+            if gt.numel() == 0:
+                matched = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+                lab = torch.zeros_like(matched)
+                gt = torch.zeros((1, 4), dtype=p.dtype, device=p.device)
+            else:
+                idx = self.matcher(box_iou(gt, p))
+                matched = idx.clamp(min=0)
+                lab = gt_labels[matched].clone()
+                lab[idx == Matcher.BELOW_LOW_THRESHOLD] = 0
+                lab[idx == Matcher.BETWEEN_THRESHOLDS] = -1  # ignored
+            pos, neg = self.sampler([lab])
+            keep = torch.where(pos[0] | neg[0])[0]
+            props.append(p[keep])
+            labels.append(lab[keep].clamp(min=0))
+            gts.append(gt[matched[keep]])
+        return Sampled(torch.cat(props), torch.cat(labels), torch.cat(gts), props)
+
+    def forward(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """RoI features -> ``logits (R, K)`` and ``deltas (R, K * 4)``, R = all proposals of the batch."""
+        x = self.mlp(self.roi_align(features, proposals, image_sizes))
+        return self.cls_score(x), self.bbox_pred(x)
+
+    def fg_predictions(self, deltas: Tensor, sampled: Sampled) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For foreground RoIs: predicted and target deltas (float32), and their proposals and GT boxes."""
+        fg = torch.where(sampled.labels > 0)[0]
+        pred = deltas.view(deltas.shape[0], -1, 4)[fg, sampled.labels[fg]].float()
+        props, gt = sampled.proposals[fg], sampled.gt_boxes[fg]
+        return pred, self.box_coder.encode_single(gt, props), props, gt
+
+    def losses(self, logits: Tensor, deltas: Tensor, sampled: Sampled) -> dict[str, Tensor]:
+        """``loss_cls`` (cross-entropy) and ``loss_box_reg`` over the sampled RoIs.
+
+        The regression loss covers foreground RoIs only, on their ground-truth class's deltas, and
+        is divided by the number of *all* sampled RoIs (Fast R-CNN, torchvision, detectron2), which
+        gives each foreground example equal influence whatever the batch's fg fraction.
+        Box-space losses (``box_loss.space == "boxes"``) see deltas decoded against the proposals.
+        """
+        num_sampled = max(sampled.labels.numel(), 1)
+        loss_cls = F.cross_entropy(logits.float(), sampled.labels, reduction="sum") / num_sampled
+        pred, target, props, gt = self.fg_predictions(deltas, sampled)
+        if self.box_loss.space == "boxes":
+            loss_box = self.box_loss(self.box_coder.decode_single(pred, props), gt)
+        else:
+            loss_box = self.box_loss(pred, target)
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box / num_sampled}
+
+    @torch.no_grad()
+    def postprocess(
+        self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Per image: ``boxes (D, 4)`` xyxy, ``scores (D,)``, ``labels (D,)`` in 1..K-1, after class-wise NMS."""
+        counts = [p.shape[0] for p in proposals]
+        boxes_all = self.box_coder.decode(deltas.float(), proposals)  # (R, K, 4)
+        scores_all = F.softmax(logits.float(), -1)
+        results = []
+        for boxes, scores, size in zip(boxes_all.split(counts), scores_all.split(counts), image_sizes):
+            boxes = clip_boxes_to_image(boxes, size)[:, 1:]  # drop background
+            labels = torch.arange(1, self.num_classes, device=boxes.device).expand(scores.shape[0], -1)
+            boxes, scores, labels = boxes.reshape(-1, 4), scores[:, 1:].reshape(-1), labels.reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = remove_small_boxes(boxes, 1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results

@@ -1,0 +1,113 @@
+"""Faster R-CNN: transform -> backbone -> RPN -> RoI box head, composed from parts passed in.
+
+``model(images, targets)`` always returns the same thing, a dict with
+``"losses"`` (when targets are given, in train *and* eval mode, so validation loss is free) and
+``"detections"`` (when ``detect=True``; by default in eval mode), so no caller has to guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from detlib.losses import BoxLoss, SmoothL1
+from detlib.modeling.box_head import RoIBoxHead
+from detlib.modeling.rpn import RPN
+
+
+class FasterRCNN(nn.Module):
+    def __init__(self, transform: GeneralizedRCNNTransform, backbone: nn.Module, rpn: RPN, roi_head: RoIBoxHead) -> None:
+        super().__init__()
+        self.transform, self.backbone, self.rpn, self.roi_head = transform, backbone, rpn, roi_head
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict] | None = None, detect: bool | None = None
+    ) -> dict:
+        """``images``: list of ``(3, H, W)`` float in [0, 1]; ``targets``: per image ``boxes (N, 4)``
+        xyxy pixels and ``labels (N,)`` int64 in 1..K-1.
+
+        Returns ``{"losses": {name: scalar}, "detections": [per image boxes/scores/labels in the
+        input image's pixels], "sampled": Sampled, "deltas": (R, K*4)}``; missing keys were not asked for.
+        """
+        detect = (not self.training) if detect is None else detect
+        original_sizes = [tuple(im.shape[-2:]) for im in images]
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        proposals, losses = self.rpn(image_list, features, targets)
+        out: dict = {}
+        if targets is not None:
+            sampled = self.roi_head.sample(proposals, targets)
+            logits, deltas = self.roi_head(features, sampled.per_image, image_list.image_sizes)
+            losses.update(self.roi_head.losses(logits, deltas, sampled))
+            out.update(losses=losses, sampled=sampled, deltas=deltas)
+        if detect:
+            logits, deltas = self.roi_head(features, proposals, image_list.image_sizes)
+            dets = self.roi_head.postprocess(logits, deltas, proposals, image_list.image_sizes)
+            out["detections"] = self.transform.postprocess(dets, image_list.image_sizes, original_sizes)
+        return out
+
+
+def build_faster_rcnn(
+    backbone: nn.Module,
+    num_classes: int,
+    box_loss: BoxLoss,
+    rpn_box_loss: BoxLoss | None = None,
+    min_size: int | Sequence[int] = 128,
+    max_size: int = 128,
+    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
+    image_std: Sequence[float] = (0.229, 0.224, 0.225),
+    anchor_sizes: Sequence[Sequence[int]] = ((16,), (32,), (64,)),
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    rpn_pre_nms_top_n_train: int = 1000,
+    rpn_pre_nms_top_n_test: int = 500,
+    rpn_post_nms_top_n_train: int = 300,
+    rpn_post_nms_top_n_test: int = 150,
+    rpn_nms_thresh: float = 0.7,
+    rpn_fg_iou_thresh: float = 0.7,
+    rpn_bg_iou_thresh: float = 0.3,
+    rpn_batch_size_per_image: int = 256,
+    rpn_positive_fraction: float = 0.5,
+    roi_featmap_names: Sequence[str] = ("0", "1", "2"),
+    roi_output_size: int = 7,
+    roi_sampling_ratio: int = 2,
+    roi_canonical_scale: int = 224,
+    roi_canonical_level: int = 4,
+    representation_size: int = 256,
+    box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
+    box_batch_size_per_image: int = 512,
+    box_positive_fraction: float = 0.25,
+    box_fg_iou_thresh: float = 0.5,
+    box_bg_iou_thresh: float = 0.5,
+    box_score_thresh: float = 0.05,
+    box_nms_thresh: float = 0.5,
+    box_detections_per_img: int = 100,
+) -> FasterRCNN:
+    """Assemble a Faster R-CNN from a backbone (with ``out_channels`` and named feature maps).
+
+    ``num_classes`` includes background and comes from the dataset, never from the model config.
+    Defaults follow torchvision's ``FasterRCNN`` except the sizes, which suit the built-in data.
+    """
+    anchor_gen = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+    rpn = RPN(
+        anchor_gen, RPNHead(backbone.out_channels, anchor_gen.num_anchors_per_location()[0]),
+        rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image, rpn_positive_fraction,
+        dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
+        dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test),
+        rpn_nms_thresh,
+        box_loss=rpn_box_loss if rpn_box_loss is not None else SmoothL1(beta=1 / 9),
+    )
+    roi_align = MultiScaleRoIAlign(
+        list(roi_featmap_names), roi_output_size, roi_sampling_ratio,
+        canonical_scale=roi_canonical_scale, canonical_level=roi_canonical_level)
+    roi_head = RoIBoxHead(
+        roi_align, backbone.out_channels, num_classes, box_loss, representation_size, tuple(box_coder_weights),
+        box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction,
+        box_score_thresh, box_nms_thresh, box_detections_per_img)
+    sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
+    transform = GeneralizedRCNNTransform(sizes, max_size, list(image_mean), list(image_std))
+    return FasterRCNN(transform, backbone, rpn, roi_head)

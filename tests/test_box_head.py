@@ -1,0 +1,92 @@
+"""The RoI box head: box coding, sampling, loss normalisation and the box-space decode path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import MultiScaleRoIAlign
+
+from detlib import losses as L
+from detlib.modeling.box_head import RoIBoxHead, Sampled
+
+
+def test_box_coder_round_trip():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0), bbox_xform_clip=math.log(1000 / 16))
+    g = torch.Generator().manual_seed(0)
+    props = torch.rand(50, 2, generator=g) * 100
+    props = torch.cat([props, props + torch.rand(50, 2, generator=g) * 60 + 2], 1)
+    gt = props + torch.randn(50, 4, generator=g) * 3
+    gt[:, 2:] = torch.maximum(gt[:, 2:], gt[:, :2] + 1)
+    deltas = coder.encode_single(gt, props)
+    torch.testing.assert_close(coder.decode_single(deltas, props), gt, atol=1e-3, rtol=1e-5)
+
+
+def _head(loss, num_classes=3):
+    roi = MultiScaleRoIAlign(["0"], 7, 2)
+    return RoIBoxHead(roi, 8, num_classes, loss, hidden=16, batch_size_per_image=16)
+
+
+def _sampled():
+    props = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [30, 30, 40, 40], [0, 0, 50, 50]])
+    gt = torch.tensor([[1.0, 1, 11, 11], [6, 4, 21, 19], [30, 30, 40, 40], [0, 0, 1, 1]])
+    labels = torch.tensor([1, 2, 0, 0])
+    return Sampled(props, labels, gt, [props])
+
+
+@pytest.mark.parametrize("loss", [L.SmoothL1(beta=1 / 9), L.L1(), L.L2(), L.Huber(0.5), L.BalancedL1()])
+def test_delta_loss_covers_foreground_of_gt_class_divided_by_all_sampled(loss):
+    head = _head(loss)
+    s = _sampled()
+    target = head.box_coder.encode_single(s.gt_boxes, s.proposals)
+    deltas = torch.randn(4, 3 * 4)
+    losses = head.losses(torch.randn(4, 3), deltas, s)
+    fg = [0, 1]
+    pred = torch.stack([deltas.view(4, 3, 4)[i, s.labels[i]] for i in fg])
+    expected = loss(pred, target[fg]) / 4  # normaliser: all 4 sampled RoIs, not the 2 foregrounds
+    torch.testing.assert_close(losses["loss_box_reg"], expected)
+
+
+def test_perfect_deltas_give_zero_box_loss_in_both_spaces():
+    s = _sampled()
+    for loss in (L.SmoothL1(beta=0.0), L.GIoULoss(), L.CIoULoss()):
+        head = _head(loss)
+        target = head.box_coder.encode_single(s.gt_boxes, s.proposals)
+        deltas = torch.zeros(4, 3, 4)
+        deltas[torch.arange(4), s.labels] = target
+        out = head.losses(torch.randn(4, 3), deltas.view(4, 12), s)["loss_box_reg"]
+        assert out.item() == pytest.approx(0.0, abs=1e-5), type(loss).__name__
+
+
+def test_box_space_loss_decodes_against_proposals():
+    head = _head(L.GIoULoss(weight=1.0))
+    s = _sampled()
+    deltas = torch.randn(4, 12) * 0.1
+    pred_d = deltas.view(4, 3, 4)[[0, 1], s.labels[[0, 1]]]
+    boxes = head.box_coder.decode_single(pred_d, s.proposals[[0, 1]])
+    expected = L.giou_loss(boxes, s.gt_boxes[[0, 1]], reduction="sum") / 4
+    torch.testing.assert_close(head.losses(torch.randn(4, 3), deltas, s)["loss_box_reg"], expected)
+
+
+@pytest.mark.parametrize("loss", [L.SmoothL1(), L.GIoULoss()])
+def test_no_foreground_gives_zero_loss_with_gradient(loss):
+    head = _head(loss)
+    s = Sampled(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([0]), torch.zeros(1, 4), [])
+    deltas = torch.randn(1, 12, requires_grad=True)
+    out = head.losses(torch.randn(1, 3), deltas, s)["loss_box_reg"]
+    out.backward()
+    assert out.item() == 0.0 and deltas.grad is not None and torch.isfinite(deltas.grad).all()
+
+
+def test_sample_matches_and_samples():
+    head = _head(L.L1())
+    props = [torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [1, 1, 11, 11]])]
+    targets = [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([2])}]
+    s = head.sample(props, targets)
+    assert s.proposals.shape[0] == s.labels.shape[0] == s.gt_boxes.shape[0]
+    fg = s.labels > 0
+    assert (s.labels[fg] == 2).all() and fg.sum() >= 2  # the GT itself is added as a proposal
+    empty = head.sample(props, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+    assert (empty.labels == 0).all()

@@ -1,0 +1,273 @@
+"""Box-regression losses against torch.nn.functional, torchvision.ops and hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detlib import losses as L
+
+REDUCTIONS = ["none", "sum", "mean"]
+
+
+def _pair(n=64, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, 4, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    y = torch.randn(n, 4, generator=g, dtype=torch.float64) * scale
+    return x, y
+
+
+def _value_and_grad(fn, x, y, **kw):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, y, **kw)
+    out.sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ours,ref,kw", [
+    (L.smooth_l1, F.smooth_l1_loss, {"beta": 1.0}),
+    (L.smooth_l1, F.smooth_l1_loss, {"beta": 1 / 9}),
+    (L.smooth_l1, F.smooth_l1_loss, {"beta": 0.0}),
+    (L.huber, F.huber_loss, {"delta": 1.0}),
+    (L.huber, F.huber_loss, {"delta": 0.5}),
+    (L.l1, F.l1_loss, {}),
+    (L.l2, F.mse_loss, {}),
+])
+def test_matches_torch_functional(ours, ref, kw, reduction):
+    x, y = _pair()
+    v, g = _value_and_grad(ours, x, y, reduction=reduction, **kw)
+    rv, rg = _value_and_grad(ref, x, y, reduction=reduction, **kw)
+    torch.testing.assert_close(v, rv)
+    torch.testing.assert_close(g, rg)
+
+
+def test_worked_values():
+    # tf.keras documentation examples (REFERENCES.md), mean reduction
+    assert L.l1(torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [0.0]])).item() == pytest.approx(1.0)
+    assert L.l2(torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [1.0]])).item() == pytest.approx(0.5)
+    assert L.huber(torch.tensor([[0.6], [0.4]]), torch.tensor([[0.0], [1.0]])).item() == pytest.approx(0.18)
+    yhat, y = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]), torch.tensor([1.0, 1, 0, 1, 1])
+    assert L.l1(yhat, y, reduction="sum").item() == pytest.approx(3.1)
+    assert L.l2(yhat, y, reduction="sum").item() == pytest.approx(2.15)
+    # smooth L1 by hand: beta=1: |x|=0.5 -> 0.125; |x|=2 -> 1.5
+    assert L.smooth_l1(torch.tensor([0.5, 2.0]), torch.zeros(2), beta=1.0, reduction="none").tolist() == [0.125, 1.5]
+
+
+@pytest.mark.parametrize("delta", [0.1, 0.5, 1.0, 2.0])
+def test_huber_is_delta_times_smooth_l1(delta):
+    x, y = _pair()
+    torch.testing.assert_close(L.huber(x, y, delta=delta, reduction="none"),
+                               delta * L.smooth_l1(x, y, beta=delta, reduction="none"))
+
+
+def test_beta_zero_is_exactly_l1_with_finite_gradients():
+    x, y = _pair()
+    x.data[0, 0] = y[0, 0]  # a zero residual: the kink
+    v, g = _value_and_grad(L.smooth_l1, x, y, beta=0.0, reduction="none")
+    assert torch.equal(v, L.l1(x, y, reduction="none").detach())
+    assert torch.isfinite(g).all()
+    # the limit: small beta approaches L1
+    assert torch.allclose(L.smooth_l1(x, y, beta=1e-4), L.l1(x, y), atol=1e-4)
+
+
+BOX_LOSSES = [L.iou_loss, L.giou_loss, L.diou_loss, L.ciou_loss, L.eiou_loss]
+ALL = [L.smooth_l1, L.huber, L.l1, L.l2, L.balanced_l1] + BOX_LOSSES
+
+
+@pytest.mark.parametrize("fn", ALL)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_input_is_zero_with_gradient(fn, reduction):
+    x = torch.zeros(0, 4, requires_grad=True)
+    out = fn(x, torch.zeros(0, 4), reduction=reduction)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 4)
+    if reduction != "none":
+        assert out.item() == 0.0
+
+
+def _boxes(n, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g, dtype=dtype) * 100
+    wh = torch.rand(n, 2, generator=g, dtype=dtype) * 50 + 5
+    return torch.cat([xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize("fn", BOX_LOSSES)
+def test_identical_boxes_give_zero(fn):
+    b = _boxes(32, 0)
+    assert fn(b, b, reduction="none").abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("ours,ref", [
+    ("giou_loss", "generalized_box_iou_loss"),
+    ("diou_loss", "distance_box_iou_loss"),
+    ("ciou_loss", "complete_box_iou_loss"),
+])
+def test_iou_family_matches_torchvision(ours, ref):
+    import torchvision.ops as ops
+
+    p, t = _boxes(200, 1), _boxes(200, 2)
+    p[:50] = t[:50] + 0.5 * torch.randn(50, 4, dtype=torch.float64)  # overlapping (still valid) pairs
+    assert (p[:, 2:] > p[:, :2]).all()
+    v, g = _value_and_grad(getattr(L, ours), p, t, reduction="none")
+    rv, rg = _value_and_grad(getattr(ops, ref), p, t, reduction="none")
+    torch.testing.assert_close(v, rv)
+    torch.testing.assert_close(g, rg)
+
+
+def test_iou_loss_modes_by_hand():
+    a = torch.tensor([[0.0, 0, 10, 10]])
+    b = torch.tensor([[0.0, 0, 10, 5]])  # IoU = 0.5
+    assert L.iou_loss(a, b).item() == pytest.approx(0.5, abs=1e-6)
+    assert L.iou_loss(a, b, mode="log").item() == pytest.approx(math.log(2), abs=1e-6)
+    c = torch.tensor([[20.0, 0, 30, 10]])  # disjoint, enclosing 30x10, union 200 -> GIoU = 0 - 100/300
+    assert L.giou_loss(a, c).item() == pytest.approx(1 + 100 / 300, abs=1e-6)
+
+
+@pytest.mark.parametrize("fn", BOX_LOSSES)
+def test_degenerate_predictions_stay_finite(fn):
+    t = _boxes(6, 3, torch.float32)
+    p = torch.tensor([[5.0, 5, 5, 5],        # zero area
+                      [10.0, 10, 2, 3],      # inverted
+                      [0.0, 0, 1e6, 1e6],    # huge
+                      [-1e6, -1e6, 1e6, 1e6],
+                      [3.0, 3, 3, 40],       # zero width
+                      [1.0, 1, 2, 2]], requires_grad=True)
+    out = fn(p, t, reduction="sum")
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(p.grad).all()
+
+
+def test_huge_deltas_through_box_coder_stay_finite():
+    from torchvision.models.detection._utils import BoxCoder
+
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0), bbox_xform_clip=math.log(1000 / 16))
+    props = _boxes(4, 4, torch.float32)
+    deltas = torch.tensor([[1e4, -1e4, 1e4, 1e4], [0, 0, -1e4, -1e4], [1e3, 1e3, 50, -50], [0, 0, 0, 0.0]],
+                          requires_grad=True)
+    for fn in BOX_LOSSES:
+        out = fn(coder.decode_single(deltas, props), props, reduction="sum")
+        (g,) = torch.autograd.grad(out, deltas)
+        assert torch.isfinite(out) and torch.isfinite(g).all(), fn.__name__
+    for fn in (L.smooth_l1, L.huber, L.l1, L.l2, L.balanced_l1):
+        out = fn(deltas, torch.zeros_like(deltas), reduction="sum")
+        (g,) = torch.autograd.grad(out, deltas)
+        assert torch.isfinite(out) and torch.isfinite(g).all(), fn.__name__
+
+
+def test_balanced_l1_continuous_at_beta_and_matches_formula():
+    for alpha, gamma, beta in [(0.5, 1.5, 1.0), (0.3, 2.0, 0.5)]:
+        eps = 1e-6
+        below = L.balanced_l1(torch.tensor([beta - eps]), torch.zeros(1), alpha, gamma, beta)
+        above = L.balanced_l1(torch.tensor([beta + eps]), torch.zeros(1), alpha, gamma, beta)
+        assert below.item() == pytest.approx(above.item(), abs=1e-4)
+    # mmdetection's formula by hand at x = 0.5 (alpha 0.5, gamma 1.5, beta 1)
+    b = math.e ** 3 - 1
+    x = 0.5
+    expected = 0.5 / b * (b * x + 1) * math.log(b * x + 1) - 0.5 * x
+    assert L.balanced_l1(torch.tensor([x]), torch.zeros(1)).item() == pytest.approx(expected, rel=1e-5)
+    assert L.balanced_l1(torch.tensor([2.0]), torch.zeros(1)).item() == pytest.approx(1.5 * 2 + 1.5 / b - 0.5, rel=1e-5)
+
+
+# ---- property tests
+residual = st.floats(-50, 50, allow_nan=False, allow_infinity=False)
+positive = st.floats(0.01, 5.0)
+
+
+def _grad(fn, x, **kw):
+    t = torch.tensor([x], dtype=torch.float64, requires_grad=True)
+    fn(t, torch.zeros(1, dtype=torch.float64), reduction="sum", **kw).backward()
+    return t.grad.item()
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=residual, beta=positive)
+def test_properties_smooth_l1(x, beta):
+    v = L.smooth_l1(torch.tensor([x]), torch.zeros(1), beta=beta).item()
+    assert v >= 0
+    assert abs(_grad(L.smooth_l1, x, beta=beta)) <= 1 + 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=residual, delta=positive)
+def test_properties_huber(x, delta):
+    assert L.huber(torch.tensor([x]), torch.zeros(1), delta=delta).item() >= 0
+    assert abs(_grad(L.huber, x, delta=delta)) <= delta + 1e-6
+    hv = L.huber(torch.tensor([x], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), delta=delta)
+    sv = L.smooth_l1(torch.tensor([x], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), beta=delta)
+    assert hv.item() == pytest.approx(delta * sv.item(), rel=1e-5, abs=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=residual, s=st.floats(0.05, 5.0))
+def test_scaling_moves_the_kink(x, s):
+    xs = torch.tensor([x], dtype=torch.float64)
+    z = torch.zeros(1, dtype=torch.float64)
+    lhs = s * L.smooth_l1(xs / s, z, beta=1.0)
+    rhs = L.smooth_l1(xs, z, beta=s)
+    assert lhs.item() == pytest.approx(rhs.item(), rel=1e-5, abs=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(param=positive)
+def test_zero_at_zero_and_continuous_at_breakpoint(param):
+    z = torch.zeros(1)
+    for fn, kw in [(L.smooth_l1, {"beta": param}), (L.huber, {"delta": param}), (L.l1, {}), (L.l2, {}),
+                   (L.balanced_l1, {"beta": param})]:
+        assert fn(z, z, **kw).item() == 0.0
+    for fn, kw in [(L.smooth_l1, {"beta": param}), (L.huber, {"delta": param}), (L.balanced_l1, {"beta": param})]:
+        lo = fn(torch.tensor([param * (1 - 1e-7)], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), **kw)
+        hi = fn(torch.tensor([param * (1 + 1e-7)], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), **kw)
+        assert lo.item() == pytest.approx(hi.item(), abs=1e-5)
+
+
+def test_l2_gradient_grows_without_bound():
+    grads = [abs(_grad(L.l2, x)) for x in (1.0, 10.0, 100.0, 1000.0)]
+    assert grads == sorted(grads) and grads[-1] >= 2000 - 1e-6
+    assert max(abs(_grad(L.smooth_l1, x)) for x in (1.0, 10.0, 100.0, 1000.0)) <= 1.0
+
+
+@pytest.mark.parametrize("fn,kw", [(L.smooth_l1, {"beta": 0.7}), (L.huber, {"delta": 0.7}), (L.l2, {}),
+                                   (L.balanced_l1, {}), (L.giou_loss, {}), (L.diou_loss, {}), (L.ciou_loss, {}),
+                                   (L.eiou_loss, {}), (L.iou_loss, {})])
+def test_gradcheck_away_from_kinks(fn, kw):
+    if fn in BOX_LOSSES:
+        p = (_boxes(5, 7) + 0.3).requires_grad_()
+        t = _boxes(5, 7)
+    else:
+        p = torch.tensor([[0.2, -0.3, 2.0, -3.0]], dtype=torch.float64, requires_grad=True)
+        t = torch.zeros(1, 4, dtype=torch.float64)
+
+    torch.autograd.gradcheck(lambda a: fn(a, t, reduction="sum", **kw), (p,))
+
+
+@pytest.mark.parametrize("cls,kw,msg", [
+    (L.SmoothL1, {"beta": -0.1}, "beta must be >= 0"),
+    (L.Huber, {"delta": 0.0}, "delta must be > 0"),
+    (L.Huber, {"delta": -1.0}, "delta must be > 0"),
+    (L.L1, {"weight": -1.0}, "weight must be >= 0"),
+    (L.IoULoss, {"mode": "square"}, "mode must be"),
+])
+def test_bad_parameters_fail_at_construction(cls, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        cls(**kw)
+
+
+def test_half_precision_inputs_compute_in_float32():
+    x = torch.tensor([[300.0, -2.0, 0.5, 60000.0]], dtype=torch.float16)  # 60000^2 overflows fp16
+    out = L.l2(x, torch.zeros_like(x))
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+    assert L.giou_loss(_boxes(3, 0).half(), _boxes(3, 1).half()).dtype == torch.float32
+
+
+def test_modules_weight_and_space():
+    x, y = _pair()
+    assert L.Huber(delta=0.5, weight=2.0)(x, y).item() == pytest.approx(2 * L.huber(x, y, 0.5, "sum").item())
+    assert L.SmoothL1.space == "deltas" and L.GIoULoss.space == "boxes" and L.IoULoss.space == "boxes"

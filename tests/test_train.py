@@ -1,0 +1,91 @@
+"""End to end through train.py, as a user runs it: smoke run, multirun, and start-up errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from detlib.evaluation.coco_eval import STAT_NAMES
+
+from .conftest import run_train
+
+TRAIN_TAGS = {"train/loss", "train/loss_cls", "train/loss_box_reg", "train/loss_rpn_cls", "train/loss_rpn_box_reg",
+              "train/lr"}
+VAL_TAGS = {f"val/{k}" for k in STAT_NAMES}
+
+
+def scalars(run_dir: Path) -> EventAccumulator:
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return ea
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_root) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("smoke")
+    proc = run_train("experiment=smoke", f"data.root={data_root}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc.stdout + proc.stderr
+
+
+def test_smoke_run_writes_the_run_directory_contract(smoke_run):
+    run_dir, _ = smoke_run
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "train.log").is_file() and "iter 6/6" in (run_dir / "train.log").read_text()
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert list(metrics) == list(STAT_NAMES)
+    assert all(v is None or (isinstance(v, float) and 0 <= v <= 1) for v in metrics.values())
+
+
+def test_smoke_run_tensorboard_tags(smoke_run):
+    run_dir, _ = smoke_run
+    ea = scalars(run_dir)
+    tags = set(ea.Tags()["scalars"])
+    assert TRAIN_TAGS <= tags and VAL_TAGS <= tags
+    assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6]
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("train/loss"))
+
+
+def test_smoke_run_prints_the_table(smoke_run):
+    _, out = smoke_run
+    assert "AP @[.50:.95]" in out and "AR maxDets 100" in out
+
+
+def test_checkpoint_holds_the_full_state(smoke_run):
+    run_dir, _ = smoke_run
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["iteration"] == 6
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "meta", "sampler", "epoch"} <= set(state)
+    assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
+
+
+@pytest.mark.slow
+def test_multirun_two_jobs(tmp_path, data_root):
+    proc = run_train("-m", "experiment=smoke", "trainer.max_iters=2", "loss=l1,huber", f"data.root={data_root}",
+                     f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2, jobs
+    assert {j.name.split("_", 1)[1] for j in jobs} == {"loss=l1,trainer.max_iters=2", "loss=huber,trainer.max_iters=2"}
+    for j in jobs:
+        assert (j / "metrics.json").is_file() and (j / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["loss=foo"], "smooth_l1"),
+    (["loss=huber", "loss.delta=-0.5"], "delta must be > 0"),
+    (["loss=smooth_l1", "loss.beta=-1"], "beta must be >= 0"),
+    (["trainer.lr=abc"], "trainer.lr"),
+    (["data=coco", "data.root=/nonexistent", "data.train_ann=a.json", "data.train_images=x",
+      "data.val_ann=b.json", "data.val_images=y"], "/nonexistent"),
+])
+def test_bad_input_fails_at_start_with_a_clear_message(tmp_path, args, needle):
+    proc = run_train(*args, f"hydra.run.dir={tmp_path}", timeout=120)
+    assert proc.returncode != 0
+    assert needle in proc.stderr + proc.stdout
+    assert not (tmp_path / "checkpoints").exists()
