@@ -47,6 +47,12 @@ def test_smoke_run_tensorboard_tags(smoke_run):
     ea = scalars(run_dir)
     tags = set(ea.Tags()["scalars"])
     assert TRAIN_TAGS <= tags and VAL_TAGS <= tags
+    shadow = {"shadow/smooth_l1", "shadow/huber", "shadow/l1", "shadow/l2", "shadow/giou", "train/fg_iou",
+              "shadow/smooth_l1_quadratic_frac", "shadow/huber_quadratic_frac"}
+    assert shadow <= tags
+    assert [e.step for e in ea.Scalars("shadow/l2")] == [2, 4, 6]  # every log_period, not every step
+    assert all(0 <= e.value <= 1 for e in ea.Scalars("train/fg_iou"))
+    assert {"val/loss", "val/loss_box_reg", "val/loss_cls"} <= tags
     assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6]
     assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("train/loss"))
 

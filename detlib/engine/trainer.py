@@ -30,6 +30,7 @@ from detlib.data.sampler import TrainBatchSampler
 from detlib.engine import checkpoint
 from detlib.evaluation.coco_eval import STAT_NAMES, format_table
 from detlib.evaluation.inference import evaluate
+from detlib.evaluation.shadow import shadow_metrics
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ def train(
         count = state["log_count"]
         log.info("resumed from %s at iteration %d", resume_path, start_iter)
 
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_iter if resume_path else None)
+    # Steps after the checkpoint that a killed run had already logged are dropped, not duplicated.
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_iter + 1 if resume_path else None)
     sampler = TrainBatchSampler(len(train_set), batch_size, seed, start_iter, cfg.max_iters)
     loader = DataLoader(
         train_set, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
@@ -236,6 +238,9 @@ def train(
                     means["loss"] = sum(means.values())
                     for k, v in means.items():
                         writer.add_scalar(f"train/{k}", v, done)
+                    if "sampled" in out:  # this step's RoIs, measured by every loss (no backprop)
+                        for k, v in shadow_metrics(model.roi_head, out["deltas"], out["sampled"]).items():
+                            writer.add_scalar(k, float(v), done)
                     writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], done)
                     accum, count = {}, 0
                     rate = (done - it_start) / (time.perf_counter() - t_start)

@@ -1,0 +1,92 @@
+"""Checkpoints: atomic writes, rotation, and clear errors for damaged files (RELIABILITY 19, 20, 24)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from detlib.engine import checkpoint
+
+
+def _state(i: int) -> dict:
+    return {"model": {"w": torch.full((4,), float(i))}, "iteration": i}
+
+
+def test_save_rotates_and_last_points_to_newest(tmp_path):
+    for i in (1, 2, 3, 4, 5):
+        checkpoint.save(_state(i), tmp_path, i, keep_last=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["last.pt", "model_0000004.pt", "model_0000005.pt"]
+    assert checkpoint.load(tmp_path / "last.pt")["iteration"] == 5
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = checkpoint.save(_state(1), tmp_path, 1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
+        checkpoint.load(path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="junk.pt"):
+        checkpoint.load(tmp_path / "junk.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_sigkill_during_write_keeps_the_previous_checkpoint(tmp_path):
+    checkpoint.save(_state(1), tmp_path, 1)
+    # A child that starts writing a large checkpoint and is SIGKILLed mid-write.
+    code = textwrap.dedent(f"""
+        import torch, sys
+        from detlib.engine import checkpoint
+        big = {{"model": {{"w": torch.zeros(40_000_000)}}, "iteration": 2}}
+        print("writing", flush=True)
+        checkpoint.save(big, {str(tmp_path)!r}, 2)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    deadline = time.monotonic() + 30
+    while not any(p.name.startswith(".model_0000002") for p in tmp_path.iterdir()):  # mid-write
+        assert time.monotonic() < deadline and proc.poll() is None, "child never started writing"
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = checkpoint.load(tmp_path / "last.pt")  # loads: the old file, untouched
+    assert state["iteration"] == 1 and torch.equal(state["model"]["w"], torch.full((4,), 1.0))
+    assert not (tmp_path / "model_0000002.pt").exists()
+
+
+def test_permission_denied_surfaces_and_keeps_old(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    checkpoint.save(_state(1), tmp_path, 1)
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(OSError):
+            checkpoint.save(_state(2), tmp_path, 2)
+    finally:
+        tmp_path.chmod(0o700)
+    assert checkpoint.load(tmp_path / "last.pt")["iteration"] == 1
+
+
+def test_failed_write_surfaces_and_keeps_old(tmp_path, monkeypatch):
+    """Disk full: torch.save raising mid-write must leave last.pt and leave no temp file."""
+    checkpoint.save(_state(1), tmp_path, 1)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save(_state(2), tmp_path, 2)
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "last.pt")["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "model_0000001.pt"]

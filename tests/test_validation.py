@@ -1,0 +1,151 @@
+"""Annotation checks at load time: RELIABILITY.md cases 1-10, each named by its case number."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detlib.data.coco import CocoDetection
+from detlib.data.validation import AnnotationError, validate_coco
+
+
+def coco(anns, images=None, cats=None, info=True) -> dict:
+    d = {
+        "images": images or [{"id": 1, "file_name": "a.png", "width": 100, "height": 80}],
+        "annotations": anns,
+        "categories": cats or [{"id": 5, "name": "thing"}],
+    }
+    if info:
+        d["info"] = {}
+    return d
+
+
+def ann(i, bbox, **kw) -> dict:
+    return {"id": i, "image_id": 1, "category_id": 5, "bbox": bbox, "area": 1.0, "iscrowd": 0, **kw}
+
+
+@pytest.mark.parametrize("bbox", [[10, 10, 0, 5], [10, 10, 5, -3]])
+def test_case01_degenerate_box_error_names_file_id_value(bbox):
+    with pytest.raises(AnnotationError, match=r"ann\.json: annotation id 7: .*bbox.*" + str(bbox[2])):
+        validate_coco(coco([ann(7, bbox)]), "ann.json")
+
+
+def test_case01_degenerate_box_skip_drops_counts_and_names(caplog):
+    with caplog.at_level(logging.WARNING):
+        out, counts = validate_coco(coco([ann(1, [1, 1, 5, 5]), ann(2, [10, 10, 0, 5])]), "ann.json", "skip")
+    assert [a["id"] for a in out["annotations"]] == [1]
+    assert counts["dropped: degenerate box"] == 1 and "id 2" in caplog.text
+
+
+@pytest.mark.parametrize("bbox", [[1, 2, float("nan"), 4], [1, 2, float("inf"), 4], [1, 2, 3], "1,2,3,4",
+                                  [1, 2, 3, None]])
+def test_case02_nan_inf_or_not_four_numbers_always_error(bbox):
+    for mode in ("error", "skip"):
+        with pytest.raises(AnnotationError, match="annotation id 3"):
+            validate_coco(coco([ann(3, bbox)]), "ann.json", mode)
+
+
+def test_case03_partly_outside_clipped_entirely_outside_dropped():
+    out, counts = validate_coco(coco([ann(1, [-10, 70, 30, 30]), ann(2, [200, 10, 5, 5])]), "ann.json")
+    assert out["annotations"][0]["bbox"] == [0.0, 70, 20, 10]
+    assert len(out["annotations"]) == 1
+    assert counts["clipped: box partly outside its image"] == 1 and counts["dropped: box outside its image"] == 1
+
+
+def _write_dataset(tmp_path, anns, images=None):
+    images = images or [{"id": 1, "file_name": "a.png", "width": 100, "height": 80},
+                        {"id": 2, "file_name": "b.png", "width": 100, "height": 80}]
+    for im in images:
+        Image.fromarray(np.zeros((im["height"], im["width"], 3), np.uint8)).save(tmp_path / im["file_name"])
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(coco(anns, images)))
+    return path
+
+
+def test_case04_image_without_annotations_gives_zero_box_loss_with_gradient(tmp_path):
+    from hydra.utils import instantiate
+
+    from .conftest import compose_cfg
+
+    path = _write_dataset(tmp_path, [ann(1, [10, 10, 20, 20])])
+    ds = CocoDetection(path, tmp_path, train=True)
+    image, target = ds[1]  # image 2 has no annotations
+    assert target["boxes"].shape == (0, 4)
+    cfg = compose_cfg("model.min_size=64", "model.max_size=128")
+    for loss in ("smooth_l1", "giou"):
+        c = compose_cfg(f"loss={loss}")
+        model = instantiate(cfg.model, num_classes=ds.num_classes, box_loss=instantiate(c.loss),
+                            rpn_box_loss=instantiate(c.rpn_loss))
+        out = model([image], [target])
+        for k in ("loss_box_reg", "loss_rpn_box_reg"):
+            assert out["losses"][k].item() == 0.0 and torch.isfinite(out["losses"][k])
+        sum(out["losses"].values()).backward()
+        grads = [p.grad for p in model.roi_head.bbox_pred.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_case06_unknown_category_is_an_error():
+    with pytest.raises(AnnotationError, match="annotation id 4: category_id 99"):
+        validate_coco(coco([ann(4, [1, 1, 5, 5], category_id=99)]), "ann.json")
+
+
+def test_case07_duplicate_or_zero_ids_are_renumbered():
+    out, counts = validate_coco(coco([ann(0, [1, 1, 5, 5]), ann(3, [2, 2, 5, 5]), ann(3, [3, 3, 5, 5])]), "a.json")
+    ids = [a["id"] for a in out["annotations"]]
+    assert ids == [1, 2, 3] and counts["renumbered: annotation id 0 or duplicate"] == 2
+
+
+def test_case07_renumbering_gives_the_right_ap():
+    """pycocotools mis-scores duplicate ids; after validation AP for perfect detections is exactly 1."""
+    from detlib.data.coco import coco_from_dict
+    from detlib.evaluation.coco_eval import evaluate_coco
+
+    raw = coco([ann(1, [1, 1, 20, 20]), ann(1, [40, 40, 20, 20]), ann(0, [60, 10, 15, 15])])
+    clean, _ = validate_coco(copy.deepcopy(raw), "a.json")
+    res = [{"image_id": 1, "category_id": 5, "bbox": a["bbox"], "score": 1.0} for a in raw["annotations"]]
+    stats, _ = evaluate_coco(coco_from_dict(clean), res)
+    assert stats["AP"] == pytest.approx(1.0)
+
+
+def test_case08_missing_area_iscrowd_info_filled_with_one_warning(caplog):
+    a = {"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 1, 4, 5]}
+    with caplog.at_level(logging.WARNING):
+        out, _ = validate_coco(coco([a], info=False), "ann.json")
+    assert out["annotations"][0]["area"] == 20 and out["annotations"][0]["iscrowd"] == 0 and "info" in out
+    assert sum("filled standard defaults" in r.message for r in caplog.records) == 1
+
+
+def test_case09_missing_or_wrong_size_image_names_the_path(tmp_path):
+    path = _write_dataset(tmp_path, [ann(1, [10, 10, 20, 20])])
+    (tmp_path / "b.png").unlink()
+    with pytest.raises(AnnotationError, match="b.png: file not found"):
+        CocoDetection(path, tmp_path)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(AnnotationError, match=r"b.png: size 10x10 differs"):
+        CocoDetection(path, tmp_path)
+    (tmp_path / "b.png").write_bytes(b"garbage")
+    with pytest.raises(AnnotationError, match="b.png: unreadable"):
+        CocoDetection(path, tmp_path)
+    ds = CocoDetection(path, tmp_path, invalid="skip")
+    assert ds.ids == [1]
+
+
+def test_missing_annotation_file_and_image_folder_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        CocoDetection(tmp_path / "nope.json", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no_images"):
+        CocoDetection(tmp_path / "x.json", tmp_path / "no_images")
+
+
+def test_case10_crowd_is_never_a_training_foreground(tmp_path):
+    path = _write_dataset(tmp_path, [ann(1, [10, 10, 20, 20]), ann(2, [50, 20, 30, 30], iscrowd=1)])
+    ds = CocoDetection(path, tmp_path, train=True)
+    _, target = ds[0]
+    assert target["boxes"].tolist() == [[10.0, 10.0, 30.0, 30.0]]
+    assert len(ds.coco.getAnnIds(imgIds=[1])) == 2  # evaluation still sees the crowd region
