@@ -39,6 +39,9 @@ def test_smoke_run_writes_the_run_directory_contract(smoke_run):
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert list(metrics) == list(STAT_NAMES)
+    detail = json.loads((run_dir / "eval_detail.json").read_text())
+    assert list(detail["ap_per_iou"]) == [f"{0.5 + 0.05 * i:.2f}" for i in range(10)]
+    assert set(detail["per_class_ap"]) == {"rectangle", "ellipse", "triangle", "cross"}
     assert all(v is None or (isinstance(v, float) and 0 <= v <= 1) for v in metrics.values())
 
 

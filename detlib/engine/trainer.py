@@ -28,7 +28,7 @@ from detlib.config import EvalConfig, TrainerConfig
 from detlib.data.coco import CocoDetection, collate
 from detlib.data.sampler import TrainBatchSampler
 from detlib.engine import checkpoint
-from detlib.evaluation.coco_eval import STAT_NAMES, format_table
+from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, format_table, per_class_ap
 from detlib.evaluation.inference import evaluate
 from detlib.evaluation.shadow import shadow_metrics
 
@@ -171,13 +171,17 @@ def train(
 
     def run_eval(iteration: int) -> dict:
         t0 = time.perf_counter()
-        stats, val_losses, _results, _E = evaluate(
+        stats, val_losses, _results, E = evaluate(
             model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype)
         for k, v in stats.items():
             writer.add_scalar(f"val/{k}", float("nan") if v is None else v, iteration)
         for k, v in val_losses.items():
             writer.add_scalar(f"val/{k}", v, iteration)
         writer.flush()
+        names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
+        _write_json(run_dir / "eval_detail.json", {
+            "iteration": iteration, "stats": stats, "val_losses": val_losses,
+            "ap_per_iou": ap_per_iou(E), "per_class_ap": per_class_ap(E, names)})
         log.info("eval @ %d (%.1fs): AP %.4f AP50 %.4f AP75 %.4f  val loss %.4f", iteration,
                  time.perf_counter() - t0, stats["AP"] or 0, stats["AP50"] or 0, stats["AP75"] or 0,
                  val_losses.get("loss", float("nan")))

@@ -131,6 +131,17 @@ def per_class_ap(E: COCOeval, names: dict[int, str]) -> dict[str, float | None]:
     return out
 
 
+def ap_per_iou(E: COCOeval) -> dict[str, float | None]:
+    """AP at each IoU threshold 0.50 ... 0.95 (area all, largest maxDets), keyed ``"0.50"`` ..."""
+    prec = E.eval["precision"][:, :, :, 0, -1]
+    out = {}
+    for t, thr in enumerate(E.params.iouThrs):
+        x = prec[t]
+        x = x[x > -1]
+        out[f"{thr:.2f}"] = float(x.mean()) if x.size else None
+    return out
+
+
 def format_table(stats: dict[str, float | None], title: str = "COCO box evaluation") -> str:
     """The 12 stats as a small text table."""
     labels = {
