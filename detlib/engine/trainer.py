@@ -74,6 +74,21 @@ def _to(device: torch.device, images: list, targets: list) -> tuple[list, list]:
     return images, targets
 
 
+def optimizer_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    params: list[torch.nn.Parameter], clip_grad_norm: float | None,
+) -> None:
+    """Backward and step. With fp16 the scaler skips a step whose gradients overflowed; clipping
+    happens after unscaling, so the norm limit applies to the true gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     if not resume:
         return None
@@ -222,13 +237,7 @@ def train(
                     continue
                 nonfinite_in_row = 0
 
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad_norm is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad_norm)
                 scheduler.step()
 
                 for k, v in losses.items():
@@ -283,7 +292,7 @@ def train(
 
 def _describe_nonfinite(it: int, losses: dict, targets: list, dataset: CocoDetection, out: dict, run_dir: Path) -> str:
     """Name the iteration, every loss term and the batch's images; dump the batch for inspection."""
-    values = {k: float(v) for k, v in losses.items()}
+    values = {k: float(v.detach()) for k, v in losses.items()}
     ids = [t["image_id"] for t in targets]
     files = [dataset.coco.imgs[i]["file_name"] for i in ids]
     dump = run_dir / f"nonfinite_iter{it + 1:07d}.pt"
