@@ -73,6 +73,7 @@ class TrainerConfig:
 class EvalConfig:
     batch_size: int = 16
     max_dets: list[int] = field(default_factory=lambda: [1, 10, 100])
+    backend: str = "pycocotools"  # pycocotools | faster_coco_eval (same numbers, faster; extra fast-eval)
 
 
 @dataclass
@@ -159,6 +160,8 @@ def check_ranges(cfg: Config) -> None:
         ("eval.batch_size", cfg.eval.batch_size >= 1, cfg.eval.batch_size, ">= 1"),
         ("eval.max_dets", len(cfg.eval.max_dets) == 3 and sorted(cfg.eval.max_dets) == list(cfg.eval.max_dets),
          list(cfg.eval.max_dets), "three increasing numbers"),
+        ("eval.backend", cfg.eval.backend in ("pycocotools", "faster_coco_eval"), cfg.eval.backend,
+         "pycocotools|faster_coco_eval"),
     ]
     for key, ok, value, rule in rules:
         if not ok:

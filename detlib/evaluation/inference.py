@@ -48,8 +48,9 @@ def predict(
 
 
 def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 16,
-             max_dets: tuple[int, ...] = (1, 10, 100), autocast_dtype: torch.dtype | None = None):
-    """``(stats, val_losses, results, cocoeval)`` of ``model`` on ``dataset``."""
+             max_dets: tuple[int, ...] = (1, 10, 100), autocast_dtype: torch.dtype | None = None,
+             backend: str = "pycocotools"):
+    """``(stats, val_losses, results, cocoeval)`` of ``model`` on ``dataset``; ``backend``: see ``evaluate_coco``."""
     results, losses = predict(model, dataset, device, batch_size, autocast_dtype=autocast_dtype)
-    stats, E = evaluate_coco(dataset.coco, results, max_dets)
+    stats, E = evaluate_coco(dataset.coco, results, max_dets, backend=backend)
     return stats, losses, results, E
