@@ -1,0 +1,394 @@
+"""Compare finished runs: mean ± std over seeds, difference from a baseline with a paired t-test, AP vs IoU.
+
+    uv run tools/compare_runs.py multirun/2026-01-01/12-00-00                 # one sweep
+    uv run tools/compare_runs.py /work/sweeps --baseline loss=smooth_l1 --out report/
+
+Every folder under the DIRs with ``.hydra/config.yaml`` is a run (a multirun folder, a single run,
+or a folder of sweeps all work). Runs whose config is equal except for the seed and keys that don't
+change results (device, progress bar, resume, paths, logging periods, ``hydra.*``) form a group,
+named by the overrides that tell the groups apart (``loss=huber``). A run without ``metrics.json``
+is listed as unfinished. Differences from the baseline are tested by a paired t-test on the runs
+matched by seed (runs of one seed in one group are averaged first).
+
+Writes ``comparison.md``, ``comparison.csv``, ``ap_per_iou.png`` and ``ap_bar.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from rundir import ToolError, cli  # noqa: E402
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# Keys that say how a run was executed, not what was trained: left out of a group's identity.
+IGNORED = ("seed", "trainer.progress", "trainer.device", "trainer.resume", "trainer.num_threads",
+           "trainer.log_period", "trainer.checkpoint_period", "trainer.keep_last", "data.root",
+           "data.num_workers", "hydra", "experiment")
+
+
+@dataclass
+class Run:
+    path: Path
+    seed: int
+    identity: dict[str, object]  # flattened config minus IGNORED
+    overrides: list[str]  # overrides.yaml minus IGNORED
+    metrics: dict | None = None  # None: unfinished
+    ap_per_iou: dict[str, float | None] | None = None
+    problem: str = ""
+
+
+@dataclass
+class Group:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    def values(self, metric: str) -> list[float]:
+        return [r.metrics[metric] for r in self.runs if r.metrics.get(metric) is not None]
+
+    def by_seed(self, metric: str) -> dict[int, float]:
+        """The metric per seed (averaged over runs of the same seed)."""
+        seeds: dict[int, list[float]] = {}
+        for r in self.runs:
+            if r.metrics.get(metric) is not None:
+                seeds.setdefault(r.seed, []).append(r.metrics[metric])
+        return {s: sum(v) / len(v) for s, v in seeds.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics (no scipy): Student's t p-value through the regularised incomplete beta function.
+
+
+def mean_std(x: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1); None where undefined."""
+    if not x:
+        return None, None
+    m = sum(x) / len(x)
+    if len(x) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes 6.4)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1, a - 1
+    c, d = 1.0, 1 - qab * x / qap
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((qam + 2 * m) * (a + 2 * m)),
+                    -(a + m) * (qab + m) * x / ((a + 2 * m) * (qap + 2 * m))):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta ``I_x(a, b)`` for ``0 <= x <= 1``."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1) / (a + b + 2):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1 - math.exp(log_front) * _betacf(b, a, 1 - x) / b
+
+
+def t_pvalue(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
+    if math.isinf(t):
+        return 0.0
+    return betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def paired_t(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Two-sided p-value of the paired t-test of ``x - y``; None for fewer than 2 pairs."""
+    d = [a - b for a, b in zip(x, y)]
+    m, s = mean_std(d)
+    if s is None:
+        return None
+    if s == 0:
+        return 1.0 if m == 0 else 0.0
+    return t_pvalue(m / (s / math.sqrt(len(d))), len(d) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and grouping runs.
+
+
+def _natural(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+
+def find_runs(dirs: Sequence[Path]) -> list[Path]:
+    """Every folder under ``dirs`` holding ``.hydra/config.yaml`` (not looking inside a run)."""
+    found = []
+    for d in dirs:
+        if not d.is_dir():
+            raise ToolError(f"not a folder: {d}")
+        for root, subdirs, _ in os.walk(d):
+            if (Path(root) / ".hydra" / "config.yaml").is_file():
+                found.append(Path(root))
+                subdirs.clear()
+            else:
+                subdirs[:] = [s for s in subdirs if not s.startswith(".")]
+    return sorted(set(found), key=_natural)
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IGNORED)
+
+
+def flatten(node: object, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are kept as JSON strings."""
+    if not isinstance(node, dict):
+        return {prefix: json.dumps(node) if isinstance(node, list) else node}
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _read_json(path: Path) -> object | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def load_run(path: Path) -> Run:
+    """Read a run's config, overrides, metrics and AP per IoU; missing results leave ``metrics`` None."""
+    cfg = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"), resolve=False)
+    ov_file = path / ".hydra" / "overrides.yaml"
+    overrides = [str(o) for o in OmegaConf.load(ov_file)] if ov_file.is_file() else []
+    overrides = [o for o in overrides if not _ignored(o.split("=", 1)[0].lstrip("+~"))]
+    identity = {k: v for k, v in flatten(cfg).items() if not _ignored(k)}
+    run = Run(path, int(cfg.get("seed", 0)), identity, overrides)
+    metrics_file = path / "metrics.json"
+    if not metrics_file.is_file():
+        run.problem = "no metrics.json (unfinished)"
+        return run
+    metrics = _read_json(metrics_file)
+    if not isinstance(metrics, dict) or "AP" not in metrics:
+        run.problem = "metrics.json unreadable or without AP"
+        return run
+    run.metrics = metrics
+    detail = _read_json(path / "eval_detail.json")
+    if isinstance(detail, dict) and isinstance(detail.get("ap_per_iou"), dict):
+        run.ap_per_iou = detail["ap_per_iou"]
+    return run
+
+
+def _key(identity: dict[str, object]) -> str:
+    return json.dumps(sorted(identity.items()), default=str)
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Runs with equal identity (config minus seed and IGNORED keys) form a group, in order of appearance."""
+    groups: dict[str, Group] = {}
+    for r in runs:
+        groups.setdefault(_key(r.identity), Group("")).runs.append(r)
+    out = list(groups.values())
+    _name_groups(out)
+    return out
+
+
+def _name_groups(groups: list[Group]) -> None:
+    """Name each group by the overrides that tell it apart; fall back to the differing config keys."""
+    sets = [g.runs[0].overrides for g in groups]
+    common = set.intersection(*map(set, sets)) if len(groups) > 1 else set()
+    names = [",".join(o for o in ov if o not in common) for ov in sets]
+    if len(set(names)) < len(names) or not all(names):
+        keys = sorted({k for g in groups for k in g.runs[0].identity})
+        differ = [k for k in keys if len({repr(g.runs[0].identity.get(k)) for g in groups}) > 1]
+        names = [",".join(f"{k}={g.runs[0].identity.get(k)}" for k in differ) or ",".join(g.runs[0].overrides)
+                 for g in groups]
+    for g, n in zip(groups, names):
+        g.name = n or "defaults"
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison and its outputs.
+
+
+def compare(groups: Sequence[Group], baseline: Group) -> list[dict]:
+    """One row per group: n, seeds, mean/std per metric, difference from baseline, paired p-value, pairs."""
+    rows = []
+    for g in groups:
+        row: dict = {"group": g.name, "n": len(g.runs), "seeds": sorted({r.seed for r in g.runs})}
+        for m in METRICS:
+            mean, std = mean_std(g.values(m))
+            base_mean, _ = mean_std(baseline.values(m))
+            a, b = g.by_seed(m), baseline.by_seed(m)
+            common = sorted(set(a) & set(b))
+            row[m] = mean
+            row[f"{m}_std"] = std
+            row[f"{m}_diff"] = None if mean is None or base_mean is None else mean - base_mean
+            row[f"{m}_p"] = None if g is baseline else paired_t([a[s] for s in common], [b[s] for s in common])
+            row[f"{m}_pairs"] = len(common)
+        rows.append(row)
+    return rows
+
+
+def _pct(v: float | None, sign: bool = False) -> str:
+    return "n/a" if v is None else (f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}")
+
+
+def _p(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def table(rows: list[dict], metric: str, baseline: str) -> list[list[str]]:
+    """Header and formatted cells (AP in %, mean ± std)."""
+    head = ["group", "n"] + list(METRICS) + [f"Δ{metric} vs {baseline}", "p (paired t)", "pairs"]
+    body = [head]
+    for r in rows:
+        cells = [r["group"], str(r["n"])]
+        for m in METRICS:
+            std = r[f"{m}_std"]
+            cells.append(_pct(r[m]) + ("" if std is None else f" ± {_pct(std)}"))
+        is_base = r["group"] == baseline
+        cells += ["baseline" if is_base else _pct(r[f"{metric}_diff"], sign=True),
+                  "" if is_base else _p(r[f"{metric}_p"]), "" if is_base else str(r[f"{metric}_pairs"])]
+        body.append(cells)
+    return body
+
+
+def format_text(body: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in body) for i in range(len(body[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(row) + " |" for row in body]
+    lines.insert(1, "|" + "|".join("---" for _ in body[0]) + "|")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    cols = ["group", "n", "seeds"] + [f"{m}{s}" for m in METRICS for s in ("", "_std", "_diff", "_p", "_pairs")]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(["" if r[c] is None else (" ".join(map(str, r[c])) if c == "seeds" else r[c]) for c in cols])
+
+
+def plot_ap_per_iou(groups: Sequence[Group], path: Path) -> bool:
+    """AP at each IoU threshold, one curve per group (mean over its runs); False if no run has the data."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for g in groups:
+        curves = [r.ap_per_iou for r in g.runs if r.ap_per_iou]
+        if not curves:
+            continue
+        thrs = sorted(curves[0], key=float)
+        ys = []
+        for t in thrs:
+            vals = [c[t] for c in curves if c.get(t) is not None]
+            ys.append(100 * sum(vals) / len(vals) if vals else math.nan)
+        ax.plot([float(t) for t in thrs], ys, marker="o", label=f"{g.name} (n={len(curves)})")
+        drawn = True
+    if drawn:
+        ax.set(xlabel="IoU threshold", ylabel="AP (%)", title="AP at each IoU threshold (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def plot_bar(rows: list[dict], metric: str, baseline: str, path: Path) -> None:
+    """Mean ``metric`` per group with ± std error bars; the baseline in grey."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 4.5))
+    means = [100 * (r[metric] or 0) for r in rows]
+    errs = [100 * (r[f"{metric}_std"] or 0) for r in rows]
+    colors = ["tab:gray" if r["group"] == baseline else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color=colors)
+    ax.set_xticks(range(len(rows)), [f"{r['group']}\n(n={r['n']})" for r in rows], rotation=30, ha="right",
+                  fontsize=8)
+    lo = min(m - e for m, e in zip(means, errs))
+    ax.set_ylim(max(0.0, lo - 5), max(m + e for m, e in zip(means, errs)) + 2)
+    ax.set(ylabel=f"{metric} (%)", title=f"{metric}: mean ± std over seeds (grey: baseline)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], metric: str, dirs: Sequence[Path],
+                   has_curve: bool) -> None:
+    parts = [f"# Run comparison\n\nRuns under: {', '.join(map(str, dirs))}\n",
+             f"Metrics in %, mean ± sample std over runs; Δ and the paired t-test on {metric}, runs matched by "
+             "seed.\n", format_markdown(body), "", f"![{metric} per group](ap_bar.png)"]
+    if has_curve:
+        parts.append("![AP at each IoU threshold](ap_per_iou.png)")
+    if unfinished:
+        parts += ["", "## Unfinished or unreadable runs", ""] + [f"- `{r.path}`: {r.problem}" for r in unfinished]
+    path.write_text("\n".join(parts) + "\n")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="compare_runs.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run, multirun folder, or folder of them")
+    p.add_argument("--baseline", help="group to compare against (default: loss=smooth_l1 if present, else the first)")
+    p.add_argument("--metric", default="AP", choices=METRICS, help="metric for the difference and the test")
+    p.add_argument("--out", type=Path, help="folder for comparison.md/.csv and the figures (default: first DIR)")
+    return p.parse_args(argv)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs = [load_run(p) for p in find_runs(args.dirs)]
+    done, unfinished = [r for r in runs if r.metrics], [r for r in runs if not r.metrics]
+    if not done:
+        raise ToolError(f"no finished runs (with metrics.json) under {', '.join(map(str, args.dirs))}"
+                        f" ({len(unfinished)} unfinished)")
+    groups = group_runs(done)
+    names = [g.name for g in groups]
+    wanted = args.baseline or ("loss=smooth_l1" if "loss=smooth_l1" in names else names[0])
+    if wanted not in names:
+        raise ToolError(f"--baseline {wanted!r} is not a group; groups: {names}")
+    baseline = groups[names.index(wanted)]
+    rows = compare(groups, baseline)
+    body = table(rows, args.metric, wanted)
+    out = args.out or args.dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "comparison.csv")
+    has_curve = plot_ap_per_iou(groups, out / "ap_per_iou.png")
+    plot_bar(rows, args.metric, wanted, out / "ap_bar.png")
+    write_markdown(out / "comparison.md", body, unfinished, args.metric, args.dirs, has_curve)
+    print(format_text(body))
+    for r in unfinished:
+        print(f"unfinished: {r.path}: {r.problem}")
+    print(f"\nwrote {out / 'comparison.md'}, comparison.csv, ap_bar.png" + (", ap_per_iou.png" if has_curve else ""))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(run, argv, "compare_runs.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

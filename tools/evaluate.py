@@ -1,0 +1,125 @@
+"""COCO box AP of a trained run's checkpoint, or of a COCO-results file against its ground truth.
+
+    uv run tools/evaluate.py --run RUN_DIR                              # checkpoints/last.pt on the run's val set
+    uv run tools/evaluate.py --run RUN_DIR --checkpoint RUN_DIR/checkpoints/model_0000500.pt --device cpu
+    uv run tools/evaluate.py --run RUN_DIR --config-overrides data=coco data.root=/data/coco ...
+    uv run tools/evaluate.py --gt instances_val.json --dt detections.json --out metrics.json
+
+Both modes write the 12 COCO stats with the keys of a run's ``metrics.json`` (``--out``) and print
+them as a table, followed by AP per class. Checkpoint mode also writes the detections as a
+COCO-results file (``--dets``), which file mode and ``tools/visualize.py`` read back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rundir import (
+    AMP,
+    ToolError,
+    build_from_run,
+    check_results_file,
+    cli,
+    load_run_config,
+    load_weights,
+    read_results,
+    resolve_device,
+    write_json,
+)
+
+from detlib.data.coco import coco_from_dict, load_coco_json
+from detlib.data.validation import validate_coco
+from detlib.evaluation.coco_eval import STAT_NAMES, evaluate_coco, format_table, per_class_ap
+from detlib.evaluation.inference import evaluate
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("checkpoint mode")
+    src.add_argument("--run", type=Path, help="run directory made by train.py")
+    src.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (default: RUN/checkpoints/last.pt)")
+    src.add_argument("--config-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="changes to the run's config, e.g. data=coco data.root=/data/coco ...")
+    src.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    src.add_argument("--dets", type=Path, help="where to write the detections (default: next to --out)")
+    files = p.add_argument_group("file mode")
+    files.add_argument("--gt", type=Path, help="COCO ground-truth annotation file")
+    files.add_argument("--dt", type=Path, help="COCO results file (list of image_id, category_id, bbox, score)")
+    p.add_argument("--out", type=Path, help="metrics JSON to write (default: RUN/eval/metrics.json in checkpoint "
+                                            "mode, none in file mode)")
+    args = p.parse_args(argv)
+    if (args.run is None) == (args.gt is None):
+        p.error("give either --run RUN_DIR (checkpoint mode) or --gt GT.json --dt DT.json (file mode)")
+    if args.gt is not None and args.dt is None:
+        p.error("file mode needs --dt DT.json as well as --gt")
+    return args
+
+
+def class_table(ap: dict[str, float | None]) -> str:
+    """AP@[.50:.95] per class as a small text table."""
+    width = max([len(k) for k in ap] + [5])
+    lines = ["AP per class", "-" * (width + 8)]
+    lines += [f"{name:<{width}}  " + ("   n/a" if v is None else f"{v:6.3f}") for name, v in ap.items()]
+    return "\n".join(lines)
+
+
+def report(stats: dict, E, names: dict[int, str], out: Path | None, title: str) -> None:
+    """Print the stats and the per-class table; write the metrics JSON."""
+    print(format_table(stats, title))
+    if E is not None:
+        print("\n" + class_table(per_class_ap(E, names)))
+    if out is not None:
+        write_json(out, {k: stats[k] for k in STAT_NAMES})
+        print(f"\nmetrics written to {out}")
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
+    cfg = load_run_config(args.run, args.config_overrides)
+    ckpt = args.checkpoint or args.run / "checkpoints" / "last.pt"
+    model, val_set = build_from_run(cfg)
+    state = load_weights(model, ckpt)
+    device = resolve_device(args.device)
+    model.to(device)
+    stats, _losses, results, E = evaluate(model, val_set, device, cfg.eval.batch_size, tuple(cfg.eval.max_dets),
+                                          AMP[cfg.trainer.amp] if device.type == "cuda" else None)
+    out = args.out or args.run / "eval" / "metrics.json"
+    dets = args.dets or out.with_name("detections.json")
+    write_json(dets, results)
+    names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
+    report(stats, E, names, out, f"{ckpt} (iteration {state['iteration']}) on {len(val_set)} images "
+                                 f"of {val_set.ann_file}")
+    print(f"detections written to {dets}")
+    return stats
+
+
+def evaluate_files(args: argparse.Namespace) -> dict:
+    """Evaluate a COCO-results file against a COCO ground-truth file, with detlib's checks."""
+    data, _ = validate_coco(load_coco_json(args.gt), args.gt)
+    gt = coco_from_dict(data)
+    results = read_results(args.dt)
+    check_results_file(args.dt, results, set(gt.getImgIds()), set(gt.getCatIds()))
+    stats, E = evaluate_coco(gt, results)
+    names = {c: gt.cats[c]["name"] for c in gt.getCatIds()}
+    report(stats, E if results else None, names, args.out, f"{args.dt} against {args.gt}")
+    return stats
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run is not None and not args.run.is_dir():
+        raise ToolError(f"run directory not found: {args.run}")
+    evaluate_checkpoint(args) if args.run is not None else evaluate_files(args)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(run, argv, "evaluate.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
