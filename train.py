@@ -22,9 +22,21 @@ from omegaconf import DictConfig, OmegaConf
 from detlib.config import Config, check_ranges, register
 from detlib.data.build import build_datasets
 from detlib.engine.trainer import train
+from detlib.modeling.proposals import check_proposal_ids
 
 register()
 log = logging.getLogger("train")
+
+
+def hparams(cfg: DictConfig) -> dict:
+    """The flat parameters TensorBoard's HParams table compares runs by."""
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    out = {"loss": HydraConfig.get().runtime.choices.get("loss", loss["_target_"].rsplit(".", 1)[-1])}
+    out |= {f"loss.{k}": v for k, v in loss.items() if k != "_target_"}
+    out |= {"lr": cfg.trainer.lr, "batch_size": cfg.data.batch_size, "seed": cfg.seed, "data": cfg.data.name,
+            "max_iters": cfg.trainer.max_iters, "model": HydraConfig.get().runtime.choices.get("model", "?")}
+    out |= {f"data.noise.{k}": v for k, v in (cfg.data.get("noise") or {}).items()}
+    return out
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -42,6 +54,7 @@ def main(cfg: DictConfig) -> float | None:
     box_loss, rpn_box_loss = instantiate(cfg.loss), instantiate(cfg.rpn_loss)  # fail fast on bad parameters
     train_set, val_set = build_datasets(typed.data)
     model = instantiate(cfg.model, num_classes=train_set.num_classes, box_loss=box_loss, rpn_box_loss=rpn_box_loss)
+    check_proposal_ids(model, train=train_set.ids, val=val_set.ids)  # Fast R-CNN with a proposals file
     log.info("run directory: %s", run_dir)
     log.info("data: %d train / %d val images, classes %s", len(train_set), len(val_set), train_set.class_names)
     log.info("box loss: %r   rpn box loss: %r", box_loss, rpn_box_loss)
@@ -52,9 +65,11 @@ def main(cfg: DictConfig) -> float | None:
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
         "data": {"name": typed.data.name, "train": str(train_set.ann_file), "num_train": len(train_set)},
+        "optim": {k: getattr(typed.trainer, k) for k in ("lr", "max_iters", "schedule", "warmup_iters", "amp")}
+        | {"batch_size": typed.data.batch_size},
     }
     stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
-                  typed.data.num_workers, typed.seed, meta)
+                  typed.data.num_workers, typed.seed, meta, hparams(cfg))
     return stats.get("AP") if stats else None
 
 

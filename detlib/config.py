@@ -29,14 +29,33 @@ class SyntheticConfig:
 
 
 @dataclass
+class VocConfig:
+    year: str = "2007"  # data.root is VOCdevkit (VOC{year} is used) or the VOC{year} folder itself
+    train_split: str = "trainval"  # ImageSets/Main/{split}.txt
+    val_split: str = "test"  # VOC2012 has no public test annotations: use val
+
+
+@dataclass
+class NoiseConfig:
+    """Annotation noise on the training split only (detlib/data/noise.py), fixed once per seed."""
+
+    jitter: float = 0.0  # sigma of the Gaussian edge jitter, relative to box width/height
+    outliers: float = 0.0  # fraction p of training boxes replaced by gross errors
+    seed: int = 0  # the noise's own seed: the corrupted set stays the same across training seeds
+
+
+@dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic | coco
-    root: str = "~/.cache/detlib"  # synthetic: cache folder; coco: base for the relative paths below
+    name: str = "synthetic"  # synthetic | coco | voc
+    root: str = "~/.cache/detlib"  # synthetic: cache folder; coco: base for the relative paths below; voc: VOCdevkit
     train_ann: str = ""
     train_images: str = ""
     val_ann: str = ""
     val_images: str = ""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    voc: VocConfig = field(default_factory=VocConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    aspect_grouping: bool = False  # batches of only landscape or only portrait images (less padding)
     batch_size: int = 8
     num_workers: int = 0
     hflip_prob: float = 0.5
@@ -60,7 +79,7 @@ class TrainerConfig:
     log_period: int = 20
     checkpoint_period: int = 250
     keep_last: int = 3
-    resume: str = ""  # "" (fresh) | auto | PATH
+    resume: str = "auto"  # auto: continue this run directory's last checkpoint if any (skip if finished) | "" (fresh) | PATH
     amp: str = "off"  # off | bf16 | fp16
     clip_grad_norm: float | None = None
     on_nonfinite: str = "stop"  # stop | skip
@@ -152,7 +171,9 @@ def check_ranges(cfg: Config) -> None:
          "> 0 (or null to disable)"),
         ("trainer.on_nonfinite", t.on_nonfinite in ("stop", "skip"), t.on_nonfinite, "stop|skip"),
         ("trainer.max_nonfinite", t.max_nonfinite >= 1, t.max_nonfinite, ">= 1"),
-        ("data.name", d.name in ("synthetic", "coco"), d.name, "synthetic|coco"),
+        ("data.name", d.name in ("synthetic", "coco", "voc"), d.name, "synthetic|coco|voc"),
+        ("data.noise.jitter", d.noise.jitter >= 0, d.noise.jitter, ">= 0"),
+        ("data.noise.outliers", 0 <= d.noise.outliers <= 1, d.noise.outliers, "in [0, 1]"),
         ("data.batch_size", d.batch_size >= 1, d.batch_size, ">= 1"),
         ("data.num_workers", d.num_workers >= 0, d.num_workers, ">= 0"),
         ("data.hflip_prob", 0 <= d.hflip_prob <= 1, d.hflip_prob, "in [0, 1]"),

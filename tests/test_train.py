@@ -60,6 +60,34 @@ def test_smoke_run_tensorboard_tags(smoke_run):
     assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("train/loss"))
 
 
+def test_smoke_run_dashboards(smoke_run):
+    """Issue #5's dashboards, read back from the event files."""
+    run_dir, _ = smoke_run
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "histograms": 0,
+                                                              "tensors": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    assert {"train/grad_norm/box_head", "train/grad_norm/total"} <= set(tags["scalars"])
+    box, total = (ea.Scalars(f"train/grad_norm/{k}") for k in ("box_head", "total"))
+    assert [e.step for e in box] == [2, 4, 6]
+    assert all(0 < b.value <= t.value for b, t in zip(box, total))  # a part's norm is at most the whole's
+    per_class = {t for t in tags["scalars"] if t.startswith("val/AP/")}
+    assert per_class <= {f"val/AP/{c}" for c in ("rectangle", "ellipse", "triangle", "cross")}
+    detail = json.loads((run_dir / "eval_detail.json").read_text())
+    for name, v in detail["per_class_ap"].items():
+        if v is not None:
+            assert ea.Scalars(f"val/AP/{name}")[-1].value == pytest.approx(v)
+    assert {"val/pr_curves", "val/detections"} <= set(tags["images"])
+    det = ea.Images("val/detections")[-1]
+    assert det.step == 6 and det.width > 4 * 128  # four fixed val images side by side
+    assert {"residuals/dx", "residuals/dy", "residuals/dw", "residuals/dh", "train/fg_iou_hist"} <= set(
+        tags["histograms"])
+    assert "val/per_class_AP/text_summary" in tags["tensors"]
+    assert "hparam/AP" in tags["scalars"]  # the HParams table's metric
+    assert ea.Scalars("hparam/AP")[-1].value == pytest.approx(
+        json.loads((run_dir / "metrics.json").read_text())["AP"])
+
+
 def test_smoke_run_prints_the_table(smoke_run):
     _, out = smoke_run
     assert "AP @[.50:.95]" in out and "AR maxDets 100" in out

@@ -132,3 +132,16 @@ def test_case22_resume_with_a_different_setup_names_the_differences(parts, tmp_p
     with pytest.raises(checkpoint.CheckpointError, match="num_classes"):
         _run(parts, tmp_path, _model(cfg, 9), max_iters=4, resume="auto", meta={"seed": 5, "world_size": 2,
                                                                                   "num_classes": 9})
+
+
+def test_finished_run_is_skipped_and_a_changed_setup_is_refused(parts, tmp_path, caplog):
+    """Issue #5: re-running a sweep skips finished jobs (by their set-up) instead of training them again."""
+    first = _run(parts, tmp_path, max_iters=2, meta={"seed": 0, "loss": "l1"})
+    mtime = (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        again = _run(parts, tmp_path, max_iters=2, resume="auto", meta={"seed": 0, "loss": "l1"})
+    assert "skipping it" in caplog.text
+    assert again == {k: first[k] for k in again}  # metrics.json's numbers, not a new evaluation's
+    assert (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
+    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)loss: 'l1' -> 'l2'.*has finished"):
+        _run(parts, tmp_path, max_iters=2, resume="auto", meta={"seed": 0, "loss": "l2"})

@@ -27,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detlib.config import EvalConfig, TrainerConfig
 from detlib.data.coco import CocoDetection, collate
 from detlib.data.sampler import TrainBatchSampler
-from detlib.engine import checkpoint
+from detlib.engine import checkpoint, dashboard
 from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, format_table, per_class_ap
 from detlib.evaluation.inference import evaluate
 from detlib.evaluation.shadow import shadow_metrics
@@ -105,8 +105,11 @@ def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     return path
 
 
-def _check_resume_meta(saved: dict, current: dict, path: Path) -> None:
-    """Case 22: name what differs between the checkpoint's run and this one."""
+def _check_resume_meta(saved: dict, current: dict, path: Path, finished: bool = False) -> None:
+    """Case 22: name what differs between the checkpoint's run and this one.
+
+    A finished run with a different set-up is refused: re-running a sweep must not pass off old
+    results as the new configuration's."""
     diffs = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
     if not diffs:
         return
@@ -114,6 +117,9 @@ def _check_resume_meta(saved: dict, current: dict, path: Path) -> None:
     msg = f"resuming from {path} with a different set-up:\n  " + "\n  ".join(diffs)
     if any(d.split(":")[0] in fatal for d in diffs):
         raise checkpoint.CheckpointError(msg + "\nthe model cannot be loaded into this configuration")
+    if finished:
+        raise checkpoint.CheckpointError(
+            msg + "\nthat run has finished; start a new run directory (e.g. a new hydra.sweep.dir) for this set-up")
     log.warning(msg)
 
 
@@ -134,11 +140,14 @@ def train(
     num_workers: int = 0,
     seed: int = 0,
     meta: dict | None = None,
+    hparams: dict | None = None,
 ) -> dict[str, float | None]:
     """Train ``model`` for ``cfg.max_iters`` iterations and return the final COCO stats.
 
     ``meta``: what identifies the set-up (config, dataset, world size); stored in checkpoints and
-    compared on resume. Writes ``tb/``, ``checkpoints/`` and ``metrics.json`` under ``run_dir``.
+    compared on resume. ``hparams``: flat parameters for TensorBoard's HParams table. Writes ``tb/``,
+    ``checkpoints/`` and ``metrics.json`` under ``run_dir``. A run directory whose run has finished
+    (final checkpoint and metrics.json) is not trained again: its metrics are returned.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -157,7 +166,12 @@ def train(
     resume_path = _resolve_resume(cfg.resume, ckpt_dir)
     if resume_path is not None:
         state = checkpoint.load(resume_path)
-        _check_resume_meta(state.get("meta", {}), meta, resume_path)
+        finished = state["iteration"] >= cfg.max_iters and (run_dir / "metrics.json").is_file()
+        _check_resume_meta(state.get("meta", {}), meta, resume_path, finished)
+        if finished:
+            log.info("%s: this run finished at iteration %d; skipping it (metrics.json kept)",
+                     run_dir, state["iteration"])
+            return json.loads((run_dir / "metrics.json").read_text())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -184,7 +198,7 @@ def train(
             sampler=dict(seed=seed, batch_size=batch_size, next_iteration=iteration), meta=meta)
         checkpoint.save(state, ckpt_dir, iteration, cfg.keep_last)
 
-    def run_eval(iteration: int) -> dict:
+    def run_eval(iteration: int, last_out: dict | None) -> dict:
         t0 = time.perf_counter()
         stats, val_losses, _results, E = evaluate(
             model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype)
@@ -192,6 +206,9 @@ def train(
             writer.add_scalar(f"val/{k}", float("nan") if v is None else v, iteration)
         for k, v in val_losses.items():
             writer.add_scalar(f"val/{k}", v, iteration)
+        dashboard.log_eval(writer, iteration, E, val_set, model, device)
+        if last_out is not None:  # the last training step's RoIs
+            dashboard.log_histograms(writer, iteration, model.roi_head, last_out)
         writer.flush()
         names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
         _write_json(run_dir / "eval_detail.json", {
@@ -216,6 +233,7 @@ def train(
     bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=None if cfg.progress else True,
                dynamic_ncols=True, desc="train")
     stats: dict = {}
+    out = None
     try:
         with logging_redirect_tqdm():
             for it, (images, targets) in enumerate(loader, start=start_iter):
@@ -237,16 +255,21 @@ def train(
                     continue
                 nonfinite_in_row = 0
 
+                done = it + 1
+                log_step = done % cfg.log_period == 0 or done == cfg.max_iters
+                # Gradients are still scaled after the step unless clipping unscaled them.
+                grad_scale = scaler.get_scale() if log_step and scaler.is_enabled() and not cfg.clip_grad_norm else 1.0
                 optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad_norm)
                 scheduler.step()
 
                 for k, v in losses.items():
                     accum[k] = accum.get(k, 0) + v.detach().float()
                 count += 1
-                done = it + 1
                 bar.update(1)
 
-                if done % cfg.log_period == 0 or done == cfg.max_iters:
+                if log_step:
+                    for k, v in dashboard.grad_norms(model, grad_scale).items():
+                        writer.add_scalar(k, v, done)
                     means = {k: float(v) / count for k, v in accum.items()}  # the one sync per log period
                     means["loss"] = sum(means.values())
                     for k, v in means.items():
@@ -264,7 +287,7 @@ def train(
                              means["loss"], terms, optimizer.param_groups[0]["lr"], rate,
                              time.strftime("%H:%M:%S", time.gmtime(eta)))
                 if cfg.eval_period and done % cfg.eval_period == 0 and done < cfg.max_iters:
-                    run_eval(done)
+                    run_eval(done, out)
                 if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == cfg.max_iters:
                     save(done)
                     saved_at = done
@@ -278,7 +301,9 @@ def train(
         if start_iter >= cfg.max_iters:
             log.info("already trained %d iterations; evaluating only", start_iter)
         train_time = time.perf_counter() - t_start
-        stats = run_eval(cfg.max_iters)
+        stats = run_eval(cfg.max_iters, out)
+        if hparams:
+            dashboard.log_hparams(writer, hparams, stats)
         _write_json(run_dir / "metrics.json", {k: stats[k] for k in STAT_NAMES})
         print("\n" + format_table(stats, f"COCO box evaluation on {len(val_set)} val images "
                                   f"after {cfg.max_iters} iterations ({train_time / 60:.1f} min training)"))

@@ -1,0 +1,114 @@
+"""TensorBoard dashboards beyond scalars: written at evaluation time only, so event files stay small.
+
+* ``log_eval``: per-class AP (a text table and ``val/AP/<class>`` scalars), per-class precision-recall
+  curves at IoU 0.5 and 0.75 from COCOeval's precision array, and a few fixed val images with
+  ground truth (green) and predictions (red);
+* ``log_histograms``: regression residuals per coordinate (dx, dy, dw, dh) and foreground IoU of the
+  last training step's sampled RoIs;
+* ``grad_norms``: the box head's and the whole model's gradient norm (read at log steps only);
+* ``log_hparams``: the run's loss, its parameters and the training set-up against the final metrics.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from torchvision.ops import box_iou  # noqa: E402
+from torchvision.utils import draw_bounding_boxes, make_grid  # noqa: E402
+
+from detlib.data.coco import CocoDetection  # noqa: E402
+from detlib.evaluation.coco_eval import per_class_ap  # noqa: E402
+
+NUM_IMAGES = 4  # val images drawn at every evaluation (always the same ones)
+
+
+def log_eval(writer: SummaryWriter, step: int, E: COCOeval, val_set: CocoDetection, model: nn.Module,
+             device: torch.device, score_thresh: float = 0.5) -> None:
+    names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
+    per_class = per_class_ap(E, names)
+    rows = ["| class | AP |", "|---|---|"] + [
+        f"| {n} | {'n/a' if v is None else f'{v:.4f}'} |" for n, v in per_class.items()]
+    writer.add_text("val/per_class_AP", "\n".join(rows), step)
+    for n, v in per_class.items():
+        if v is not None:
+            writer.add_scalar(f"val/AP/{n}", v, step)
+    writer.add_figure("val/pr_curves", pr_figure(E, names), step)
+    writer.add_image("val/detections", detections_grid(model, val_set, device, score_thresh), step)
+
+
+def pr_figure(E: COCOeval, names: dict[int, str]):
+    """Precision against recall per class at IoU 0.5 and 0.75 (area all, largest maxDets)."""
+    prec = E.eval["precision"]  # (T, R, K, A, M)
+    recall = E.params.recThrs
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, thr in zip(axes, (0.5, 0.75)):
+        t = int(abs(E.params.iouThrs - thr).argmin())
+        for k, cat in enumerate(E.params.catIds):
+            p = prec[t, :, k, 0, -1]
+            if (p > -1).any():
+                ax.plot(recall, p.clip(min=0), label=names.get(cat, str(cat)))
+        ax.set(title=f"IoU {thr:.2f}", xlabel="recall", xlim=(0, 1), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("precision")
+    axes[1].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def detections_grid(model: nn.Module, val_set: CocoDetection, device: torch.device, score_thresh: float) -> torch.Tensor:
+    """``(3, H, W)`` uint8: the first val images with GT (green) and predictions above ``score_thresh`` (red)."""
+    was_training = model.training
+    model.eval()
+    samples = [val_set[i] for i in range(min(NUM_IMAGES, len(val_set)))]
+    out = model([im.to(device) for im, _ in samples], detect=True)["detections"]
+    model.train(was_training)
+    tiles = []
+    for (image, target), det in zip(samples, out):
+        canvas = (image * 255).to(torch.uint8)
+        canvas = draw_bounding_boxes(canvas, target["boxes"], colors="lime", width=1)
+        keep = det["scores"] > score_thresh
+        labels = [f"{val_set.class_names[int(lab) - 1]} {s:.2f}" for lab, s in
+                  zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
+        canvas = draw_bounding_boxes(canvas, det["boxes"][keep].cpu(), labels=labels, colors="red", width=1)
+        tiles.append(canvas)
+    return make_grid(tiles, nrow=len(tiles), padding=2)
+
+
+@torch.no_grad()
+def log_histograms(writer: SummaryWriter, step: int, head: nn.Module, out: dict) -> None:
+    if "sampled" not in out:
+        return
+    pred, target, props, gt = head.fg_predictions(out["deltas"].detach(), out["sampled"])
+    if pred.shape[0] == 0:
+        return
+    residual = (pred - target).cpu()
+    for i, name in enumerate(("dx", "dy", "dw", "dh")):
+        writer.add_histogram(f"residuals/{name}", residual[:, i], step)
+    iou = box_iou(head.box_coder.decode_single(pred, props), gt).diagonal()
+    writer.add_histogram("train/fg_iou_hist", iou.cpu(), step)
+
+
+@torch.no_grad()
+def grad_norms(model: nn.Module, scale: float = 1.0) -> dict[str, float]:
+    """L2 norms of the current gradients (divided by the AMP ``scale`` when still scaled)."""
+
+    def norm(params) -> torch.Tensor:
+        gs = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return torch.stack(gs).norm() / scale if gs else torch.zeros(())
+
+    return {"train/grad_norm/box_head": float(norm(model.roi_head.parameters())),
+            "train/grad_norm/total": float(norm(model.parameters()))}
+
+
+def log_hparams(writer: SummaryWriter, hparams: dict, stats: dict) -> None:
+    """One HParams row per run, so a sweep compares in TensorBoard's HParams table."""
+    clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+    metrics = {f"hparam/{k}": (float("nan") if v is None else v) for k, v in stats.items()}
+    writer.add_hparams(clean, metrics, run_name=".")
