@@ -1,0 +1,134 @@
+"""Draw ground truth (green) and predictions (red, with class and score) on images, one PNG each.
+
+    uv run tools/visualize.py --run RUN_DIR --num 8                         # the run's checkpoint on its val set
+    uv run tools/visualize.py --dets DT.json --gt GT.json --images DIR --ids 3 17 --score-thresh 0.3
+
+Images are upscaled (``--scale``, default 3) so labels stay readable on small images. Files are
+named ``IMAGEID.png`` in ``--out`` (default: RUN/vis, or ./vis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rundir import (
+    ToolError,
+    build_from_run,
+    check_results_file,
+    cli,
+    load_run_config,
+    load_weights,
+    read_results,
+    resolve_device,
+)
+from torch import Tensor, nn
+from torch.nn.functional import interpolate
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes
+
+from detlib.data.coco import CocoDetection
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="visualize.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="run directory: predict with its checkpoint on its val set")
+    p.add_argument("--checkpoint", type=Path, help="with --run: checkpoint (default RUN/checkpoints/last.pt)")
+    p.add_argument("--device", default="auto", help="with --run: auto | cpu | cuda")
+    p.add_argument("--dets", type=Path, help="COCO results file to draw (needs --gt and --images)")
+    p.add_argument("--gt", type=Path, help="COCO ground-truth annotation file")
+    p.add_argument("--images", type=Path, help="folder the ground truth's file_names are relative to")
+    p.add_argument("--num", type=int, default=8, help="draw the first N images (default 8)")
+    p.add_argument("--ids", type=int, nargs="+", help="draw these image ids instead")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="draw predictions scoring at least this")
+    p.add_argument("--scale", type=int, default=3, help="upscale factor for the drawings (default 3)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN/vis, else ./vis)")
+    args = p.parse_args(argv)
+    if (args.run is None) == (args.dets is None):
+        p.error("give either --run RUN_DIR or --dets DT.json --gt GT.json --images DIR")
+    if args.dets is not None and (args.gt is None or args.images is None):
+        p.error("--dets needs --gt GT.json and --images DIR")
+    if args.num < 1 or args.scale < 1:
+        p.error("--num and --scale must be >= 1")
+    return args
+
+
+def pick(dataset: CocoDetection, ids: Sequence[int] | None, num: int) -> list[int]:
+    """Dataset indices of the requested image ids, or of the first ``num`` images."""
+    if not ids:
+        return list(range(min(num, len(dataset))))
+    index = {image_id: i for i, image_id in enumerate(dataset.ids)}
+    unknown = [i for i in ids if i not in index]
+    if unknown:
+        raise ToolError(f"image ids not in {dataset.ann_file}: {unknown}")
+    return [index[i] for i in ids]
+
+
+def draw(image: Tensor, gt: dict, pred: dict, names: dict[int, str], scale: int) -> Tensor:
+    """``image (3, H, W)`` float in [0, 1]; ``gt``/``pred`` boxes xyxy pixels, labels 1..K -> uint8 drawing."""
+    img = interpolate(image[None], scale_factor=scale, mode="nearest")[0] if scale > 1 else image
+    img = (img * 255).round().clamp(0, 255).to(torch.uint8)
+    if len(gt["boxes"]):
+        img = draw_bounding_boxes(img, gt["boxes"] * scale, colors="lime", width=2)
+    if len(pred["boxes"]):
+        labels = [f"{names[int(c)]} {s:.2f}" for c, s in zip(pred["labels"], pred["scores"].tolist())]
+        img = draw_bounding_boxes(img, pred["boxes"] * scale, labels=labels, colors="red", width=2,
+                                  label_colors="white", fill_labels=True)
+    return img
+
+
+@torch.no_grad()
+def predict_one(model: nn.Module, image: Tensor, device: torch.device) -> dict:
+    out = model([image.to(device)], detect=True)["detections"][0]
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def from_results(results: list[dict], image_id: int, cat_to_label: dict[int, int]) -> dict:
+    """COCO results of one image -> ``boxes (D, 4)`` xyxy, ``scores``, ``labels`` 1..K."""
+    mine = [r for r in results if r["image_id"] == image_id]
+    boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    return {"boxes": boxes, "scores": torch.tensor([float(r["score"]) for r in mine]),
+            "labels": torch.tensor([cat_to_label[r["category_id"]] for r in mine], dtype=torch.int64)}
+
+
+def keep(pred: dict, thresh: float) -> dict:
+    m = pred["scores"] >= thresh
+    return {k: v[m] for k, v in pred.items()}
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run is not None:
+        model, dataset = build_from_run(load_run_config(args.run))
+        load_weights(model, args.checkpoint or args.run / "checkpoints" / "last.pt")
+        device = resolve_device(args.device)
+        model.to(device).eval()
+        predict = lambda i, image: predict_one(model, image, device)  # noqa: E731
+    else:
+        dataset = CocoDetection(args.gt, args.images, train=False)
+        results = read_results(args.dets)
+        check_results_file(args.dets, results, set(dataset.coco.getImgIds()), set(dataset.cat_ids))
+        predict = lambda i, image: from_results(results, dataset.ids[i], dataset.cat_to_label)  # noqa: E731
+    out = args.out or (args.run / "vis" if args.run is not None else Path("vis"))
+    out.mkdir(parents=True, exist_ok=True)
+    names = dict(enumerate(dataset.class_names, start=1))
+    for i in pick(dataset, args.ids, args.num):
+        image, target = dataset[i]
+        pred = keep(predict(i, image), args.score_thresh)
+        path = out / f"{target['image_id']}.png"
+        write_png(draw(image, target, pred, names, args.scale), str(path))
+        print(f"{path}: {len(target['boxes'])} ground truth, {len(pred['boxes'])} predictions >= {args.score_thresh}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(run, argv, "visualize.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
