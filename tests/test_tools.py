@@ -1,0 +1,395 @@
+"""The user tools in tools/: evaluate, compare_runs, plot_losses, visualize. Real pycocotools, Hydra, TensorBoard.
+
+One smoke run (module fixture) serves the checkpoint-mode tests; everything else uses small files
+written here with known numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from detlib.evaluation.coco_eval import STAT_NAMES
+
+from .conftest import ROOT, run_train
+
+TOOLS = ROOT / "tools"
+sys.path.insert(0, str(TOOLS))  # the tools import their shared module (tools/rundir.py) by name, as scripts do
+
+
+def load_tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"detlib_tool_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = load_tool("evaluate")
+compare_runs = load_tool("compare_runs")
+plot_losses = load_tool("plot_losses")
+visualize = load_tool("visualize")
+ALL = {"evaluate": evaluate, "compare_runs": compare_runs, "plot_losses": plot_losses, "visualize": visualize}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a tiny COCO dataset with images, detections with distinct scores, and a smoke run.
+
+CATS = [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]  # non-contiguous on purpose
+GT_BOXES = {10: [([5, 5, 20, 20], 1), ([30, 30, 25, 20], 5)],
+            11: [([10, 10, 40, 30], 9), ([2, 40, 12, 12], 1), ([44, 2, 16, 16], 5)],
+            12: [([20, 5, 30, 30], 5), ([0, 0, 10, 10], 1)]}
+DETS = [  # near hits, a loose hit, a wrong class, a false positive, a duplicate
+    (10, 1, [6, 5, 20, 19], 0.95), (10, 5, [31, 29, 24, 22], 0.81), (10, 9, [0, 30, 20, 20], 0.33),
+    (11, 9, [12, 12, 36, 28], 0.90), (11, 1, [2, 38, 14, 13], 0.42), (11, 5, [40, 0, 20, 22], 0.61),
+    (11, 1, [3, 41, 11, 11], 0.20), (12, 5, [22, 7, 30, 26], 0.77), (12, 1, [1, 1, 12, 12], 0.55),
+    (12, 9, [20, 5, 30, 30], 0.12), (12, 5, [25, 10, 20, 20], 0.29),
+]
+
+
+@pytest.fixture(scope="module")
+def coco_files(tmp_path_factory) -> dict[str, Path]:
+    """``gt``: annotations of 3 images (64x64 PNGs in ``images``), ``dt``: 11 detections."""
+    root = tmp_path_factory.mktemp("coco")
+    (root / "images").mkdir()
+    images, anns = [], []
+    for image_id, boxes in GT_BOXES.items():
+        Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(root / "images" / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 64, "height": 64})
+        for box, cat in boxes:
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": box,
+                         "area": box[2] * box[3], "iscrowd": 0})
+    gt = root / "gt.json"
+    gt.write_text(json.dumps({"info": {}, "images": images, "annotations": anns, "categories": CATS}))
+    dt = root / "dt.json"
+    dt.write_text(json.dumps([{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in DETS]))
+    return {"gt": gt, "dt": dt, "images": root / "images"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_root) -> Path:
+    run_dir = tmp_path_factory.mktemp("tools-smoke")
+    proc = run_train("experiment=smoke", "trainer.device=cpu", f"data.root={data_root}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def pycocotools_stats(gt: Path, dt: Path) -> list[float]:
+    """The 12 stats straight from pycocotools, as its README runs it."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt))
+        E = COCOeval(coco_gt, coco_gt.loadRes(str(dt)), "bbox")
+        E.evaluate()
+        E.accumulate()
+        E.summarize()
+    return list(E.stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every tool
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_help_exits_zero(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        ALL[name].main(["--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_script_runs_from_the_command_line_and_fails_cleanly(coco_files, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"image_id": 10,')
+    proc = subprocess.run([sys.executable, str(TOOLS / "evaluate.py"), "--gt", str(coco_files["gt"]), "--dt", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"evaluate.py: error: {bad}: not valid JSON")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1  # one line, nothing else
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def test_evaluate_file_mode_equals_pycocotools(coco_files, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert evaluate.main(["--gt", str(coco_files["gt"]), "--dt", str(coco_files["dt"]), "--out", str(out)]) == 0
+    ours = json.loads(out.read_text())
+    assert list(ours) == list(STAT_NAMES)
+    theirs = pycocotools_stats(coco_files["gt"], coco_files["dt"])
+    for k, v in zip(STAT_NAMES, theirs):
+        assert (ours[k] is None) == (v == -1), k
+        if ours[k] is not None:
+            assert ours[k] == pytest.approx(v, abs=1e-12), k
+    assert 0.3 < ours["AP"] < 0.9 and ours["APl"] is None  # a fixture that exercises the maths, no large objects
+    text = capsys.readouterr().out
+    assert "AP @[.50:.95]" in text and "AP per class" in text
+    assert all(f"\n{name} " in text for name in ("a", "b", "c"))
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "detections file not found"),
+    ("[{", "not valid JSON"),
+    ('{"image_id": 10}', "is a JSON list of detections"),
+    ('[{"image_id": 10, "category_id": 1, "bbox": [1, 2, 3, 4]}]', "entry 0 has no field 'score'"),
+    ('[{"image_id": 10, "category_id": 1, "bbox": [1, 2, 3], "score": 0.5}]', "field 'bbox' must be 4 numbers"),
+    ('[{"image_id": 10, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5},'
+     ' {"image_id": 999, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]', "entry 1: image_id 999"),
+    ('[{"image_id": 10, "category_id": 7, "bbox": [1, 2, 3, 4], "score": 0.5}]', "entry 0: category_id 7"),
+])
+def test_evaluate_bad_detections_name_the_file_and_value(coco_files, tmp_path, capsys, content, needle):
+    dt = tmp_path / "dt.json"
+    if content is not None:
+        dt.write_text(content)
+    assert evaluate.main(["--gt", str(coco_files["gt"]), "--dt", str(dt)]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and str(dt) in err and "Traceback" not in err
+
+
+def test_evaluate_bad_ground_truth_and_run(tmp_path, capsys):
+    assert evaluate.main(["--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json")]) == 1
+    assert f"annotation file not found: {tmp_path / 'gt.json'}" in capsys.readouterr().err
+    assert evaluate.main(["--run", str(tmp_path / "nope")]) == 1
+    assert f"run directory not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert evaluate.main(["--run", str(tmp_path)]) == 1
+    assert "no .hydra/config.yaml" in capsys.readouterr().err
+
+
+def test_evaluate_checkpoint_reproduces_the_runs_metrics(smoke_run, tmp_path, capsys):
+    out, dets = tmp_path / "m.json", tmp_path / "dets.json"
+    assert evaluate.main(["--run", str(smoke_run), "--device", "cpu", "--out", str(out), "--dets", str(dets)]) == 0
+    ours, theirs = json.loads(out.read_text()), json.loads((smoke_run / "metrics.json").read_text())
+    assert list(ours) == list(theirs) == list(STAT_NAMES)
+    assert theirs["AR100"] > 0  # the smoke model finds something, so equality below means something
+    for k in STAT_NAMES:
+        assert (ours[k] is None) == (theirs[k] is None), k
+        if ours[k] is not None:
+            assert abs(ours[k] - theirs[k]) <= 1e-6, k
+    assert "(iteration 6)" in capsys.readouterr().out
+    # The detections file is a COCO results file: file mode on it gives the same numbers again.
+    gt = Path(torch.load(smoke_run / "checkpoints" / "last.pt", weights_only=False)["meta"]["data"]["train"])
+    gt = gt.with_name("instances_val.json")
+    again = tmp_path / "again.json"
+    assert evaluate.main(["--gt", str(gt), "--dt", str(dets), "--out", str(again)]) == 0
+    assert json.loads(again.read_text()) == ours
+
+
+def test_evaluate_other_checkpoint_and_missing_checkpoint(smoke_run, tmp_path, capsys):
+    assert evaluate.main(["--run", str(smoke_run), "--checkpoint", str(tmp_path / "x.pt")]) == 1
+    assert f"checkpoint not found: {tmp_path / 'x.pt'}" in capsys.readouterr().err
+
+
+def test_run_config_overrides(smoke_run):
+    cfg = evaluate.load_run_config(smoke_run, ["data.synthetic.num_val=8"])
+    assert cfg.data.synthetic.num_val == 8 and cfg.data.synthetic.num_train == 64  # the rest is the run's
+    cfg = evaluate.load_run_config(smoke_run, ["data=coco", "data.root=/data/coco", "data.val_ann=v.json"])
+    assert (cfg.data.name, cfg.data.root, cfg.data.val_ann, cfg.data.batch_size) == ("coco", "/data/coco", "v.json", 2)
+    assert cfg.trainer.max_iters == 6 and cfg.loss._target_ == "detlib.losses.SmoothL1"
+
+
+# ---------------------------------------------------------------------------------------------
+# compare_runs.py
+
+
+def fake_run(path: Path, loss: str, seed: int, ap: float | None, overrides: list[str] | None = None,
+             device: str = "cpu", curve: bool = True) -> Path:
+    """A run directory in train.py's format, with AP = ``ap`` and the other stats derived from it."""
+    (path / ".hydra").mkdir(parents=True)
+    losses = {"smooth_l1": {"_target_": "detlib.losses.SmoothL1", "weight": 1.0, "beta": 0.111},
+              "huber": {"_target_": "detlib.losses.Huber", "weight": 1.0, "delta": 1.0},
+              "l1": {"_target_": "detlib.losses.L1", "weight": 1.0}}
+    cfg = {"seed": seed, "trainer": {"device": device, "max_iters": 10, "progress": False}, "loss": losses[loss]}
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    overrides = overrides or [f"loss={loss}", f"seed={seed}", "trainer.progress=False"]
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if ap is None:
+        return path
+    metrics = {k: None for k in STAT_NAMES} | {"AP": ap, "AP50": ap + 0.2, "AP75": ap + 0.1, "APs": ap - 0.1,
+                                                "APm": ap + 0.05, "AR100": ap + 0.15}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    if curve:
+        ap_per_iou = {f"{0.5 + 0.05 * i:.2f}": ap + 0.2 - 0.04 * i for i in range(10)}
+        (path / "eval_detail.json").write_text(json.dumps({"iteration": 10, "ap_per_iou": ap_per_iou}))
+    return path
+
+
+@pytest.fixture
+def sweeps(tmp_path) -> Path:
+    """Three seeds of smooth_l1 and huber in three sweep folders, one l1 run, one unfinished run.
+
+    AP smooth_l1: 0.50, 0.54, 0.52 (mean 0.52, std 0.02); huber: 0.53, 0.56, 0.58.
+    """
+    a, b, c = tmp_path / "s0", tmp_path / "s1", tmp_path / "s2" / "nested"
+    fake_run(a / "0_loss=huber,seed=0", "huber", 0, 0.53)  # found first: the default baseline is still smooth_l1
+    fake_run(a / "1_loss=smooth_l1,seed=0", "smooth_l1", 0, 0.50, curve=False)  # an older run: no eval_detail
+    (a / "multirun.yaml").write_text("hydra: {}\n")
+    fake_run(b / "0_loss=smooth_l1,seed=1", "smooth_l1", 1, 0.54)
+    fake_run(b / "1_loss=huber,seed=1", "huber", 1, 0.56, device="cuda")  # device is not part of identity
+    fake_run(b / "2_loss=l1,seed=1", "l1", 1, 0.40)
+    fake_run(b / "3_loss=l2,seed=1", "l1", 1, None)  # unfinished
+    fake_run(c / "0", "smooth_l1", 2, 0.52)
+    fake_run(c / "1", "huber", 2, 0.58, overrides=["loss=huber", "loss.delta=1.0", "seed=2"])  # same config
+    return tmp_path
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with path.open() as f:
+        return {row["group"]: row for row in csv.DictReader(f)}
+
+
+def test_compare_runs_numbers_and_outputs(sweeps, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert compare_runs.main([str(sweeps / "s0"), str(sweeps / "s1"), str(sweeps / "s2"), "--out", str(out)]) == 0
+    rows = read_csv(out / "comparison.csv")
+    assert list(rows) == ["loss=huber", "loss=smooth_l1", "loss=l1"]
+    base, hub, l1 = rows["loss=smooth_l1"], rows["loss=huber"], rows["loss=l1"]
+    assert (base["n"], hub["n"], l1["n"]) == ("3", "3", "1")
+    assert hub["seeds"] == "0 1 2"
+    assert float(base["AP"]) == pytest.approx(0.52, abs=1e-12)
+    assert float(base["AP_std"]) == pytest.approx(0.02, abs=1e-12)
+    assert float(hub["AP"]) == pytest.approx((0.53 + 0.56 + 0.58) / 3, abs=1e-12)
+    assert float(hub["AP_std"]) == pytest.approx(math.sqrt((0.0266667**2 + 0.0033333**2 + 0.0233333**2) / 2), abs=1e-6)
+    assert float(hub["AP_diff"]) == pytest.approx(0.0366667, abs=1e-6)
+    assert float(hub["AP50_diff"]) == pytest.approx(0.0366667, abs=1e-6)
+    # Paired differences 0.03, 0.02, 0.06: t = 3.0508, df = 2, where p = 1 - t / sqrt(2 + t^2) exactly.
+    d = [0.03, 0.02, 0.06]
+    m, s = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    t = m / (s / math.sqrt(3))
+    assert float(hub["AP_p"]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
+    assert float(hub["AP_p"]) == pytest.approx(0.0927, abs=1e-4)
+    assert hub["AP_pairs"] == "3" and base["AP_p"] == ""
+    assert l1["AP_std"] == "" and l1["AP_p"] == "" and l1["AP_pairs"] == "1"  # one seed: no std, no test
+    assert base["APl"] == ""  # null in every run
+    md = (out / "comparison.md").read_text()
+    assert "| loss=smooth_l1 | 3 | 52.00 ± 2.00 |" in md and "| baseline |" in md
+    assert "| loss=l1 | 1 | 40.00 |" in md and "| -12.00 | n/a | 1 |" in md
+    assert "3_loss=l2,seed=1" in md and "unfinished" in md
+    for png in ("ap_per_iou.png", "ap_bar.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+    text = capsys.readouterr().out
+    assert "loss=huber" in text and "+3.67" in text and "0.0927" in text and "unfinished:" in text
+
+
+def test_compare_runs_baseline_and_defaults(sweeps, capsys):
+    assert compare_runs.main([str(sweeps), "--baseline", "loss=huber", "--metric", "AP50"]) == 0
+    rows = read_csv(sweeps / "comparison.csv")  # --out defaults to the first DIR
+    assert float(rows["loss=smooth_l1"]["AP50_diff"]) == pytest.approx(-0.0366667, abs=1e-6)
+    assert rows["loss=huber"]["AP50_p"] == ""
+    assert "ΔAP50 vs loss=huber" in capsys.readouterr().out
+    assert compare_runs.main([str(sweeps), "--baseline", "loss=giou"]) == 1
+    assert "--baseline 'loss=giou' is not a group" in capsys.readouterr().err
+
+
+def test_compare_runs_without_finished_runs(tmp_path, capsys):
+    fake_run(tmp_path / "0", "l1", 0, None)
+    assert compare_runs.main([str(tmp_path)]) == 1
+    assert "no finished runs" in capsys.readouterr().err
+
+
+def test_t_pvalue_against_closed_forms_and_tables():
+    for t in (0.3, 1.0, 2.5, 12.7062):
+        assert compare_runs.t_pvalue(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-12)  # Cauchy
+        assert compare_runs.t_pvalue(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-12)
+    assert compare_runs.t_pvalue(2.776445, 4) == pytest.approx(0.05, abs=1e-6)  # the t table's 97.5% points
+    assert compare_runs.t_pvalue(2.228139, 10) == pytest.approx(0.05, abs=1e-6)
+    assert compare_runs.t_pvalue(0.0, 5) == 1.0
+    assert compare_runs.paired_t([1.0], [0.5]) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# plot_losses.py
+
+
+def test_plot_losses_gradients_are_the_known_ones():
+    x = torch.tensor([-2.0, -0.5, 0.5, 2.0], dtype=torch.float64)
+    curves = {label: fn for label, fn, _ in plot_losses.preset("compare")[0]}
+    _, g = plot_losses.value_and_grad(curves["smooth L1 (beta=1)"], x)
+    assert g.tolist() == [-1.0, -0.5, 0.5, 1.0]
+    v, g = plot_losses.value_and_grad(curves["L2"], x)
+    assert v.tolist() == [4.0, 0.25, 0.25, 4.0] and g.tolist() == [-4.0, -1.0, 1.0, 4.0]
+    (label, fn, kink), *_ = plot_losses.preset("beta")[0][2:]
+    _, g = plot_losses.value_and_grad(fn, torch.tensor([0.005, 0.02], dtype=torch.float64))
+    assert (label, kink) == ("smooth L1 (beta=0.01)", 0.01) and g.tolist() == pytest.approx([0.5, 1.0])
+
+
+def test_plot_losses_presets_write_pngs(tmp_path, capsys):
+    assert plot_losses.main(["--preset", "all", "--out-dir", str(tmp_path), "--range", "2"]) == 0
+    for name in ("loss_shapes.png", "smooth_l1_beta.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.size[0] > 600
+    assert "smooth_l1_beta.png" in capsys.readouterr().out
+
+
+def test_plot_losses_run_adds_a_tensorboard_figure(smoke_run):
+    assert plot_losses.main(["--run", str(smoke_run)]) == 0
+    assert (smoke_run / "loss_shape.png").is_file()
+    ea = EventAccumulator(str(smoke_run / "tb"), size_guidance={"images": 0})
+    ea.Reload()
+    assert "loss/shape" in ea.Tags()["images"]
+    image = ea.Images("loss/shape")[-1]
+    assert image.width > 600 and image.encoded_image_string.startswith(b"\x89PNG")
+
+
+def test_plot_losses_box_space_loss_is_drawn_against_a_shift(tmp_path):
+    run = tmp_path / "giou_run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"seed": 0, "loss": {"_target_": "detlib.losses.GIoULoss", "weight": 10.0}}))
+    fig = plot_losses.run_figure(run, 3.0)
+    assert "shifted along x" in fig._suptitle.get_text()
+    loss = plot_losses.instantiate(plot_losses.load_run_config(run).loss)
+    # shift 0: IoU 1; shift 0.5: IoU 1/3, enclosing box = union; shift 1: IoU 0, enclosing box = union.
+    v = plot_losses.shifted_box(loss)(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert v.tolist() == pytest.approx([0.0, 10 * 2 / 3, 10.0], abs=1e-5)
+    plot_losses.plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# visualize.py
+
+
+def test_visualize_detections_file_draws_green_and_red(coco_files, tmp_path, capsys):
+    dt = tmp_path / "dt.json"
+    dt.write_text(json.dumps([{"image_id": 11, "category_id": 9, "bbox": [8, 8, 30, 30], "score": 0.9},
+                              {"image_id": 11, "category_id": 1, "bbox": [40, 40, 10, 10], "score": 0.2}]))
+    out = tmp_path / "vis"
+    assert visualize.main(["--dets", str(dt), "--gt", str(coco_files["gt"]), "--images", str(coco_files["images"]),
+                           "--ids", "11", "12", "--out", str(out), "--scale", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["11.png", "12.png"]
+    px = np.asarray(Image.open(out / "11.png").convert("RGB"))
+    assert px.shape == (128, 128, 3)
+    assert px[20 + 30, 20].tolist() == [0, 255, 0]  # left edge of GT box [10, 10, 40, 30] at scale 2
+    assert px[16 + 30, 16].tolist() == [255, 0, 0]  # left edge of the 0.9 prediction [8, 8, 30, 30]
+    assert px[80 + 10, 80].tolist() == [90, 90, 90]  # the 0.2 prediction is under --score-thresh 0.5
+    assert "11.png: 3 ground truth, 1 predictions" in capsys.readouterr().out
+    assert visualize.main(["--dets", str(dt), "--gt", str(coco_files["gt"]), "--images", str(coco_files["images"]),
+                           "--ids", "77"]) == 1
+    assert "image ids not in" in capsys.readouterr().err
+
+
+def test_visualize_run_writes_n_pngs(smoke_run, tmp_path):
+    out = tmp_path / "vis"
+    assert visualize.main(["--run", str(smoke_run), "--num", "2", "--out", str(out), "--device", "cpu",
+                           "--score-thresh", "0.0"]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
+    with Image.open(pngs[0]) as im:
+        assert im.size == (3 * 128, 3 * 128)
