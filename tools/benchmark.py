@@ -13,7 +13,8 @@ trained the way torchvision's detection reference does (SGD with momentum, ``los
 check and per-term ``.item()`` logging every step). Timed windows of the two alternate, so a busy
 machine slows both alike: compare the ratios, not the absolute numbers.
 
-Reports images/s (median over windows), the step split into data / forward / backward / optimizer
+Reports images/s (median over windows), the ours / torchvision step-time ratio (median of the
+ratios of neighbouring windows), the step split into data / forward / backward / optimizer
 (on GPU from extra steps with ``torch.cuda.synchronize`` between phases; the windows have none),
 peak memory, and the wall time of ``evaluate_coco`` with pycocotools and faster-coco-eval on the
 same detections (and whether their 12 stats agree). Writes ``--out`` (JSON) and prints a table.
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="images per step")
     p.add_argument("--iters", type=int, default=30, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per model first")
-    p.add_argument("--windows", type=int, default=5, help="timed windows per model (images/s is their median)")
+    p.add_argument("--windows", type=int, default=10, help="timed windows per model (images/s is their median)")
     p.add_argument("--image-size", type=int, default=None, help="min_size = max_size of the transform (default: the model's)")
     p.add_argument("--data", choices=("auto", "synthetic", "random"), default="auto",
                    help="built-in synthetic images, or random ones (auto: random above 256 px)")
@@ -218,7 +219,8 @@ class Side:
 
 
 def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
-    """Warm-up, then alternating timed windows; phases and peak memory per side."""
+    """Warm-up, then timed windows in ABBA order (ours, tv, tv, ours, ...): load that drifts on a shared
+    machine hits both alike, and each ours window is compared with its neighbouring tv window."""
     cuda = device.type == "cuda"
     for side in sides:
         for _ in range(args.warmup):
@@ -227,8 +229,8 @@ def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -
     sizes = [args.iters // windows + (i < args.iters % windows) for i in range(windows)]
     res = {s.name: {"window_s": [], "phases": [], "peak_mib": 0.0, "rss_before_mib": math.inf} for s in sides}
     can_reset = _reset_peak_rss() if not cuda else False
-    for n in sizes:
-        for side in sides:
+    for i, n in enumerate(sizes):
+        for side in (sides if i % 2 == 0 else sides[::-1]):
             r = res[side.name]
             if cuda:
                 torch.cuda.synchronize(device)
@@ -240,7 +242,7 @@ def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -
             phases = [side.step() for _ in range(n)]
             if cuda:
                 torch.cuda.synchronize(device)
-            r["window_s"].append(time.perf_counter() - t)
+            r["window_s"].append((time.perf_counter() - t) / n)
             if not cuda:  # CPU work is synchronous: the phases of the timed steps are exact
                 r["phases"] += phases
             r["peak_mib"] = max(r["peak_mib"], torch.cuda.max_memory_allocated(device) / 2**20 if cuda
@@ -258,18 +260,26 @@ def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -
         method = "ru_maxrss of the whole process, never reset: an upper bound, the same for both"
     out = {}
     for name, r in res.items():
-        per_step = [w / n for w, n in zip(r["window_s"], sizes)]
-        step = statistics.median(per_step)
+        step = statistics.median(r["window_s"])
         out[name] = {
             "images_per_s": args.batch / step,  # the median window's
             "step_s": step,
-            "window_images_per_s": [args.batch / s for s in per_step],
-            "phases_s": {k: statistics.mean(p[k] for p in r["phases"]) for k in PHASES},
+            "window_step_s": r["window_s"],
+            "phases_s": {k: statistics.median(p[k] for p in r["phases"]) for k in PHASES},  # per step, median
             "peak_memory_mib": r["peak_mib"],
             "rss_before_mib": None if cuda or not can_reset else r["rss_before_mib"],
             "memory_method": method,
         }
     return out
+
+
+def ratios(res: dict[str, dict]) -> dict[str, float]:
+    """ours / torchvision: the median of the window-by-window step-time ratios (robust to load drift),
+    and the ratios of the medians."""
+    o, t = res["ours"], res["torchvision"]
+    return {"step_time": statistics.median(a / b for a, b in zip(o["window_step_s"], t["window_step_s"])),
+            "step_time_of_medians": o["step_s"] / t["step_s"],
+            "images_per_s": o["images_per_s"] / t["images_per_s"]}
 
 
 @torch.no_grad()
@@ -323,11 +333,12 @@ def table(report: dict) -> str:
         "| | ours (detlib) | torchvision | ours / torchvision |",
         "|---|---:|---:|---:|",
         f"| images/s (median of windows) | {o['images_per_s']:.2f} | {t['images_per_s']:.2f} | {r['images_per_s']:.3f} |",
-        f"| step time, ms | {ms(o['step_s'])} | {ms(t['step_s'])} | {r['step_time']:.3f} |",
+        f"| step time, ms (median window) | {ms(o['step_s'])} | {ms(t['step_s'])} | {r['step_time_of_medians']:.3f} |",
+        f"| step time, window-by-window ratio (median) | | | **{r['step_time']:.3f}** |",
     ]
     for k in PHASES:
         a, b = o["phases_s"][k], t["phases_s"][k]
-        rows.append(f"| &nbsp; {k}, ms | {ms(a)} | {ms(b)} | {a / b if b else float('nan'):.3f} |")
+        rows.append(f"| &nbsp; {k}, ms (median step) | {ms(a)} | {ms(b)} | {a / b if b else float('nan'):.3f} |")
     rows.append(f"| peak memory, MiB | {o['peak_memory_mib']:.0f} | {t['peak_memory_mib']:.0f} | "
                 f"{o['peak_memory_mib'] / max(t['peak_memory_mib'], 1e-9):.3f} |")
     rows.append(f"\nMemory: {o['memory_method']}.")
@@ -370,7 +381,6 @@ def main(argv: list[str] | None = None) -> dict:
     sides = [Side("ours", ours, loader(), device, args.amp, total),
              Side("torchvision", tv, loader(), device, args.amp if args.baseline_amp == "same" else "off", total)]
     res = measure(sides, args, device)
-    o, t = res["ours"], res["torchvision"]
     report = {
         "settings": {
             "model": model_name, "device": str(device), "image_size": size, "batch": args.batch, "amp": args.amp,
@@ -382,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__, "python": sys.version.split()[0], "command": sys.argv[1:] if argv is None else argv,
         },
         **res,
-        "ratio": {"step_time": o["step_s"] / t["step_s"], "images_per_s": o["images_per_s"] / t["images_per_s"]},
+        "ratio": ratios(res),
     }
     if args.eval_images > 0:
         results, gt = detections(ours, val_set, min(args.eval_images, len(val_set)), device, 8)

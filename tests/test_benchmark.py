@@ -1,0 +1,54 @@
+"""tools/benchmark.py runs end to end with tiny settings and writes the report it promises."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_FAST = importlib.util.find_spec("faster_coco_eval") is not None
+
+
+@pytest.fixture(scope="module")
+def tool():
+    """tools/benchmark.py as a module (imported once: importing torchvision and Hydra is the slow part)."""
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "tools" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_help_lists_the_options(tool, capsys):
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--model", "--device", "--amp", "--channels-last", "--batch", "--iters", "--warmup",
+                "--image-size", "--out"):
+        assert opt in out
+
+
+@pytest.mark.skipif(not HAS_FAST, reason="faster-coco-eval is not installed (dev group; or uv sync --extra fast-eval)")
+def test_tiny_cpu_run_writes_the_report(tool, tmp_path, data_root, capsys):
+    out = tmp_path / "bench.json"
+    report = tool.main([
+        "--device", "cpu", "--iters", "2", "--warmup", "1", "--windows", "2", "--batch", "2", "--image-size", "64",
+        "--data-root", str(data_root), "--num-train", "64", "--num-val", "16", "--eval-images", "4",
+        "--eval-repeats", "1", "--threads", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    for side in ("ours", "torchvision"):
+        r = saved[side]
+        assert r["images_per_s"] > 0 and r["step_s"] > 0 and r["peak_memory_mib"] > 0 and r["memory_method"]
+        assert set(r["phases_s"]) == {"data", "forward", "backward", "optimizer"}
+        assert all(v >= 0 for v in r["phases_s"].values())
+        assert sum(r["phases_s"].values()) == pytest.approx(r["step_s"], rel=0.5)
+    assert saved["ratio"]["step_time"] > 0 and saved["ratio"]["images_per_s"] > 0
+    assert saved["settings"]["image_size"] == 64 and saved["settings"]["model"] == "small"
+    ev = saved["eval"]
+    assert ev["identical"] and ev["pycocotools_s"] > 0 and ev["faster_coco_eval_s"] > 0 and ev["num_images"] == 4
+    table = capsys.readouterr().out
+    assert "| images/s" in table and "faster_coco_eval" in table
