@@ -139,6 +139,11 @@ def test_evaluate_file_mode_equals_pycocotools(coco_files, tmp_path, capsys):
         if ours[k] is not None:
             assert ours[k] == pytest.approx(v, abs=1e-12), k
     assert 0.3 < ours["AP"] < 0.9 and ours["APl"] is None  # a fixture that exercises the maths, no large objects
+    detail = json.loads((tmp_path / "eval_detail.json").read_text())
+    assert detail["ap_per_iou"]["0.50"] == pytest.approx(theirs[1], abs=1e-12)
+    assert detail["ap_per_iou"]["0.75"] == pytest.approx(theirs[2], abs=1e-12)
+    assert sum(detail["ap_per_iou"].values()) / 10 == pytest.approx(theirs[0], abs=1e-12)
+    assert set(detail["per_class_ap"]) == {"a", "b", "c"}
     text = capsys.readouterr().out
     assert "AP @[.50:.95]" in text and "AP per class" in text
     assert all(f"\n{name} " in text for name in ("a", "b", "c"))
@@ -183,6 +188,12 @@ def test_evaluate_checkpoint_reproduces_the_runs_metrics(smoke_run, tmp_path, ca
         if ours[k] is not None:
             assert abs(ours[k] - theirs[k]) <= 1e-6, k
     assert "(iteration 6)" in capsys.readouterr().out
+    detail, run_detail = (json.loads(p.read_text()) for p in (tmp_path / "eval_detail.json",
+                                                              smoke_run / "eval_detail.json"))
+    assert detail["iteration"] == 6 and detail["per_class_ap"].keys() == run_detail["per_class_ap"].keys()
+    assert list(detail["ap_per_iou"]) == list(run_detail["ap_per_iou"])
+    assert all(abs((a or 0) - (b or 0)) <= 1e-6 for a, b in zip(detail["ap_per_iou"].values(),
+                                                                 run_detail["ap_per_iou"].values()))
     # The detections file is a COCO results file: file mode on it gives the same numbers again.
     gt = Path(torch.load(smoke_run / "checkpoints" / "last.pt", weights_only=False)["meta"]["data"]["train"])
     gt = gt.with_name("instances_val.json")
@@ -296,6 +307,17 @@ def test_compare_runs_baseline_and_defaults(sweeps, capsys):
     assert "ΔAP50 vs loss=huber" in capsys.readouterr().out
     assert compare_runs.main([str(sweeps), "--baseline", "loss=giou"]) == 1
     assert "--baseline 'loss=giou' is not a group" in capsys.readouterr().err
+
+
+def test_compare_runs_reads_ap_per_iou_written_later_by_evaluate(tmp_path):
+    run = fake_run(tmp_path / "old", "l1", 0, 0.4, curve=False)  # older than eval_detail.json
+    assert compare_runs.load_run(run).ap_per_iou is None
+    curve = {"0.50": 0.6, "0.95": 0.1}
+    (run / "eval").mkdir()
+    (run / "eval" / "eval_detail.json").write_text(json.dumps({"stats": {"AP": 0.3}, "ap_per_iou": curve}))
+    assert compare_runs.load_run(run).ap_per_iou is None  # another evaluation (say, another dataset): not used
+    (run / "eval" / "eval_detail.json").write_text(json.dumps({"stats": {"AP": 0.4}, "ap_per_iou": curve}))
+    assert compare_runs.load_run(run).ap_per_iou == curve
 
 
 def test_compare_runs_without_finished_runs(tmp_path, capsys):

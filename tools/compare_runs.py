@@ -190,10 +190,20 @@ def load_run(path: Path) -> Run:
         run.problem = "metrics.json unreadable or without AP"
         return run
     run.metrics = metrics
-    detail = _read_json(path / "eval_detail.json")
-    if isinstance(detail, dict) and isinstance(detail.get("ap_per_iou"), dict):
-        run.ap_per_iou = detail["ap_per_iou"]
+    run.ap_per_iou = _ap_per_iou(path, metrics["AP"])
     return run
+
+
+def _ap_per_iou(path: Path, ap: float | None) -> dict | None:
+    """AP per IoU from the trainer's ``eval_detail.json``, else from one ``tools/evaluate.py`` wrote
+    afterwards (``RUN/eval/``, for runs older than that file) if it evaluated the same thing (same AP)."""
+    own, later = _read_json(path / "eval_detail.json"), _read_json(path / "eval" / "eval_detail.json")
+    if isinstance(own, dict) and own.get("ap_per_iou"):
+        return own["ap_per_iou"]
+    if isinstance(later, dict) and later.get("ap_per_iou") and ap is not None:
+        if abs((later.get("stats") or {}).get("AP", math.nan) - ap) < 1e-9:
+            return later["ap_per_iou"]
+    return None
 
 
 def _key(identity: dict[str, object]) -> str:

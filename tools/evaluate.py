@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from rundir import (
     AMP,
     ToolError,
@@ -32,7 +33,7 @@ from rundir import (
 
 from detlib.data.coco import coco_from_dict, load_coco_json
 from detlib.data.validation import validate_coco
-from detlib.evaluation.coco_eval import STAT_NAMES, evaluate_coco, format_table, per_class_ap
+from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, evaluate_coco, format_table, per_class_ap
 from detlib.evaluation.inference import evaluate
 
 
@@ -49,6 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     files = p.add_argument_group("file mode")
     files.add_argument("--gt", type=Path, help="COCO ground-truth annotation file")
     files.add_argument("--dt", type=Path, help="COCO results file (list of image_id, category_id, bbox, score)")
+    p.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"],
+                   help="COCO evaluation backend (default: the run's eval.backend, else pycocotools)")
     p.add_argument("--out", type=Path, help="metrics JSON to write (default: RUN/eval/metrics.json in checkpoint "
                                             "mode, none in file mode)")
     args = p.parse_args(argv)
@@ -67,14 +70,23 @@ def class_table(ap: dict[str, float | None]) -> str:
     return "\n".join(lines)
 
 
-def report(stats: dict, E, names: dict[int, str], out: Path | None, title: str) -> None:
-    """Print the stats and the per-class table; write the metrics JSON."""
+def report(stats: dict, E, names: dict[int, str], out: Path | None, title: str, iteration: int | None = None,
+           val_losses: dict | None = None) -> None:
+    """Print the stats and the per-class table; write the metrics JSON and, next to it, ``eval_detail.json``.
+
+    ``eval_detail.json`` has the keys the trainer writes, so ``compare_runs.py`` can read a run
+    evaluated afterwards (``RUN/eval/eval_detail.json``) as it reads the trainer's own.
+    """
     print(format_table(stats, title))
-    if E is not None:
-        print("\n" + class_table(per_class_ap(E, names)))
+    per_class = per_class_ap(E, names) if E is not None else {}
+    if per_class:
+        print("\n" + class_table(per_class))
     if out is not None:
         write_json(out, {k: stats[k] for k in STAT_NAMES})
-        print(f"\nmetrics written to {out}")
+        detail = {"iteration": iteration, "stats": stats, "val_losses": val_losses or {},
+                  "ap_per_iou": ap_per_iou(E) if E is not None else {}, "per_class_ap": per_class}
+        write_json(out.with_name("eval_detail.json"), detail)
+        print(f"\nmetrics written to {out} (AP per IoU and per class: {out.with_name('eval_detail.json')})")
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
@@ -85,14 +97,15 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     state = load_weights(model, ckpt)
     device = resolve_device(args.device)
     model.to(device)
-    stats, _losses, results, E = evaluate(model, val_set, device, cfg.eval.batch_size, tuple(cfg.eval.max_dets),
-                                          AMP[cfg.trainer.amp] if device.type == "cuda" else None)
+    backend = args.backend or OmegaConf.select(cfg, "eval.backend", default="pycocotools")
+    stats, losses, results, E = evaluate(model, val_set, device, cfg.eval.batch_size, tuple(cfg.eval.max_dets),
+                                          AMP[cfg.trainer.amp] if device.type == "cuda" else None, backend)
     out = args.out or args.run / "eval" / "metrics.json"
     dets = args.dets or out.with_name("detections.json")
     write_json(dets, results)
     names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
     report(stats, E, names, out, f"{ckpt} (iteration {state['iteration']}) on {len(val_set)} images "
-                                 f"of {val_set.ann_file}")
+                                 f"of {val_set.ann_file}", state["iteration"], losses)
     print(f"detections written to {dets}")
     return stats
 
@@ -103,7 +116,7 @@ def evaluate_files(args: argparse.Namespace) -> dict:
     gt = coco_from_dict(data)
     results = read_results(args.dt)
     check_results_file(args.dt, results, set(gt.getImgIds()), set(gt.getCatIds()))
-    stats, E = evaluate_coco(gt, results)
+    stats, E = evaluate_coco(gt, results, backend=args.backend or "pycocotools")
     names = {c: gt.cats[c]["name"] for c in gt.getCatIds()}
     report(stats, E if results else None, names, args.out, f"{args.dt} against {args.gt}")
     return stats
