@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from detlib.config import DataConfig
 from detlib.data.coco import CocoDetection
 from detlib.data.synthetic import SyntheticSpec, build_synthetic
+from detlib.data.voc import voc_folder, voc_to_coco
+
+log = logging.getLogger(__name__)
 
 
 def _under(root: Path, p: str, key: str) -> Path:
@@ -17,20 +21,46 @@ def _under(root: Path, p: str, key: str) -> Path:
     return q if q.is_absolute() else root / q
 
 
+def _voc_datasets(cfg: DataConfig, root: Path) -> tuple[CocoDetection, CocoDetection]:
+    """VOC splits converted to COCO dicts in memory; ``ann_file`` names the split file in messages."""
+    folder = voc_folder(root, cfg.voc.year)
+    sets = []
+    for split, train in ((cfg.voc.train_split, True), (cfg.voc.val_split, False)):
+        source = folder / "ImageSets" / "Main" / f"{split}.txt"
+        data = voc_to_coco(folder, split, cfg.invalid)
+        kw = dict(hflip_prob=cfg.hflip_prob, keep_empty=cfg.keep_empty) if train else {}
+        sets.append(CocoDetection(source, folder / "JPEGImages", train=train, invalid=cfg.invalid, data=data, **kw))
+    return sets[0], sets[1]
+
+
 def build_datasets(cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
-    """``(train, val)``: the synthetic data is generated once into ``cfg.root``; COCO is read as given."""
+    """``(train, val)``: the synthetic data is generated once into ``cfg.root``; COCO and VOC are read as given.
+
+    Training-split extras: ``train.group_ids`` (aspect-ratio groups, when ``cfg.aspect_grouping``)
+    and ``train.noise_stats`` (the realised annotation noise, when ``cfg.noise`` asks for any).
+    """
     root = Path(cfg.root).expanduser()
-    if cfg.name == "synthetic":
-        folder = build_synthetic(root, SyntheticSpec(**vars(cfg.synthetic)))
-        paths = (folder / "instances_train.json", folder, folder / "instances_val.json", folder)
-    elif cfg.name == "coco":
-        paths = (_under(root, cfg.train_ann, "train_ann"), _under(root, cfg.train_images, "train_images"),
-                 _under(root, cfg.val_ann, "val_ann"), _under(root, cfg.val_images, "val_images"))
+    if cfg.name == "voc":
+        train, val = _voc_datasets(cfg, root)
     else:
-        raise ValueError(f"config: data.name must be synthetic|coco, got {cfg.name!r}")
-    train = CocoDetection(paths[0], paths[1], train=True, invalid=cfg.invalid, hflip_prob=cfg.hflip_prob,
-                          keep_empty=cfg.keep_empty)
-    val = CocoDetection(paths[2], paths[3], train=False, invalid=cfg.invalid)
+        if cfg.name == "synthetic":
+            folder = build_synthetic(root, SyntheticSpec(**vars(cfg.synthetic)))
+            paths = (folder / "instances_train.json", folder, folder / "instances_val.json", folder)
+        elif cfg.name == "coco":
+            paths = (_under(root, cfg.train_ann, "train_ann"), _under(root, cfg.train_images, "train_images"),
+                     _under(root, cfg.val_ann, "val_ann"), _under(root, cfg.val_images, "val_images"))
+        else:
+            raise ValueError(f"config: data.name must be synthetic|coco|voc, got {cfg.name!r}")
+        train = CocoDetection(paths[0], paths[1], train=True, invalid=cfg.invalid, hflip_prob=cfg.hflip_prob,
+                              keep_empty=cfg.keep_empty)
+        val = CocoDetection(paths[2], paths[3], train=False, invalid=cfg.invalid)
     if train.cat_ids != val.cat_ids:
-        raise ValueError(f"{paths[0]} and {paths[2]} have different categories: {train.cat_ids} vs {val.cat_ids}")
+        raise ValueError(f"{train.ann_file} and {val.ann_file} have different categories: "
+                         f"{train.cat_ids} vs {val.cat_ids}")
+    if cfg.aspect_grouping:
+        train.group_ids = train.aspect_group_ids()
+        log.info("aspect-ratio grouping: %d portrait / %d landscape training images",
+                 train.group_ids.count(0), train.group_ids.count(1))
+    if cfg.noise.jitter > 0 or cfg.noise.outliers > 0:
+        train.add_noise(cfg.noise.jitter, cfg.noise.outliers, cfg.noise.seed)  # the val split stays clean
     return train, val

@@ -63,11 +63,15 @@ class CocoDetection(torch.utils.data.Dataset):
         hflip_prob: float = 0.0,
         keep_empty: bool = True,
         check_images: bool = True,
+        data: dict | None = None,
     ) -> None:
+        """``data``: an annotation dict already in memory (e.g. converted from Pascal VOC); ``ann_file``
+        then only names its source in messages."""
         self.ann_file, self.image_root = Path(ann_file), Path(image_root)
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_root} (for {self.ann_file})")
-        data, self.counts = validate_coco(load_coco_json(self.ann_file), self.ann_file, invalid)
+        raw = load_coco_json(self.ann_file) if data is None else data
+        data, self.counts = validate_coco(raw, self.ann_file, invalid)
         self.coco = coco_from_dict(data)
         self.train, self.hflip_prob = train, hflip_prob
         self.cat_ids = sorted(self.coco.getCatIds())
@@ -81,6 +85,8 @@ class CocoDetection(torch.utils.data.Dataset):
             ids = [i for i in ids if self._boxes_of(i)[0].shape[0] > 0]
         self.ids = ids
         self._targets = {i: self._boxes_of(i) for i in ids}  # small: boxes are parsed once
+        self.group_ids: list[int] | None = None  # set by build_datasets when data.aspect_grouping
+        self.noise_stats: dict[str, float] = {}  # set by add_noise
 
     @property
     def num_classes(self) -> int:
@@ -127,6 +133,29 @@ class CocoDetection(torch.utils.data.Dataset):
         """Width / height of every image, for aspect-ratio grouping."""
         return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
 
+    def aspect_group_ids(self, bins: int = 0) -> list[int]:
+        """A group id per image for ``TrainBatchSampler(group_ids=...)``, so a batch pads little.
+
+        ``bins=0``: 0 for portrait (w < h), 1 for landscape or square. ``bins=k > 0``: torchvision's
+        ``create_aspect_ratio_groups``, i.e. w/h quantised at ``2 ** linspace(-1, 1, 2k + 1)``.
+        """
+        edges = [1.0] if bins == 0 else (2 ** np.linspace(-1, 1, 2 * bins + 1)).tolist()
+        return np.digitize(self.aspect_ratios(), edges).tolist()
+
+    def add_noise(self, jitter: float, outliers: float, seed: int = 0) -> dict[str, float]:
+        """Corrupt this split's training boxes once (see ``detlib.data.noise``); returns the realised stats."""
+        from detlib.data.noise import perturb_targets
+
+        sizes = {i: (self.coco.imgs[i]["width"], self.coco.imgs[i]["height"]) for i in self.ids}
+        self._targets, self.noise_stats = perturb_targets(self._targets, sizes, jitter, outliers, seed)
+        log.info("%s: annotation noise (jitter %.3g, outliers %.3g, seed %d): %s", self.ann_file, jitter,
+                 outliers, seed, ", ".join(f"{k} {v:.4g}" for k, v in self.noise_stats.items()))
+        return self.noise_stats
+
+    def boxes(self, image_id: int) -> np.ndarray:
+        """The training boxes of one image as served (after noise, before flip): ``(N, 4)`` float32 xyxy."""
+        return self._targets[image_id][0]
+
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, dict]:
         index, aug_seed = item if isinstance(item, tuple) else (item, None)
         image_id = self.ids[index]
@@ -139,13 +168,18 @@ class CocoDetection(torch.utils.data.Dataset):
             raise AnnotationError(f"{self.ann_file}: image id {image_id}: cannot read {path}: {e}") from e
         boxes, labels = self._targets[image_id]
         boxes, labels = torch.from_numpy(boxes.copy()), torch.from_numpy(labels)
+        flipped = False
         if self.train and self.hflip_prob > 0 and aug_seed is not None:
             g = torch.Generator().manual_seed(aug_seed)
             if torch.rand((), generator=g).item() < self.hflip_prob:
+                flipped = True
                 image = image.flip(-1)
                 w = image.shape[-1]
                 boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-        target = dict(boxes=boxes, labels=labels, image_id=image_id)
+        # hflip and aug_seed let a proposal source (Fast R-CNN mode) follow the augmentation.
+        target = dict(boxes=boxes, labels=labels, image_id=image_id, hflip=flipped)
+        if aug_seed is not None:
+            target["aug_seed"] = aug_seed
         return image.float().div_(255), target
 
 
