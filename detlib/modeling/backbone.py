@@ -17,10 +17,13 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 
-def load_weights(module: nn.Module, path: str | None, ignore: tuple[str, ...] = ()) -> None:
+def load_weights(module: nn.Module, path: str | None, ignore: tuple[str, ...] = (), strip: str = "") -> None:
     """Load a local state dict into ``module``; errors name the file and the first bad keys.
 
-    ``ignore``: key prefixes in the file to leave out (e.g. a classifier's ``fc.``).
+    ``ignore``: key prefixes in the file to leave out (e.g. a classifier's ``fc.``); ``strip``: a
+    prefix to remove from the file's keys (``features.`` for a torchvision VGG or MobileNet file,
+    whose trunk is loaded on its own). BatchNorm's ``num_batches_tracked`` counters are dropped:
+    ``FrozenBatchNorm2d`` has none, and they carry no weights.
     """
     if not path:
         return
@@ -33,8 +36,11 @@ def load_weights(module: nn.Module, path: str | None, ignore: tuple[str, ...] = 
         raise ValueError(f"model.backbone.weights: cannot read {p}: {e}") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    state = {k: v for k, v in state.items() if not k.startswith(ignore)} if ignore else state
+    state = {k: v for k, v in state.items() if not (ignore and k.startswith(ignore))}
+    if strip:
+        state = {k.removeprefix(strip): v for k, v in state.items()}
     own = module.state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") or k in own}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -44,7 +50,7 @@ def load_weights(module: nn.Module, path: str | None, ignore: tuple[str, ...] = 
             f"model.backbone.weights: {p} does not fit the backbone: "
             f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), "
             f"wrong shape {wrong[:5]} ({len(wrong)})")
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=False)  # all keys checked above; strict would want BN counters
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -95,3 +101,52 @@ def resnet_fpn(
         trainable_layers=trainable_layers, extra_blocks=LastLevelMaxPool())
     load_weights(backbone.body, weights, ignore=("fc.",))
     return backbone
+
+
+def mobilenet_v3_fpn(trainable_layers: int = 3, weights: str | None = None, frozen_bn: bool = True) -> BackboneWithFPN:
+    """torchvision's MobileNetV3-Large-FPN trunk (maps ``"0"``, ``"1"``, both at stride 32, plus ``"pool"``).
+
+    As ``fasterrcnn_mobilenet_v3_large_fpn``: the last two stages feed the FPN. ``weights``: a
+    local ImageNet state dict of ``mobilenet_v3_large`` (its ``features.*`` keys; the classifier is ignored).
+    """
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm,
+                                  trainable_layers=trainable_layers)
+    load_weights(backbone.body, weights, ignore=("classifier.",), strip="features.")
+    return backbone
+
+
+class VGG16(nn.Module):
+    """The classic Fast R-CNN trunk: VGG16's conv layers up to conv5_3 (no last max-pool).
+
+    One feature map ``"0"``: ``(B, 512, H/16, W/16)``. ``trainable_layers`` (0-5) counts conv blocks
+    from the top; Fast R-CNN fine-tunes conv3_1 and up (3), since conv1-2 learn generic filters.
+    VGG16 has no BatchNorm. ``weights``: a local state dict of torchvision's ``vgg16`` (``features.*``
+    keys; the classifier is ignored) or of this trunk.
+    """
+
+    BLOCK_ENDS = (4, 9, 16, 23, 30)  # index of each block's max-pool in torchvision's vgg16.features
+
+    def __init__(self, trainable_layers: int = 3, weights: str | None = None) -> None:
+        super().__init__()
+        from torchvision.models.vgg import cfgs, make_layers
+
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"model.backbone.trainable_layers must be in [0, 5], got {trainable_layers}")
+        # torchvision's vgg16().features without building its 120M-parameter classifier; stride 16: no pool5
+        self.body = make_layers(cfgs["D"], batch_norm=False)[:-1]
+        for m in self.body.modules():
+            if isinstance(m, nn.Conv2d):  # VGG's own initialisation
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        load_weights(self.body, weights, ignore=("classifier.",), strip="features.")
+        frozen_until = ([0, *self.BLOCK_ENDS])[5 - trainable_layers]
+        for layer in list(self.body)[:frozen_until]:
+            layer.requires_grad_(False)
+        self.out_channels = 512
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return OrderedDict([("0", self.body(x))])

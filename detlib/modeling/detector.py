@@ -3,6 +3,9 @@
 ``model(images, targets)`` always returns the same thing, a dict with
 ``"losses"`` (when targets are given, in train *and* eval mode, so validation loss is free) and
 ``"detections"`` (when ``detect=True``; by default in eval mode), so no caller has to guess.
+
+Fast R-CNN mode (``model=fast_rcnn``): a proposal source (``detlib.modeling.proposals``) replaces
+the RPN; the losses then simply have no ``loss_rpn_*`` terms.
 """
 
 from __future__ import annotations
@@ -21,9 +24,27 @@ from detlib.modeling.rpn import RPN
 
 
 class FasterRCNN(nn.Module):
-    def __init__(self, transform: GeneralizedRCNNTransform, backbone: nn.Module, rpn: RPN, roi_head: RoIBoxHead) -> None:
+    """``rpn`` or ``proposals`` (a source called on the transformed targets), exactly one of them."""
+
+    def __init__(
+        self, transform: GeneralizedRCNNTransform, backbone: nn.Module, rpn: RPN | None, roi_head: RoIBoxHead,
+        proposals: nn.Module | None = None,
+    ) -> None:
         super().__init__()
+        if (rpn is None) == (proposals is None):
+            raise ValueError("FasterRCNN needs exactly one of an RPN and a proposal source")
         self.transform, self.backbone, self.rpn, self.roi_head = transform, backbone, rpn, roi_head
+        self.proposals = proposals
+
+    @property
+    def min_size(self) -> tuple[int, ...]:
+        """Training sizes of the shorter side (one is drawn per image); evaluation uses the last."""
+        return tuple(self.transform.min_size)
+
+    @property
+    def max_size(self) -> int:
+        """Cap on the longer side after resizing."""
+        return self.transform.max_size
 
     def forward(
         self, images: list[Tensor], targets: list[dict] | None = None, detect: bool | None = None
@@ -38,7 +59,12 @@ class FasterRCNN(nn.Module):
         original_sizes = [tuple(im.shape[-2:]) for im in images]
         image_list, targets = self.transform(images, targets)
         features = self.backbone(image_list.tensors)
-        proposals, losses = self.rpn(image_list, features, targets)
+        if self.rpn is not None:
+            proposals, losses = self.rpn(image_list, features, targets)
+        elif targets is None:
+            raise ValueError("Fast R-CNN mode takes its proposals by image id: pass targets (at least image_id)")
+        else:
+            proposals, losses = self.proposals(targets, original_sizes, image_list.image_sizes), {}
         out: dict = {}
         if targets is not None:
             sampled = self.roi_head.sample(proposals, targets)
@@ -86,21 +112,20 @@ def build_faster_rcnn(
     box_score_thresh: float = 0.05,
     box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
+    proposals: nn.Module | None = None,
 ) -> FasterRCNN:
     """Assemble a Faster R-CNN from a backbone (with ``out_channels`` and named feature maps).
 
     ``num_classes`` includes background and comes from the dataset, never from the model config.
     Defaults follow torchvision's ``FasterRCNN`` except the sizes, which suit the built-in data.
+    ``min_size``: one size, or several for multi-scale training (a random one per image, as
+    torchvision; evaluation uses the last). ``proposals``: a proposal source instead of the RPN
+    (Fast R-CNN mode; the ``rpn_*`` and anchor arguments are then unused).
     """
-    anchor_gen = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
-    rpn = RPN(
-        anchor_gen, RPNHead(backbone.out_channels, anchor_gen.num_anchors_per_location()[0]),
-        rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image, rpn_positive_fraction,
-        dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
-        dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test),
-        rpn_nms_thresh,
-        box_loss=rpn_box_loss if rpn_box_loss is not None else SmoothL1(beta=1 / 9),
-    )
+    rpn = None if proposals is not None else _build_rpn(
+        backbone.out_channels, anchor_sizes, aspect_ratios, rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, rpn_nms_thresh, rpn_fg_iou_thresh, rpn_bg_iou_thresh,
+        rpn_batch_size_per_image, rpn_positive_fraction, rpn_box_loss)
     roi_align = MultiScaleRoIAlign(
         list(roi_featmap_names), roi_output_size, roi_sampling_ratio,
         canonical_scale=roi_canonical_scale, canonical_level=roi_canonical_level)
@@ -110,4 +135,17 @@ def build_faster_rcnn(
         box_score_thresh, box_nms_thresh, box_detections_per_img)
     sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
     transform = GeneralizedRCNNTransform(sizes, max_size, list(image_mean), list(image_std))
-    return FasterRCNN(transform, backbone, rpn, roi_head)
+    return FasterRCNN(transform, backbone, rpn, roi_head, proposals)
+
+
+def _build_rpn(
+    in_channels: int, anchor_sizes, aspect_ratios, pre_train, pre_test, post_train, post_test, nms_thresh,
+    fg_iou_thresh, bg_iou_thresh, batch_size_per_image, positive_fraction, box_loss: BoxLoss | None,
+) -> RPN:
+    anchor_gen = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+    return RPN(
+        anchor_gen, RPNHead(in_channels, anchor_gen.num_anchors_per_location()[0]),
+        fg_iou_thresh, bg_iou_thresh, batch_size_per_image, positive_fraction,
+        dict(training=pre_train, testing=pre_test), dict(training=post_train, testing=post_test), nms_thresh,
+        box_loss=box_loss if box_loss is not None else SmoothL1(beta=1 / 9),
+    )
