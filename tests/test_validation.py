@@ -149,3 +149,21 @@ def test_case10_crowd_is_never_a_training_foreground(tmp_path):
     _, target = ds[0]
     assert target["boxes"].tolist() == [[10.0, 10.0, 30.0, 30.0]]
     assert len(ds.coco.getAnnIds(imgIds=[1])) == 2  # evaluation still sees the crowd region
+
+
+@pytest.mark.parametrize("model_name", ["small", "fast_rcnn"])
+def test_case05_batch_without_any_foreground_trains(model_name):
+    """No GT in the whole batch (also without an RPN): finite losses, box losses exactly 0, gradients present."""
+    from hydra.utils import instantiate
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(f"model={model_name}", "model.min_size=64", "model.max_size=96")
+    model = instantiate(cfg.model, num_classes=3, box_loss=instantiate(cfg.loss), rpn_box_loss=instantiate(cfg.rpn_loss))
+    empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "image_id": i, "aug_seed": i}
+             for i in (1, 2)]
+    out = model([torch.rand(3, 64, 96), torch.rand(3, 96, 64)], empty)
+    assert all(torch.isfinite(v) for v in out["losses"].values())
+    assert out["losses"]["loss_box_reg"].item() == 0.0 and out["losses"]["loss_cls"].item() > 0
+    sum(out["losses"].values()).backward()
+    assert model.roi_head.bbox_pred.weight.grad is not None and model.roi_head.cls_score.weight.grad.abs().sum() > 0
