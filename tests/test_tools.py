@@ -255,6 +255,8 @@ def sweeps(tmp_path) -> Path:
     fake_run(b / "1_loss=huber,seed=1", "huber", 1, 0.56, device="cuda")  # device is not part of identity
     fake_run(b / "2_loss=l1,seed=1", "l1", 1, 0.40)
     fake_run(b / "3_loss=l2,seed=1", "l1", 1, None)  # unfinished
+    (b / "4_broken" / ".hydra").mkdir(parents=True)
+    (b / "4_broken" / ".hydra" / "config.yaml").write_text("seed: [0\n")  # not YAML: listed, not fatal
     fake_run(c / "0", "smooth_l1", 2, 0.52)
     fake_run(c / "1", "huber", 2, 0.58, overrides=["loss=huber", "loss.delta=1.0", "seed=2"])  # same config
     return tmp_path
@@ -291,7 +293,8 @@ def test_compare_runs_numbers_and_outputs(sweeps, tmp_path, capsys):
     md = (out / "comparison.md").read_text()
     assert "| loss=smooth_l1 | 3 | 52.00 ± 2.00 |" in md and "| baseline |" in md
     assert "| loss=l1 | 1 | 40.00 |" in md and "| -12.00 | n/a | 1 |" in md
-    assert "3_loss=l2,seed=1" in md and "unfinished" in md
+    assert "3_loss=l2,seed=1`: no metrics.json (unfinished)" in md
+    assert "4_broken`: unreadable .hydra files" in md
     for png in ("ap_per_iou.png", "ap_bar.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 300

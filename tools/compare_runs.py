@@ -175,9 +175,12 @@ def _read_json(path: Path) -> object | None:
 
 def load_run(path: Path) -> Run:
     """Read a run's config, overrides, metrics and AP per IoU; missing results leave ``metrics`` None."""
-    cfg = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"), resolve=False)
-    ov_file = path / ".hydra" / "overrides.yaml"
-    overrides = [str(o) for o in OmegaConf.load(ov_file)] if ov_file.is_file() else []
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"), resolve=False)
+        ov_file = path / ".hydra" / "overrides.yaml"
+        overrides = [str(o) for o in OmegaConf.load(ov_file)] if ov_file.is_file() else []
+    except Exception as e:  # noqa: BLE001 - yaml and OmegaConf raise many types; one bad run must not stop the rest
+        return Run(path, -1, {}, [], problem=f"unreadable .hydra files ({type(e).__name__})")
     overrides = [o for o in overrides if not _ignored(o.split("=", 1)[0].lstrip("+~"))]
     identity = {k: v for k, v in flatten(cfg).items() if not _ignored(k)}
     run = Run(path, int(cfg.get("seed", 0)), identity, overrides)

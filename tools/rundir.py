@@ -27,6 +27,7 @@ from detlib.data.validation import AnnotationError
 from detlib.engine.checkpoint import CheckpointError
 from detlib.engine.checkpoint import load as load_checkpoint
 from detlib.engine.trainer import resolve_device  # noqa: F401 - the tools' one way to pick a device
+from detlib.modeling.proposals import check_proposal_ids
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.amp -> autocast dtype
@@ -126,13 +127,17 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
 
 
 def build_from_run(cfg: DictConfig) -> tuple[nn.Module, CocoDetection]:
-    """``(model, val_set)`` as ``train.py`` builds them; the model has fresh weights."""
+    """``(model, val_set)`` as ``train.py`` builds them; the model has fresh weights.
+
+    Both splits are built (``build_datasets``), as in training: the class count comes from the data.
+    """
     register()
     typed: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     check_ranges(typed)
-    _, val_set = build_datasets(typed.data)
+    train_set, val_set = build_datasets(typed.data)
     box_loss, rpn_box_loss = instantiate(cfg.loss), instantiate(cfg.rpn_loss)
-    model = instantiate(cfg.model, num_classes=val_set.num_classes, box_loss=box_loss, rpn_box_loss=rpn_box_loss)
+    model = instantiate(cfg.model, num_classes=train_set.num_classes, box_loss=box_loss, rpn_box_loss=rpn_box_loss)
+    check_proposal_ids(model, val=val_set.ids)  # Fast R-CNN with a proposals file must cover the val images
     return model, val_set
 
 

@@ -82,8 +82,10 @@ def draw(image: Tensor, gt: dict, pred: dict, names: dict[int, str], scale: int)
 
 
 @torch.no_grad()
-def predict_one(model: nn.Module, image: Tensor, device: torch.device) -> dict:
-    out = model([image.to(device)], detect=True)["detections"][0]
+def predict_one(model: nn.Module, image: Tensor, target: dict, device: torch.device) -> dict:
+    """Detections of one image; the target goes along because Fast R-CNN mode finds proposals by image id."""
+    target = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in target.items()}
+    out = model([image.to(device)], [target], detect=True)["detections"][0]
     return {k: v.cpu() for k, v in out.items()}
 
 
@@ -108,18 +110,18 @@ def run(argv: Sequence[str] | None = None) -> int:
         load_weights(model, args.checkpoint or args.run / "checkpoints" / "last.pt")
         device = resolve_device(args.device)
         model.to(device).eval()
-        predict = lambda i, image: predict_one(model, image, device)  # noqa: E731
+        predict = lambda i, image, target: predict_one(model, image, target, device)  # noqa: E731
     else:
         dataset = CocoDetection(args.gt, args.images, train=False)
         results = read_results(args.dets)
         check_results_file(args.dets, results, set(dataset.coco.getImgIds()), set(dataset.cat_ids))
-        predict = lambda i, image: from_results(results, dataset.ids[i], dataset.cat_to_label)  # noqa: E731
+        predict = lambda i, image, target: from_results(results, dataset.ids[i], dataset.cat_to_label)  # noqa: E731
     out = args.out or (args.run / "vis" if args.run is not None else Path("vis"))
     out.mkdir(parents=True, exist_ok=True)
     names = dict(enumerate(dataset.class_names, start=1))
     for i in pick(dataset, args.ids, args.num):
         image, target = dataset[i]
-        pred = keep(predict(i, image), args.score_thresh)
+        pred = keep(predict(i, image, target), args.score_thresh)
         path = out / f"{target['image_id']}.png"
         write_png(draw(image, target, pred, names, args.scale), str(path))
         print(f"{path}: {len(target['boxes'])} ground truth, {len(pred['boxes'])} predictions >= {args.score_thresh}")
