@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detlib.config import Config, check_ranges, register
 from detlib.data.build import build_datasets
+from detlib.engine import distributed as dist
 from detlib.engine.trainer import train
 from detlib.modeling.proposals import check_proposal_ids
 
@@ -45,6 +46,9 @@ def main(cfg: DictConfig) -> float | None:
     check_ranges(typed)
     typed.data.root = to_absolute_path(os.path.expanduser(typed.data.root))  # relative to where the user launched
     run_dir = HydraConfig.get().runtime.output_dir
+    if not dist.is_main():  # under torchrun only rank 0 writes train.log
+        for h in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
+            logging.getLogger().removeHandler(h)
     random.seed(typed.seed)
     np.random.seed(typed.seed)
     torch.manual_seed(typed.seed)
@@ -52,15 +56,23 @@ def main(cfg: DictConfig) -> float | None:
         torch.set_num_threads(typed.trainer.num_threads)
 
     box_loss, rpn_box_loss = instantiate(cfg.loss), instantiate(cfg.rpn_loss)  # fail fast on bad parameters
+    if not dist.is_main():
+        dist.barrier()  # rank 0 builds the data once, then the others read it
     train_set, val_set = build_datasets(typed.data)
+    if dist.is_main():
+        dist.barrier()
     model = instantiate(cfg.model, num_classes=train_set.num_classes, box_loss=box_loss, rpn_box_loss=rpn_box_loss)
     check_proposal_ids(model, train=train_set.ids, val=val_set.ids)  # Fast R-CNN with a proposals file
-    log.info("run directory: %s", run_dir)
+    if dist.world_size() > 1:  # same initial weights everywhere; then each rank its own random stream
+        random.seed(typed.seed + dist.rank())
+        np.random.seed(typed.seed + dist.rank())
+        torch.manual_seed(typed.seed + dist.rank())
+    log.info("run directory: %s (%d process%s)", run_dir, dist.world_size(), "es" if dist.world_size() > 1 else "")
     log.info("data: %d train / %d val images, classes %s", len(train_set), len(val_set), train_set.class_names)
     log.info("box loss: %r   rpn box loss: %r", box_loss, rpn_box_loss)
     meta = {
         "seed": typed.seed,
-        "world_size": 1,
+        "world_size": dist.world_size(),
         "num_classes": train_set.num_classes,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
@@ -74,4 +86,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    dist.init_from_env()  # torchrun: join the process group before Hydra names the (shared) run directory
+    try:
+        main()
+    finally:
+        dist.shutdown()

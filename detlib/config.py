@@ -143,6 +143,12 @@ LOSS_SCHEMAS = {
 
 
 def register() -> None:
+    from omegaconf import OmegaConf
+
+    from detlib.engine.distributed import run_stamp
+
+    # The run directory's name, shared by every torchrun rank (configs/train.yaml: hydra.run.dir).
+    OmegaConf.register_new_resolver("detlib_stamp", run_stamp, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="detlib_schema", node=Config)
     for name, node in LOSS_SCHEMAS.items():

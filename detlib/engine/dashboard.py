@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from torch.utils.tensorboard.summary import hparams as hparams_summary  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 from torchvision.utils import draw_bounding_boxes, make_grid  # noqa: E402
 
@@ -107,8 +108,14 @@ def grad_norms(model: nn.Module, scale: float = 1.0) -> dict[str, float]:
             "train/grad_norm/total": float(norm(model.parameters()))}
 
 
-def log_hparams(writer: SummaryWriter, hparams: dict, stats: dict) -> None:
-    """One HParams row per run, so a sweep compares in TensorBoard's HParams table."""
+def log_hparams(writer: SummaryWriter, hparams: dict, stats: dict, step: int) -> None:
+    """One HParams row per run, so a sweep compares in TensorBoard's HParams table.
+
+    Written into the run's own event file (``add_hparams`` would open a second one), with the final
+    stats as ``hparam/<stat>`` scalars, the metrics the table shows."""
     clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
     metrics = {f"hparam/{k}": (float("nan") if v is None else v) for k, v in stats.items()}
-    writer.add_hparams(clean, metrics, run_name=".")
+    for summary in hparams_summary(clean, metrics):
+        writer.file_writer.add_summary(summary)
+    for k, v in metrics.items():
+        writer.add_scalar(k, v, step)

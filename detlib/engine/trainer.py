@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -28,6 +29,7 @@ from detlib.config import EvalConfig, TrainerConfig
 from detlib.data.coco import CocoDetection, collate
 from detlib.data.sampler import TrainBatchSampler
 from detlib.engine import checkpoint, dashboard
+from detlib.engine import distributed as dist
 from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, format_table, per_class_ap
 from detlib.evaluation.inference import evaluate
 from detlib.evaluation.shadow import shadow_metrics
@@ -40,10 +42,13 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto``: CUDA when present. Under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"config: trainer.device={name} but CUDA is not available (use trainer.device=auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.world_size() > 1:
+        return torch.device("cuda", dist.local_rank())
     return torch.device(name)
 
 
@@ -160,6 +165,8 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     meta = dict(meta or {})
     meta.setdefault("num_classes", train_set.num_classes)
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0  # under DDP only rank 0 writes logs, TensorBoard, checkpoints and metrics
 
     # ---- resume
     start_iter, accum, count = 0, {}, 0
@@ -176,32 +183,42 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or []
+        checkpoint.set_rng_state(per_rank[rank] if len(per_rank) == world else state["rng"])
         start_iter = state["iteration"]
         accum = {k: v.to(device) for k, v in state["log_accum"].items()}
         count = state["log_count"]
         log.info("resumed from %s at iteration %d", resume_path, start_iter)
 
+    # DDP after loading, so every rank starts from the same weights (DDP also broadcasts rank 0's).
+    # All parameters take part in every step (an empty foreground still gives a 0 loss with a graph),
+    # so find_unused_parameters stays off.
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     # Steps after the checkpoint that a killed run had already logged are dropped, not duplicated.
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_iter + 1 if resume_path else None)
-    sampler = TrainBatchSampler(len(train_set), batch_size, seed, start_iter, cfg.max_iters)
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_iter + 1 if resume_path else None) if main else None
+    sampler = TrainBatchSampler(len(train_set), batch_size, seed, start_iter, cfg.max_iters, rank, world)
     loader = DataLoader(
         train_set, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed))
 
     def save(iteration: int) -> None:
+        rngs = dist.gather_objects(checkpoint.rng_state())  # every rank's RNGs, so resume is exact under DDP
+        if not main:
+            return
         state = dict(
             model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(), iteration=iteration, epoch=iteration // sampler.batches_per_epoch(),
-            rng=checkpoint.rng_state(), log_accum={k: v.cpu() for k, v in accum.items()}, log_count=count,
-            sampler=dict(seed=seed, batch_size=batch_size, next_iteration=iteration), meta=meta)
+            rng=rngs[0], rng_per_rank=rngs, log_accum={k: v.cpu() for k, v in accum.items()}, log_count=count,
+            sampler=dict(seed=seed, batch_size=batch_size, world_size=world, next_iteration=iteration), meta=meta)
         checkpoint.save(state, ckpt_dir, iteration, cfg.keep_last)
 
     def run_eval(iteration: int, last_out: dict | None) -> dict:
         t0 = time.perf_counter()
-        stats, val_losses, _results, E = evaluate(
-            model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype)
+        stats, val_losses, _results, E = evaluate(  # every rank evaluates its shard; stats on all ranks
+            model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype, eval_cfg.backend)
+        if not main:
+            return stats
         for k, v in stats.items():
             writer.add_scalar(f"val/{k}", float("nan") if v is None else v, iteration)
         for k, v in val_losses.items():
@@ -230,7 +247,7 @@ def train(
     model.train()
     nonfinite_in_row, saved_at = 0, start_iter
     t_start, it_start = time.perf_counter(), start_iter
-    bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=None if cfg.progress else True,
+    bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=None if cfg.progress and main else True,
                dynamic_ncols=True, desc="train")
     stats: dict = {}
     out = None
@@ -239,13 +256,23 @@ def train(
             for it, (images, targets) in enumerate(loader, start=start_iter):
                 images, targets = _to(device, images, targets)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = model(images, targets)
+                    out = net(images, targets)
                 losses = out["losses"]
                 loss = sum(losses.values())
 
-                if not torch.isfinite(loss):  # one scalar read per step: the guard needs it now
+                # One scalar read per step: the guard needs it now. Under DDP every rank must take the
+                # same branch, so the non-finite and stop flags are OR-ed over ranks (one all-reduce).
+                bad_here = not torch.isfinite(loss)
+                stopping = stop["signal"] is not None
+                if world > 1:
+                    flags = dist.any_true(torch.tensor([bad_here, stopping], device=device))
+                    bad, stopping = bool(flags[0]), bool(flags[1])
+                else:
+                    bad = bad_here
+                if bad:
                     nonfinite_in_row += 1
-                    detail = _describe_nonfinite(it, losses, targets, train_set, out, run_dir)
+                    detail = (_describe_nonfinite(it, losses, targets, train_set, out, run_dir) if bad_here else
+                              f"non-finite loss on another rank at iteration {it + 1} (this is rank {rank})")
                     if cfg.on_nonfinite == "stop" or nonfinite_in_row >= cfg.max_nonfinite:
                         raise NonFiniteLossError(detail)
                     log.warning("skipping step: %s", detail)
@@ -268,9 +295,12 @@ def train(
                 bar.update(1)
 
                 if log_step:
+                    means_t = dist.mean_over_ranks({k: v / count for k, v in accum.items()})
+                    accum, count = {}, 0
+                if log_step and main:
                     for k, v in dashboard.grad_norms(model, grad_scale).items():
                         writer.add_scalar(k, v, done)
-                    means = {k: float(v) / count for k, v in accum.items()}  # the one sync per log period
+                    means = {k: float(v) for k, v in means_t.items()}  # the one sync per log period
                     means["loss"] = sum(means.values())
                     for k, v in means.items():
                         writer.add_scalar(f"train/{k}", v, done)
@@ -278,7 +308,6 @@ def train(
                         for k, v in shadow_metrics(model.roi_head, out["deltas"], out["sampled"]).items():
                             writer.add_scalar(k, float(v), done)
                     writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], done)
-                    accum, count = {}, 0
                     rate = (done - it_start) / (time.perf_counter() - t_start)
                     eta = (cfg.max_iters - done) / max(rate, 1e-9)
                     bar.set_postfix(loss=f"{means['loss']:.3f}", box=f"{means['loss_box_reg']:.3f}")
@@ -291,25 +320,28 @@ def train(
                 if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == cfg.max_iters:
                     save(done)
                     saved_at = done
-                if stop["signal"]:
+                if stopping:
                     if saved_at != done:
                         save(done)
                     log.warning("%s: saved a checkpoint at iteration %d; resume with trainer.resume=auto",
-                                stop["signal"], done)
+                                stop["signal"] or "a signal on another rank", done)
                     return {}
         bar.close()
         if start_iter >= cfg.max_iters:
             log.info("already trained %d iterations; evaluating only", start_iter)
         train_time = time.perf_counter() - t_start
         stats = run_eval(cfg.max_iters, out)
-        if hparams:
-            dashboard.log_hparams(writer, hparams, stats)
-        _write_json(run_dir / "metrics.json", {k: stats[k] for k in STAT_NAMES})
-        print("\n" + format_table(stats, f"COCO box evaluation on {len(val_set)} val images "
-                                  f"after {cfg.max_iters} iterations ({train_time / 60:.1f} min training)"))
+        if main:
+            if hparams:
+                dashboard.log_hparams(writer, hparams, stats, cfg.max_iters)
+            _write_json(run_dir / "metrics.json", {k: stats[k] for k in STAT_NAMES})
+            print("\n" + format_table(stats, f"COCO box evaluation on {len(val_set)} val images after "
+                                      f"{cfg.max_iters} iterations ({train_time / 60:.1f} min training, "
+                                      f"{world} process{'es' if world > 1 else ''})"))
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
     return stats
@@ -320,7 +352,8 @@ def _describe_nonfinite(it: int, losses: dict, targets: list, dataset: CocoDetec
     values = {k: float(v.detach()) for k, v in losses.items()}
     ids = [t["image_id"] for t in targets]
     files = [dataset.coco.imgs[i]["file_name"] for i in ids]
-    dump = run_dir / f"nonfinite_iter{it + 1:07d}.pt"
+    suffix = f"_rank{dist.rank()}" if dist.world_size() > 1 else ""
+    dump = run_dir / f"nonfinite_iter{it + 1:07d}{suffix}.pt"
     sampled = out.get("sampled")
     torch.save({"iteration": it + 1, "losses": values, "image_ids": ids, "files": files,
                 "targets": [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets],

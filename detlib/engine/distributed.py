@@ -1,0 +1,118 @@
+"""torch.distributed glue for ``torchrun``: process group from the environment, rank helpers, one
+shared run directory, and the few collectives the trainer needs.
+
+Everything here is a no-op in a single process, so the trainer reads the same with and without DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def init_from_env() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1).
+
+    CUDA tensors go over NCCL and CPU tensors over gloo, so ``trainer.device=cpu`` works on a GPU
+    machine too. Returns whether this process is part of a multi-process run.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("DETLIB_DIST_TIMEOUT_MIN", "30"))))
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if dist.is_initialized() else 0
+
+
+_STAMP: list[str] = []
+
+
+def run_stamp() -> str:
+    """The run directory's name, the same on every rank (Hydra resolver ``detlib_stamp``).
+
+    Single process: the time, like Hydra's default. Under torchrun with a rendezvous id
+    (``--standalone`` or ``--rdzv-id``): ``torchrun-<id>``, which stays the same when torchrun restarts
+    the workers, so ``trainer.resume=auto`` continues the run. Otherwise rank 0's time, broadcast.
+    """
+    if _STAMP:
+        return _STAMP[0]
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if world_size() > 1 and run_id not in ("", "none"):
+        stamp = f"{time.strftime('%Y-%m-%d')}/torchrun-{run_id}"
+    else:
+        box = [time.strftime("%Y-%m-%d/%H-%M-%S")]
+        if world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        stamp = box[0]
+    _STAMP.append(stamp)
+    return stamp
+
+
+def any_true(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise OR of a small bool/float vector over all ranks (one all-reduce)."""
+    flags = flags.float()
+    if world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags > 0
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Average each tensor over ranks (one all-reduce for the whole dict)."""
+    if world_size() == 1 or not values:
+        return values
+    keys = list(values)  # the same order on every rank: the same code made them
+    flat = torch.stack([values[k].float() for k in keys])
+    dist.all_reduce(flat)
+    return dict(zip(keys, flat / world_size()))
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (on every rank)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
