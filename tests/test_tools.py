@@ -177,32 +177,50 @@ def test_evaluate_bad_ground_truth_and_run(tmp_path, capsys):
     assert "no .hydra/config.yaml" in capsys.readouterr().err
 
 
-def test_evaluate_checkpoint_reproduces_the_runs_metrics(smoke_run, tmp_path, capsys):
-    out, dets = tmp_path / "m.json", tmp_path / "dets.json"
-    assert evaluate.main(["--run", str(smoke_run), "--device", "cpu", "--out", str(out), "--dets", str(dets)]) == 0
-    ours, theirs = json.loads(out.read_text()), json.loads((smoke_run / "metrics.json").read_text())
+@pytest.fixture(scope="module")
+def smoke_eval(smoke_run, tmp_path_factory) -> tuple[Path, str]:
+    """``tools/evaluate.py --run`` on the smoke run: its output folder and what it printed."""
+    folder = tmp_path_factory.mktemp("smoke-eval")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert evaluate.main(["--run", str(smoke_run), "--device", "cpu", "--out", str(folder / "m.json"),
+                              "--dets", str(folder / "dets.json")]) == 0
+    return folder, printed.getvalue()
+
+
+def smoke_val_ann(smoke_run: Path) -> Path:
+    train_ann = torch.load(smoke_run / "checkpoints" / "last.pt", weights_only=False)["meta"]["data"]["train"]
+    return Path(train_ann).with_name("instances_val.json")
+
+
+def test_evaluate_checkpoint_reproduces_the_runs_metrics(smoke_run, smoke_eval, tmp_path):
+    folder, printed = smoke_eval
+    ours, theirs = json.loads((folder / "m.json").read_text()), json.loads((smoke_run / "metrics.json").read_text())
     assert list(ours) == list(theirs) == list(STAT_NAMES)
     assert theirs["AR100"] > 0  # the smoke model finds something, so equality below means something
     for k in STAT_NAMES:
         assert (ours[k] is None) == (theirs[k] is None), k
         if ours[k] is not None:
             assert abs(ours[k] - theirs[k]) <= 1e-6, k
-    assert "(iteration 6)" in capsys.readouterr().out
-    detail, run_detail = (json.loads(p.read_text()) for p in (tmp_path / "eval_detail.json",
+    assert "(iteration 6)" in printed and "AP per class" in printed
+    detail, run_detail = (json.loads(p.read_text()) for p in (folder / "eval_detail.json",
                                                               smoke_run / "eval_detail.json"))
     assert detail["iteration"] == 6 and detail["per_class_ap"].keys() == run_detail["per_class_ap"].keys()
     assert list(detail["ap_per_iou"]) == list(run_detail["ap_per_iou"])
     assert all(abs((a or 0) - (b or 0)) <= 1e-6 for a, b in zip(detail["ap_per_iou"].values(),
                                                                  run_detail["ap_per_iou"].values()))
     # The detections file is a COCO results file: file mode on it gives the same numbers again.
-    gt = Path(torch.load(smoke_run / "checkpoints" / "last.pt", weights_only=False)["meta"]["data"]["train"])
-    gt = gt.with_name("instances_val.json")
     again = tmp_path / "again.json"
-    assert evaluate.main(["--gt", str(gt), "--dt", str(dets), "--out", str(again)]) == 0
+    assert evaluate.main(["--gt", str(smoke_val_ann(smoke_run)), "--dt", str(folder / "dets.json"),
+                          "--out", str(again)]) == 0
     assert json.loads(again.read_text()) == ours
 
 
-def test_evaluate_other_checkpoint_and_missing_checkpoint(smoke_run, tmp_path, capsys):
+def test_evaluate_another_checkpoint_and_a_missing_one(smoke_run, smoke_eval, tmp_path, capsys):
+    out = tmp_path / "m3.json"
+    assert evaluate.main(["--run", str(smoke_run), "--checkpoint", str(smoke_run / "checkpoints" / "model_0000003.pt"),
+                          "--device", "cpu", "--out", str(out)]) == 0
+    assert "(iteration 3)" in capsys.readouterr().out
+    assert json.loads(out.read_text()) != json.loads((smoke_eval[0] / "m.json").read_text())  # not last.pt's
     assert evaluate.main(["--run", str(smoke_run), "--checkpoint", str(tmp_path / "x.pt")]) == 1
     assert f"checkpoint not found: {tmp_path / 'x.pt'}" in capsys.readouterr().err
 
@@ -410,11 +428,19 @@ def test_visualize_detections_file_draws_green_and_red(coco_files, tmp_path, cap
     assert "image ids not in" in capsys.readouterr().err
 
 
-def test_visualize_run_writes_n_pngs(smoke_run, tmp_path):
+def test_visualize_run_writes_n_pngs_and_agrees_with_its_detections_file(smoke_run, smoke_eval, tmp_path, capsys):
     out = tmp_path / "vis"
-    assert visualize.main(["--run", str(smoke_run), "--num", "2", "--out", str(out), "--device", "cpu",
+    assert visualize.main(["--run", str(smoke_run), "--num", "3", "--out", str(out), "--device", "cpu",
                            "--score-thresh", "0.0"]) == 0
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 2
+    assert len(pngs) == 3
     with Image.open(pngs[0]) as im:
         assert im.size == (3 * 128, 3 * 128)
+    from_run = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    # The same checkpoint through evaluate.py's detections file draws the same boxes.
+    assert visualize.main(["--dets", str(smoke_eval[0] / "dets.json"), "--gt", str(smoke_val_ann(smoke_run)),
+                           "--images", str(smoke_val_ann(smoke_run).parent), "--num", "3", "--out", str(tmp_path / "v2"),
+                           "--score-thresh", "0.0"]) == 0
+    from_file = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert from_run == from_file
+    assert sum(int(line.split(", ")[1].split()[0]) for line in from_run) > 0  # some predictions are drawn
