@@ -173,3 +173,12 @@ def test_voc_trains_and_evaluates_end_to_end_through_train_py(devkit, tmp_path):
     assert set(metrics) >= {"AP", "AP50"} and all(v is None or 0 <= v <= 1 for v in metrics.values())
     detail = json.loads((tmp_path / "eval_detail.json").read_text())
     assert set(detail["per_class_ap"]) == set(VOC_CLASSES)
+
+
+def test_image_ids_are_voc_ids_when_unique_else_split_order():
+    from detlib.data.voc import _image_ids
+
+    assert _image_ids(["000005", "2008_000008"]) == [5, 2008000008]
+    assert _image_ids(["000000", "000001"]) == [1, 2]  # id 0 is not allowed
+    assert _image_ids(["1_2", "12"]) == [1, 2]  # "1_2" and "12" would collide
+    assert _image_ids(["a", "b"]) == [1, 2]

@@ -50,8 +50,10 @@ class CocoDetection(torch.utils.data.Dataset):
     ``dataset[i]`` (or ``dataset[(i, aug_seed)]`` from the training sampler, which makes the
     augmentation deterministic) returns ``(image, target)``:
     ``image (3, H, W) float32 in [0, 1]``; ``target["boxes"] (N, 4) float32 xyxy absolute pixels``,
-    ``target["labels"] (N,) int64 in 1..K``, ``target["image_id"] int``. Crowd regions are never
-    training foregrounds: they are left out of ``boxes`` (evaluation reads them from ``coco``).
+    ``target["labels"] (N,) int64 in 1..K``, ``target["image_id"] int``, ``target["hflip"] bool``
+    and, from the sampler, ``target["aug_seed"] int`` (a Fast R-CNN proposal source follows the flip
+    and seeds its randomness with them). Crowd regions are never training foregrounds: they are left
+    out of ``boxes`` (evaluation reads them from ``coco``).
     """
 
     def __init__(

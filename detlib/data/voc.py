@@ -112,9 +112,11 @@ def parse_voc_xml(path: Path, invalid: str = "error") -> dict:
 def _image_ids(names: list[str]) -> list[int]:
     """VOC ids as integers when that is unique, else 1..N in split order."""
     digits = [n.replace("_", "") for n in names]
-    if all(d.isdigit() for d in digits) and len({int(d) for d in digits}) == len(digits) and "0" not in digits:
-        return [int(d) for d in digits]
-    return list(range(1, len(names) + 1))
+    if not all(d.isdigit() for d in digits):
+        return list(range(1, len(names) + 1))
+    ids = [int(d) for d in digits]
+    unique_nonzero = len(set(ids)) == len(ids) and 0 not in ids  # pycocotools needs ids > 0
+    return ids if unique_nonzero else list(range(1, len(names) + 1))
 
 
 def voc_to_coco(folder: Path, split: str, invalid: str = "error") -> dict:
