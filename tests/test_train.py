@@ -113,6 +113,34 @@ def test_multirun_two_jobs(tmp_path, data_root):
         assert (j / "metrics.json").is_file() and (j / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
+def test_rerun_sweep_skips_finished_jobs_and_resumes_the_cut_off_one(tmp_path, data_root):
+    """Issue #5: re-running an interrupted sweep's command continues it."""
+    args = ("-m", "experiment=smoke", "trainer.max_iters=4", "trainer.checkpoint_period=1", "trainer.log_period=1",
+            "loss=l1,huber", f"data.root={data_root}", f"hydra.sweep.dir={tmp_path}")
+    proc = run_train(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done, cut = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    metrics_done = (done / "metrics.json").read_text()
+    # Cut the second job off after iteration 2, as a killed sweep leaves it.
+    (cut / "metrics.json").unlink()
+    ckpts = cut / "checkpoints"
+    for p in ckpts.glob("model_*.pt"):
+        if int(p.stem.split("_")[1]) > 2:
+            p.unlink()
+    (ckpts / "last.pt").unlink()
+    (ckpts / "last.pt").hardlink_to(ckpts / "model_0000002.pt")
+
+    again = run_train(*args)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "finished at iteration 4; skipping it" in out
+    assert "resumed from" in out and "at iteration 2" in out
+    assert (done / "metrics.json").read_text() == metrics_done
+    assert (cut / "metrics.json").is_file() and (ckpts / "model_0000004.pt").is_file()
+    assert [e.step for e in scalars(cut).Scalars("train/loss")] == [1, 2, 3, 4]  # no duplicated steps
+
+
 @pytest.mark.parametrize("args,needle", [
     (["loss=foo"], "smooth_l1"),
     (["loss=huber", "loss.delta=-0.5"], "delta must be > 0"),
