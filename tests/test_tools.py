@@ -46,6 +46,7 @@ evaluate = load_tool("evaluate")
 compare_runs = load_tool("compare_runs")
 plot_losses = load_tool("plot_losses")
 visualize = load_tool("visualize")
+ttest = load_tool("ttest")
 ALL = {"evaluate": evaluate, "compare_runs": compare_runs, "plot_losses": plot_losses, "visualize": visualize}
 
 
@@ -238,13 +239,14 @@ def test_run_config_overrides(smoke_run):
 
 
 def fake_run(path: Path, loss: str, seed: int, ap: float | None, overrides: list[str] | None = None,
-             device: str = "cpu", curve: bool = True) -> Path:
+             device: str = "cpu", curve: bool = True, **extra: object) -> Path:
     """A run directory in train.py's format, with AP = ``ap`` and the other stats derived from it."""
     (path / ".hydra").mkdir(parents=True)
     losses = {"smooth_l1": {"_target_": "detlib.losses.SmoothL1", "weight": 1.0, "beta": 0.111},
               "huber": {"_target_": "detlib.losses.Huber", "weight": 1.0, "delta": 1.0},
               "l1": {"_target_": "detlib.losses.L1", "weight": 1.0}}
     cfg = {"seed": seed, "trainer": {"device": device, "max_iters": 10, "progress": False}, "loss": losses[loss]}
+    cfg |= extra
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     overrides = overrides or [f"loss={loss}", f"seed={seed}", "trainer.progress=False"]
     (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -275,8 +277,10 @@ def sweeps(tmp_path) -> Path:
     fake_run(b / "3_loss=l2,seed=1", "l1", 1, None)  # unfinished
     (b / "4_broken" / ".hydra").mkdir(parents=True)
     (b / "4_broken" / ".hydra" / "config.yaml").write_text("seed: [0\n")  # not YAML: listed, not fatal
-    fake_run(c / "0", "smooth_l1", 2, 0.52)
-    fake_run(c / "1", "huber", 2, 0.58, overrides=["loss=huber", "loss.delta=1.0", "seed=2"])  # same config
+    # Newer runs: a model key added to a config file since (one value) does not split a group.
+    fake_run(c / "0", "smooth_l1", 2, 0.52, model={"new_knob": 3})
+    fake_run(c / "1", "huber", 2, 0.58, overrides=["loss=huber", "loss.delta=1.0", "seed=2"],  # same config
+             model={"new_knob": 3})
     return tmp_path
 
 
@@ -330,6 +334,20 @@ def test_compare_runs_baseline_and_defaults(sweeps, capsys):
     assert "--baseline 'loss=giou' is not a group" in capsys.readouterr().err
 
 
+def test_compare_runs_groups_by_config_values(tmp_path):
+    fake_run(tmp_path / "0", "smooth_l1", 0, 0.5, overrides=["loss=smooth_l1", "loss.beta=0.111", "seed=0"])
+    run = fake_run(tmp_path / "1", "smooth_l1", 0, 0.6, overrides=["loss=smooth_l1", "loss.beta=1.0", "seed=0"])
+    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    cfg["loss"]["beta"] = 1.0
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    fake_run(tmp_path / "2", "smooth_l1", 1, 0.7, overrides=["loss=smooth_l1", "seed=1"])  # beta 0.111: group 0
+    runs = [compare_runs.load_run(p) for p in compare_runs.find_runs([tmp_path])]
+    assert runs[0].identity["trainer.lr"] == 0.02  # filled from detlib.config's schema
+    groups = compare_runs.group_runs(runs)
+    assert [(g.name, [r.path.name for r in g.runs]) for g in groups] == [
+        ("loss.beta=0.111", ["0", "2"]), ("loss.beta=1.0", ["1"])]
+
+
 def test_compare_runs_reads_ap_per_iou_written_later_by_evaluate(tmp_path):
     run = fake_run(tmp_path / "old", "l1", 0, 0.4, curve=False)  # older than eval_detail.json
     assert compare_runs.load_run(run).ap_per_iou is None
@@ -349,12 +367,12 @@ def test_compare_runs_without_finished_runs(tmp_path, capsys):
 
 def test_t_pvalue_against_closed_forms_and_tables():
     for t in (0.3, 1.0, 2.5, 12.7062):
-        assert compare_runs.t_pvalue(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-12)  # Cauchy
-        assert compare_runs.t_pvalue(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-12)
-    assert compare_runs.t_pvalue(2.776445, 4) == pytest.approx(0.05, abs=1e-6)  # the t table's 97.5% points
-    assert compare_runs.t_pvalue(2.228139, 10) == pytest.approx(0.05, abs=1e-6)
-    assert compare_runs.t_pvalue(0.0, 5) == 1.0
-    assert compare_runs.paired_t([1.0], [0.5]) is None
+        assert ttest.t_pvalue(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-12)  # Cauchy
+        assert ttest.t_pvalue(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-12)
+    assert ttest.t_pvalue(2.776445, 4) == pytest.approx(0.05, abs=1e-6)  # the t table's 97.5% points
+    assert ttest.t_pvalue(2.228139, 10) == pytest.approx(0.05, abs=1e-6)
+    assert ttest.t_pvalue(0.0, 5) == 1.0
+    assert ttest.paired_t([1.0], [0.5]) is None
 
 
 # ---------------------------------------------------------------------------------------------

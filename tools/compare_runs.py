@@ -6,7 +6,9 @@
 Every folder under the DIRs with ``.hydra/config.yaml`` is a run (a multirun folder, a single run,
 or a folder of sweeps all work). Runs whose config is equal except for the seed and keys that don't
 change results (device, progress bar, resume, paths, logging periods, ``hydra.*``) form a group,
-named by the overrides that tell the groups apart (``loss=huber``). A run without ``metrics.json``
+named by the overrides that tell the groups apart (``loss=huber``). Runs made by older code still
+match newer ones: keys added to ``detlib.config`` since take their defaults, and a key that only
+some runs have, with one value wherever it appears, is left out. A run without ``metrics.json``
 is listed as unfinished. Differences from the baseline are tested by a paired t-test on the runs
 matched by seed (runs of one seed in one group are averaged first).
 
@@ -30,8 +32,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from rundir import ToolError, cli  # noqa: E402
+from ttest import mean_std, paired_t  # noqa: E402
+
+from detlib.config import Config  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # Keys that say how a run was executed, not what was trained: left out of a group's identity.
@@ -66,67 +72,6 @@ class Group:
             if r.metrics.get(metric) is not None:
                 seeds.setdefault(r.seed, []).append(r.metrics[metric])
         return {s: sum(v) / len(v) for s, v in seeds.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics (no scipy): Student's t p-value through the regularised incomplete beta function.
-
-
-def mean_std(x: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1); None where undefined."""
-    if not x:
-        return None, None
-    m = sum(x) / len(x)
-    if len(x) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes 6.4)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1, a - 1
-    c, d = 1.0, 1 - qab * x / qap
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((qam + 2 * m) * (a + 2 * m)),
-                    -(a + m) * (qab + m) * x / ((a + 2 * m) * (qap + 2 * m))):
-            d = 1 + num * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta ``I_x(a, b)`` for ``0 <= x <= 1``."""
-    if x <= 0 or x >= 1:
-        return 0.0 if x <= 0 else 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1) / (a + b + 2):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1 - math.exp(log_front) * _betacf(b, a, 1 - x) / b
-
-
-def t_pvalue(t: float, df: int) -> float:
-    """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
-    if math.isinf(t):
-        return 0.0
-    return betainc(df / 2, 0.5, df / (df + t * t))
-
-
-def paired_t(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Two-sided p-value of the paired t-test of ``x - y``; None for fewer than 2 pairs."""
-    d = [a - b for a, b in zip(x, y)]
-    m, s = mean_std(d)
-    if s is None:
-        return None
-    if s == 0:
-        return 1.0 if m == 0 else 0.0
-    return t_pvalue(m / (s / math.sqrt(len(d))), len(d) - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +121,8 @@ def _read_json(path: Path) -> object | None:
 def load_run(path: Path) -> Run:
     """Read a run's config, overrides, metrics and AP per IoU; missing results leave ``metrics`` None."""
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"), resolve=False)
+        cfg = OmegaConf.to_container(_with_schema_defaults(OmegaConf.load(path / ".hydra" / "config.yaml")),
+                                     resolve=False)
         ov_file = path / ".hydra" / "overrides.yaml"
         overrides = [str(o) for o in OmegaConf.load(ov_file)] if ov_file.is_file() else []
     except Exception as e:  # noqa: BLE001 - yaml and OmegaConf raise many types; one bad run must not stop the rest
@@ -197,6 +143,14 @@ def load_run(path: Path) -> Run:
     return run
 
 
+def _with_schema_defaults(cfg: DictConfig) -> DictConfig:
+    """Keys added to ``detlib.config`` since the run was made get their defaults, so old and new runs compare."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except OmegaConfBaseException:  # a key since removed or retyped: compare the config as saved
+        return cfg
+
+
 def _ap_per_iou(path: Path, ap: float | None) -> dict | None:
     """AP per IoU from the trainer's ``eval_detail.json``, else from one ``tools/evaluate.py`` wrote
     afterwards (``RUN/eval/``, for runs older than that file) if it evaluated the same thing (same AP)."""
@@ -213,11 +167,21 @@ def _key(identity: dict[str, object]) -> str:
     return json.dumps(sorted(identity.items()), default=str)
 
 
+def _new_keys(runs: Sequence[Run]) -> set[str]:
+    """Keys some runs lack while every run that has them agrees on the value: added to a config file later."""
+    values: dict[str, set[str]] = {}
+    for r in runs:
+        for k, v in r.identity.items():
+            values.setdefault(k, set()).add(repr(v))
+    return {k for k, v in values.items() if len(v) == 1 and any(k not in r.identity for r in runs)}
+
+
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Runs with equal identity (config minus seed and IGNORED keys) form a group, in order of appearance."""
     groups: dict[str, Group] = {}
+    skip = _new_keys(runs)
     for r in runs:
-        groups.setdefault(_key(r.identity), Group("")).runs.append(r)
+        groups.setdefault(_key({k: v for k, v in r.identity.items() if k not in skip}), Group("")).runs.append(r)
     out = list(groups.values())
     _name_groups(out)
     return out

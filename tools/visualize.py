@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -89,13 +90,30 @@ def predict_one(model: nn.Module, image: Tensor, target: dict, device: torch.dev
     return {k: v.cpu() for k, v in out.items()}
 
 
-def from_results(results: list[dict], image_id: int, cat_to_label: dict[int, int]) -> dict:
-    """COCO results of one image -> ``boxes (D, 4)`` xyxy, ``scores``, ``labels`` 1..K."""
-    mine = [r for r in results if r["image_id"] == image_id]
+def from_results(by_image: dict[int, list[dict]], cat_to_label: dict[int, int], image: Tensor, target: dict) -> dict:
+    """The COCO results of ``target``'s image -> ``boxes (D, 4)`` xyxy, ``scores``, ``labels`` 1..K."""
+    mine = by_image.get(target["image_id"], [])
     boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
     return {"boxes": boxes, "scores": torch.tensor([float(r["score"]) for r in mine]),
             "labels": torch.tensor([cat_to_label[r["category_id"]] for r in mine], dtype=torch.int64)}
+
+
+def open_source(args: argparse.Namespace) -> tuple[CocoDetection, Callable[[Tensor, dict], dict]]:
+    """The images to draw and a function ``(image, target) -> predictions``: a run's model or a detections file."""
+    if args.run is not None:
+        model, dataset = build_from_run(load_run_config(args.run))
+        load_weights(model, args.checkpoint or args.run / "checkpoints" / "last.pt")
+        device = resolve_device(args.device)
+        model.to(device).eval()
+        return dataset, partial(predict_one, model, device=device)
+    dataset = CocoDetection(args.gt, args.images, train=False)
+    results = read_results(args.dets)
+    check_results_file(args.dets, results, set(dataset.coco.getImgIds()), set(dataset.cat_ids))
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    return dataset, partial(from_results, by_image, dataset.cat_to_label)
 
 
 def keep(pred: dict, thresh: float) -> dict:
@@ -105,23 +123,13 @@ def keep(pred: dict, thresh: float) -> dict:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.run is not None:
-        model, dataset = build_from_run(load_run_config(args.run))
-        load_weights(model, args.checkpoint or args.run / "checkpoints" / "last.pt")
-        device = resolve_device(args.device)
-        model.to(device).eval()
-        predict = lambda i, image, target: predict_one(model, image, target, device)  # noqa: E731
-    else:
-        dataset = CocoDetection(args.gt, args.images, train=False)
-        results = read_results(args.dets)
-        check_results_file(args.dets, results, set(dataset.coco.getImgIds()), set(dataset.cat_ids))
-        predict = lambda i, image, target: from_results(results, dataset.ids[i], dataset.cat_to_label)  # noqa: E731
+    dataset, predict = open_source(args)
     out = args.out or (args.run / "vis" if args.run is not None else Path("vis"))
     out.mkdir(parents=True, exist_ok=True)
     names = dict(enumerate(dataset.class_names, start=1))
     for i in pick(dataset, args.ids, args.num):
         image, target = dataset[i]
-        pred = keep(predict(i, image, target), args.score_thresh)
+        pred = keep(predict(image, target), args.score_thresh)
         path = out / f"{target['image_id']}.png"
         write_png(draw(image, target, pred, names, args.scale), str(path))
         print(f"{path}: {len(target['boxes'])} ground truth, {len(pred['boxes'])} predictions >= {args.score_thresh}")
