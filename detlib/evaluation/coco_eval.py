@@ -94,8 +94,13 @@ def check_results(gt: COCO, results: list[dict]) -> None:
     cats = sorted({r["category_id"] for r in results} - set(gt.getCatIds()))
     if cats:
         raise ValueError(f"detections name category ids not in the ground truth: {cats[:10]}")
-    bad = [r for r in results if len(r.get("bbox", ())) != 4 or not np.isfinite(r["bbox"]).all()
-           or not np.isfinite(r.get("score", np.nan))]
+    try:  # one vectorised check; the per-detection scan below only runs to name what is wrong
+        ok = bool(np.isfinite(np.asarray([[*r["bbox"], r["score"]] for r in results], dtype=np.float64)
+                              .reshape(len(results), 5)).all())
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    bad = [] if ok else [r for r in results if len(r.get("bbox", ())) != 4 or not np.isfinite(r["bbox"]).all()
+                         or not np.isfinite(r.get("score", np.nan))]
     if bad:
         raise ValueError(f"{len(bad)} detections have a bad bbox or score, first: {bad[0]}")
 
