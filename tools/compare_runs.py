@@ -326,7 +326,7 @@ def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], met
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="compare_runs.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="compare_runs.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run, multirun folder, or folder of them")
     p.add_argument("--baseline", help="group to compare against (default: loss=smooth_l1 if present, else the first)")

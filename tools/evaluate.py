@@ -38,7 +38,7 @@ from detlib.evaluation.inference import evaluate
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("checkpoint mode")
     src.add_argument("--run", type=Path, help="run directory made by train.py")

@@ -134,7 +134,7 @@ def save(fig, path: Path) -> Path:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="plot_losses.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="plot_losses.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="compare", choices=["compare", "beta", "all"],
                    help="compare: L1, L2, smooth L1, Huber; beta: smooth L1 with beta 1, 0.1, 0.01; all: both")

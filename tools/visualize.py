@@ -35,7 +35,7 @@ from detlib.data.coco import CocoDetection
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="visualize.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="visualize.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, help="run directory: predict with its checkpoint on its val set")
     p.add_argument("--checkpoint", type=Path, help="with --run: checkpoint (default RUN/checkpoints/last.pt)")
