@@ -130,6 +130,8 @@ def build_from_run(cfg: DictConfig) -> tuple[nn.Module, CocoDetection]:
     """``(model, val_set)`` as ``train.py`` builds them; the model has fresh weights.
 
     Both splits are built (``build_datasets``), as in training: the class count comes from the data.
+    A relative ``data.root`` is taken from the current folder (``train.py`` took it from where it was
+    launched); pass ``--config-overrides data.root=...`` if that differs.
     """
     register()
     typed: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
