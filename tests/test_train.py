@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from detlib.evaluation.coco_eval import STAT_NAMES
 
 from .conftest import run_train
+from .fixtures import write_coco
 
 TRAIN_TAGS = {"train/loss", "train/loss_cls", "train/loss_box_reg", "train/loss_rpn_cls", "train/loss_rpn_box_reg",
               "train/lr"}
@@ -139,6 +140,26 @@ def test_rerun_sweep_skips_finished_jobs_and_resumes_the_cut_off_one(tmp_path, d
     assert (done / "metrics.json").read_text() == metrics_done
     assert (cut / "metrics.json").is_file() and (ckpts / "model_0000004.pt").is_file()
     assert [e.step for e in scalars(cut).Scalars("train/loss")] == [1, 2, 3, 4]  # no duplicated steps
+
+
+@pytest.mark.slow
+def test_case34_relative_data_paths_from_another_directory_in_multirun(tmp_path):
+    """Relative ``data.root`` is taken from where the user launched; each job writes only its own dir."""
+    write_coco(tmp_path / "data", num_train=4, num_val=2)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*"))
+    proc = run_train("-m", "data=coco", "data.root=data", "data.train_ann=train.json", "data.train_images=images",
+                     "data.val_ann=val.json", "data.val_images=images", "data.batch_size=2", "model.min_size=64",
+                     "model.max_size=96", "trainer.max_iters=2", "trainer.warmup_iters=1", "trainer.progress=false",
+                     "trainer.device=cpu", "loss=l1,huber", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "sweep"]  # nothing written beside them
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1"]
+    for j in jobs:
+        assert (j / "metrics.json").is_file() and (j / "tb").is_dir()
+        meta = torch.load(j / "checkpoints" / "last.pt", weights_only=False)["meta"]
+        assert meta["data"]["train"] == str(tmp_path / "data" / "train.json")  # resolved from the launch dir
 
 
 @pytest.mark.parametrize("args,needle", [
