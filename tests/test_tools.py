@@ -317,6 +317,7 @@ def test_compare_runs_numbers_and_outputs(sweeps, tmp_path, capsys):
     assert "| loss=l1 | 1 | 40.00 |" in md and "| -12.00 | n/a | 1 |" in md
     assert "3_loss=l2,seed=1`: no metrics.json (unfinished)" in md
     assert "4_broken`: unreadable .hydra files" in md
+    assert "![AP at each IoU threshold](ap_per_iou.png)" in md and "Not in the AP-per-IoU figure" not in md
     for png in ("ap_per_iou.png", "ap_bar.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 300
@@ -351,6 +352,9 @@ def test_compare_runs_groups_by_config_values(tmp_path):
 def test_compare_runs_reads_ap_per_iou_written_later_by_evaluate(tmp_path):
     run = fake_run(tmp_path / "old", "l1", 0, 0.4, curve=False)  # older than eval_detail.json
     assert compare_runs.load_run(run).ap_per_iou is None
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    assert not (tmp_path / "report" / "ap_per_iou.png").exists()
+    assert "AP-per-IoU figure (no eval_detail.json): loss=l1;" in (tmp_path / "report" / "comparison.md").read_text()
     curve = {"0.50": 0.6, "0.95": 0.1}
     (run / "eval").mkdir()
     (run / "eval" / "eval_detail.json").write_text(json.dumps({"stats": {"AP": 0.3}, "ap_per_iou": curve}))

@@ -270,10 +270,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
             w.writerow(["" if r[c] is None else (" ".join(map(str, r[c])) if c == "seeds" else r[c]) for c in cols])
 
 
-def plot_ap_per_iou(groups: Sequence[Group], path: Path) -> bool:
-    """AP at each IoU threshold, one curve per group (mean over its runs); False if no run has the data."""
+def plot_ap_per_iou(groups: Sequence[Group], path: Path) -> list[str]:
+    """AP at each IoU threshold, one curve per group (mean over its runs); returns the groups drawn."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
+    drawn = []
     for g in groups:
         curves = [r.ap_per_iou for r in g.runs if r.ap_per_iou]
         if not curves:
@@ -284,7 +284,7 @@ def plot_ap_per_iou(groups: Sequence[Group], path: Path) -> bool:
             vals = [c[t] for c in curves if c.get(t) is not None]
             ys.append(100 * sum(vals) / len(vals) if vals else math.nan)
         ax.plot([float(t) for t in thrs], ys, marker="o", label=f"{g.name} (n={len(curves)})")
-        drawn = True
+        drawn.append(g.name)
     if drawn:
         ax.set(xlabel="IoU threshold", ylabel="AP (%)", title="AP at each IoU threshold (mean over seeds)")
         ax.grid(alpha=0.3)
@@ -314,12 +314,16 @@ def plot_bar(rows: list[dict], metric: str, baseline: str, path: Path) -> None:
 
 
 def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], metric: str, dirs: Sequence[Path],
-                   has_curve: bool) -> None:
+                   drawn: list[str], groups: Sequence[Group]) -> None:
     parts = [f"# Run comparison\n\nRuns under: {', '.join(map(str, dirs))}\n",
              f"Metrics in %, mean ± sample std over runs; Δ and the paired t-test on {metric}, runs matched by "
              "seed.\n", format_markdown(body), "", f"![{metric} per group](ap_bar.png)"]
-    if has_curve:
+    if drawn:
         parts.append("![AP at each IoU threshold](ap_per_iou.png)")
+    missing = [g.name for g in groups if g.name not in drawn]
+    if missing:
+        parts += ["", f"Not in the AP-per-IoU figure (no eval_detail.json): {', '.join(missing)}; "
+                  "`tools/evaluate.py --run RUN` writes one to RUN/eval/."]
     if unfinished:
         parts += ["", "## Unfinished or unreadable runs", ""] + [f"- `{r.path}`: {r.problem}" for r in unfinished]
     path.write_text("\n".join(parts) + "\n")
@@ -353,13 +357,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "comparison.csv")
-    has_curve = plot_ap_per_iou(groups, out / "ap_per_iou.png")
+    drawn = plot_ap_per_iou(groups, out / "ap_per_iou.png")
     plot_bar(rows, args.metric, wanted, out / "ap_bar.png")
-    write_markdown(out / "comparison.md", body, unfinished, args.metric, args.dirs, has_curve)
+    write_markdown(out / "comparison.md", body, unfinished, args.metric, args.dirs, drawn, groups)
     print(format_text(body))
     for r in unfinished:
         print(f"unfinished: {r.path}: {r.problem}")
-    print(f"\nwrote {out / 'comparison.md'}, comparison.csv, ap_bar.png" + (", ap_per_iou.png" if has_curve else ""))
+    print(f"\nwrote {out / 'comparison.md'}, comparison.csv, ap_bar.png" + (", ap_per_iou.png" if drawn else ""))
     return 0
 
 
