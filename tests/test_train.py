@@ -9,6 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from detlib.engine import dashboard
 from detlib.evaluation.coco_eval import STAT_NAMES
 
 from .conftest import run_train
@@ -80,7 +81,7 @@ def test_smoke_run_dashboards(smoke_run):
             assert ea.Scalars(f"val/AP/{name}")[-1].value == pytest.approx(v)
     assert {"val/pr_curves", "val/detections"} <= set(tags["images"])
     det = ea.Images("val/detections")[-1]
-    assert det.step == 6 and det.width > 4 * 128  # four fixed val images side by side
+    assert det.step == 6 and det.width == 4 * (dashboard.TILE + 2) + 2  # four fixed val images side by side
     assert {"residuals/dx", "residuals/dy", "residuals/dw", "residuals/dh", "train/fg_iou_hist"} <= set(
         tags["histograms"])
     assert "val/per_class_AP/text_summary" in tags["tensors"]

@@ -28,7 +28,7 @@ from detlib.data.coco import CocoDetection  # noqa: E402
 from detlib.evaluation.coco_eval import per_class_ap  # noqa: E402
 
 NUM_IMAGES = 4  # val images drawn at every evaluation (always the same ones)
-TILE = 320  # longest side of each drawn image, in pixels
+TILE = 256  # longest side of each drawn image, in pixels
 
 
 def log_eval(writer: SummaryWriter, step: int, E: COCOeval, val_set: CocoDetection, model: nn.Module,
@@ -74,25 +74,18 @@ def detections_grid(model: nn.Module, val_set: CocoDetection, device: torch.devi
     model.train(was_training)
     tiles = []
     for (image, target), det in zip(samples, out):
-        canvas = (image * 255).to(torch.uint8)
-        canvas = draw_bounding_boxes(canvas, target["boxes"], colors="lime", width=1)
+        scale = TILE / max(image.shape[1:])  # small images drawn larger so labels stay legible, big ones smaller
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
+        canvas = F.interpolate(image[None] * 255, size=size, mode="bilinear")[0].clamp(0, 255).to(torch.uint8)
+        canvas = draw_bounding_boxes(canvas, target["boxes"] * scale, colors="lime", width=2)
         keep = det["scores"] > score_thresh
         labels = [f"{val_set.class_names[int(lab) - 1]} {s:.2f}" for lab, s in
                   zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
-        canvas = draw_bounding_boxes(canvas, det["boxes"][keep].cpu(), labels=labels, colors="red", width=1)
-        tiles.append(_fit(canvas, TILE))
+        canvas = draw_bounding_boxes(canvas, det["boxes"][keep].cpu() * scale, labels=labels, colors="red", width=1)
+        tiles.append(canvas)
     h, w = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
     tiles = [F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in tiles]  # mixed sizes and orientations
     return make_grid(tiles, nrow=len(tiles), padding=2)
-
-
-def _fit(image: torch.Tensor, side: int) -> torch.Tensor:
-    """``(3, H, W)`` uint8 scaled down so its longer side is at most ``side`` (event files stay small)."""
-    scale = side / max(image.shape[1:])
-    if scale >= 1:
-        return image
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
-    return F.interpolate(image[None].float(), size=size, mode="area")[0].round().to(torch.uint8)
 
 
 @torch.no_grad()
