@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import platform
@@ -225,6 +226,11 @@ def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -
     for side in sides:
         for _ in range(args.warmup):
             side.step()
+    # Everything built so far (torch, Hydra, the data, both models) is long-lived: frozen out of the
+    # collector, a full collection no longer walks it, and those pauses stop landing at random in
+    # either model's windows.
+    gc.collect()
+    gc.freeze()
     windows = max(1, min(args.windows, args.iters))
     sizes = [args.iters // windows + (i < args.iters % windows) for i in range(windows)]
     res = {s.name: {"window_s": [], "phases": [], "peak_mib": 0.0, "rss_before_mib": math.inf} for s in sides}
@@ -252,6 +258,7 @@ def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -
             side.sync_phases = True
             res[side.name]["phases"] = [side.step() for _ in range(max(3, min(args.iters, 10)))]
             side.sync_phases = False
+    gc.unfreeze()
     if cuda:
         method = "torch.cuda.max_memory_allocated (tensors only)"
     elif can_reset:
