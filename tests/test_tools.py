@@ -467,3 +467,24 @@ def test_visualize_run_writes_n_pngs_and_agrees_with_its_detections_file(smoke_r
     from_file = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert from_run == from_file
     assert sum(int(line.split(", ")[1].split()[0]) for line in from_run) > 0  # some predictions are drawn
+
+
+def test_compare_runs_plots_the_metric_against_a_config_key(tmp_path, capsys):
+    """loss_study_robust's figure: AP against the outlier fraction, one line per loss."""
+    ap = {("l1", 0.0): (0.50, 0.52), ("l1", 0.4): (0.46, 0.48), ("huber", 0.0): (0.55, 0.57), ("huber", 0.4): (0.40, 0.44)}
+    for k, ((loss, p), aps) in enumerate(ap.items()):
+        for seed, v in enumerate(aps):
+            fake_run(tmp_path / f"{k}_{seed}", loss, seed, v, data={"noise": {"outliers": p}},
+                     overrides=[f"loss={loss}", f"data.noise.outliers={p}", f"seed={seed}"])
+    groups = compare_runs.group_runs([compare_runs.load_run(p) for p in compare_runs.find_runs([tmp_path])])
+    points = compare_runs.plot_against(groups, "data.noise.outliers", "AP", tmp_path / "f.png")
+    assert set(points) == {"loss=l1", "loss=huber"}
+    assert [x for x, _ in points["loss=huber"]] == [0.0, 0.4]
+    assert [m for _, m in points["loss=huber"]] == pytest.approx([0.56, 0.42])
+    assert [m for _, m in points["loss=l1"]] == pytest.approx([0.51, 0.47])
+    out = tmp_path / "report"
+    assert compare_runs.main([str(tmp_path), "--x", "data.noise.outliers", "--baseline",
+                              "loss=l1,data.noise.outliers=0.0", "--out", str(out)]) == 0
+    assert (out / "AP_vs_data_noise_outliers.png").stat().st_size > 5000
+    assert "AP_vs_data_noise_outliers.png" in (out / "comparison.md").read_text()
+    assert compare_runs.main([str(tmp_path), "--x", "data.nope"]) == 1

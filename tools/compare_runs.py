@@ -313,6 +313,33 @@ def plot_bar(rows: list[dict], metric: str, baseline: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_against(groups: Sequence[Group], key: str, metric: str, path: Path) -> dict[str, list[tuple[float, float]]]:
+    """``metric`` (mean ± std over seeds) against the config value ``key``, one line per remaining setting
+    (e.g. AP against ``data.noise.outliers``, one line per loss). Returns each series' (x, mean) points."""
+    series: dict[str, list[tuple[float, list[float]]]] = {}
+    for g in groups:
+        if key not in g.runs[0].identity:
+            raise ToolError(f"--x {key}: not a config key of the runs (e.g. data.noise.outliers)")
+        name = ",".join(part for part in g.name.split(",") if not part.startswith(f"{key}=")) or "runs"
+        series.setdefault(name, []).append((float(g.runs[0].identity[key]), g.values(metric)))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = {}
+    for name, points in series.items():
+        points.sort()
+        xs = [x for x, v in points if v]
+        stats = [mean_std(v) for _, v in points if v]
+        drawn[name] = [(x, m) for x, (m, _) in zip(xs, stats)]
+        ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * (sd or 0) for _, sd in stats], marker="o", capsize=3,
+                    label=name)
+    ax.set(xlabel=key, ylabel=f"{metric} (%)", title=f"{metric} against {key} (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
 def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], metric: str, dirs: Sequence[Path],
                    drawn: list[str], groups: Sequence[Group]) -> None:
     parts = [f"# Run comparison\n\nRuns under: {', '.join(map(str, dirs))}\n",
@@ -336,6 +363,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", help="group to compare against (default: loss=smooth_l1 if present, else the first)")
     p.add_argument("--metric", default="AP", choices=METRICS, help="metric for the difference and the test")
     p.add_argument("--out", type=Path, help="folder for comparison.md/.csv and the figures (default: first DIR)")
+    p.add_argument("--x", metavar="KEY", help="also plot the metric against this config key, one line per other "
+                   "setting (e.g. --x data.noise.outliers: AP against outlier fraction, per loss)")
     return p.parse_args(argv)
 
 
@@ -360,6 +389,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     drawn = plot_ap_per_iou(groups, out / "ap_per_iou.png")
     plot_bar(rows, args.metric, wanted, out / "ap_bar.png")
     write_markdown(out / "comparison.md", body, unfinished, args.metric, args.dirs, drawn, groups)
+    if args.x:
+        figure = out / f"{args.metric}_vs_{args.x.replace('.', '_')}.png"
+        plot_against(groups, args.x, args.metric, figure)
+        with (out / "comparison.md").open("a") as f:
+            f.write(f"\n![{args.metric} against {args.x}]({figure.name})\n")
+        print(f"wrote {figure}")
     print(format_text(body))
     for r in unfinished:
         print(f"unfinished: {r.path}: {r.problem}")
