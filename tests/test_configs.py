@@ -86,3 +86,16 @@ def test_typos_and_wrong_types_fail_at_compose(override, error):
 def test_ranges_name_the_key(override, key):
     with pytest.raises(ValueError, match=key):
         check_ranges(OmegaConf.to_object(compose_cfg(override)))
+
+
+def test_slurm_launcher_config_composes_with_the_plugin():
+    """configs/hydra/launcher/slurm.yaml extends hydra-submitit-launcher's own config (a dev dependency)."""
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import CONFIGS
+
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.gpus_per_node) == ("gpu", 1)
