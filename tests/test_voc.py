@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from detlib.data.build import build_datasets
 from detlib.data.coco import coco_from_dict
 from detlib.data.validation import AnnotationError
 from detlib.data.voc import VOC_CLASSES, parse_voc_xml, voc_folder, voc_to_coco
+from detlib.evaluation.inference import predict
 from detlib.evaluation.voc_eval import ap_from_pr, voc07_ap50
 
 from .conftest import compose_cfg, run_train
@@ -173,6 +176,16 @@ def test_voc_trains_and_evaluates_end_to_end_through_train_py(devkit, tmp_path):
     assert set(metrics) >= {"AP", "AP50"} and all(v is None or 0 <= v <= 1 for v in metrics.values())
     detail = json.loads((tmp_path / "eval_detail.json").read_text())
     assert set(detail["per_class_ap"]) == set(VOC_CLASSES)
+    # The VOC07 AP50 of the trained checkpoint on the converted test split.
+    cfg = compose_cfg("data=voc", f"data.root={devkit}", "model.min_size=64", "model.max_size=96")
+    _, val = build_datasets(OmegaConf.to_object(cfg).data)
+    model = instantiate(cfg.model, num_classes=val.num_classes, box_loss=instantiate(cfg.loss),
+                        rpn_box_loss=instantiate(cfg.rpn_loss))
+    model.load_state_dict(torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"])
+    results, _ = predict(model, val, torch.device("cpu"), batch_size=4)
+    voc = voc07_ap50(results, val.coco)
+    assert {k for k, v in voc["per_class"].items() if v is not None} == {"cat", "dog"}  # the classes with objects
+    assert 0 <= voc["mAP"] <= 1
 
 
 def test_image_ids_are_voc_ids_when_unique_else_split_order():
