@@ -85,6 +85,8 @@ class TrainerConfig:
     on_nonfinite: str = "stop"  # stop | skip
     max_nonfinite: int = 5  # with skip: stop after this many non-finite steps in a row
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    channels_last: bool = True  # CUDA only: backbone in channels_last memory format (faster convs with AMP)
+    cudnn_benchmark: bool = True  # CUDA only: let cuDNN pick the fastest conv algorithms per input shape
     progress: bool = True
 
 
