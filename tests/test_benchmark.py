@@ -31,7 +31,6 @@ def test_help_lists_the_options(tool, capsys):
         assert opt in out
 
 
-@pytest.mark.skipif(not HAS_FAST, reason="faster-coco-eval is not installed (dev group; or uv sync --extra fast-eval)")
 def test_tiny_cpu_run_writes_the_report(tool, tmp_path, data_root, capsys):
     out = tmp_path / "bench.json"
     report = tool.main([
@@ -49,6 +48,10 @@ def test_tiny_cpu_run_writes_the_report(tool, tmp_path, data_root, capsys):
     assert saved["ratio"]["step_time"] > 0 and saved["ratio"]["images_per_s"] > 0
     assert saved["settings"]["image_size"] == 64 and saved["settings"]["model"] == "small"
     ev = saved["eval"]
-    assert ev["identical"] and ev["pycocotools_s"] > 0 and ev["faster_coco_eval_s"] > 0 and ev["num_images"] == 4
+    assert ev["pycocotools_s"] > 0 and ev["num_images"] == 4
+    if HAS_FAST:  # faster-coco-eval is in the dev group; without it only pycocotools is timed
+        assert ev["identical"] and ev["faster_coco_eval_s"] > 0 and ev["ratio"] > 0
+    else:
+        assert ev["ratio"] is None
     table = capsys.readouterr().out
     assert "| images/s" in table and "faster_coco_eval" in table
