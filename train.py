@@ -81,7 +81,8 @@ def main(cfg: DictConfig) -> float | None:
         | {"batch_size": typed.data.batch_size},
     }
     stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
-                  typed.data.num_workers, typed.seed, meta, hparams(cfg))
+                  typed.data.num_workers, typed.seed, meta, hparams(cfg),
+                  voc07=typed.data.name == "voc")
     return stats.get("AP") if stats else None
 
 

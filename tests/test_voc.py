@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from detlib.data.build import build_datasets
 from detlib.data.coco import coco_from_dict
@@ -186,6 +187,10 @@ def test_voc_trains_and_evaluates_end_to_end_through_train_py(devkit, tmp_path):
     voc = voc07_ap50(results, val.coco)
     assert {k for k, v in voc["per_class"].items() if v is not None} == {"cat", "dog"}  # the classes with objects
     assert 0 <= voc["mAP"] <= 1
+    assert detail["voc07_ap50"]["mAP"] == pytest.approx(voc["mAP"])  # the trainer logs the same number
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert ea.Scalars("val/VOC07_AP50")[-1].value == pytest.approx(voc["mAP"])
 
 
 def test_image_ids_are_voc_ids_when_unique_else_split_order():

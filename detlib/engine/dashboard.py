@@ -70,7 +70,8 @@ def detections_grid(model: nn.Module, val_set: CocoDetection, device: torch.devi
     was_training = model.training
     model.eval()
     samples = [val_set[i] for i in range(min(NUM_IMAGES, len(val_set)))]
-    out = model([im.to(device) for im, _ in samples], detect=True)["detections"]
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for _, t in samples]
+    out = model([im.to(device) for im, _ in samples], targets, detect=True)["detections"]  # Fast R-CNN needs them
     model.train(was_training)
     tiles = []
     for (image, target), det in zip(samples, out):

@@ -33,6 +33,7 @@ from detlib.engine import distributed as dist
 from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, format_table, per_class_ap
 from detlib.evaluation.inference import evaluate
 from detlib.evaluation.shadow import shadow_metrics
+from detlib.evaluation.voc_eval import voc07_ap50
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,13 @@ def train(
     seed: int = 0,
     meta: dict | None = None,
     hparams: dict | None = None,
+    voc07: bool = False,
 ) -> dict[str, float | None]:
     """Train ``model`` for ``cfg.max_iters`` iterations and return the final COCO stats.
 
     ``meta``: what identifies the set-up (config, dataset, world size); stored in checkpoints and
     compared on resume. ``hparams``: flat parameters for TensorBoard's HParams table. Writes ``tb/``,
-    ``checkpoints/`` and ``metrics.json`` under ``run_dir``. A run directory whose run has finished
+    ``checkpoints/`` and ``metrics.json`` under ``run_dir``. ``voc07``: also report VOC07 11-point AP50. A run directory whose run has finished
     (final checkpoint and metrics.json) is not trained again: its metrics are returned.
     """
     run_dir = Path(run_dir)
@@ -200,7 +202,11 @@ def train(
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     # Steps after the checkpoint that a killed run had already logged are dropped, not duplicated.
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_iter + 1 if resume_path else None) if main else None
-    sampler = TrainBatchSampler(len(train_set), batch_size, seed, start_iter, cfg.max_iters, rank, world)
+    if main and getattr(train_set, "noise_stats", None):  # the realised annotation noise, for the record
+        for k, v in train_set.noise_stats.items():
+            writer.add_scalar(f"data/noise/{k}", float(v), 0)
+    sampler = TrainBatchSampler(len(train_set), batch_size, seed, start_iter, cfg.max_iters, rank, world,
+                                group_ids=getattr(train_set, "group_ids", None))  # aspect-ratio groups if asked
     loader = DataLoader(
         train_set, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
@@ -219,10 +225,15 @@ def train(
 
     def run_eval(iteration: int, last_out: dict | None) -> dict:
         t0 = time.perf_counter()
-        stats, val_losses, _results, E = evaluate(  # every rank evaluates its shard; stats on all ranks
+        stats, val_losses, results, E = evaluate(  # every rank evaluates its shard; stats on all ranks
             model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype, eval_cfg.backend)
         if not main:
             return stats
+        extra = {}
+        if voc07:  # results are the gathered ones on rank 0
+            voc = voc07_ap50(results, val_set.coco)
+            writer.add_scalar("val/VOC07_AP50", float("nan") if voc["mAP"] is None else voc["mAP"], iteration)
+            extra["voc07_ap50"] = voc
         for k, v in stats.items():
             writer.add_scalar(f"val/{k}", float("nan") if v is None else v, iteration)
         for k, v in val_losses.items():
@@ -234,7 +245,7 @@ def train(
         names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
         _write_json(run_dir / "eval_detail.json", {
             "iteration": iteration, "stats": stats, "val_losses": val_losses,
-            "ap_per_iou": ap_per_iou(E), "per_class_ap": per_class_ap(E, names)})
+            "ap_per_iou": ap_per_iou(E), "per_class_ap": per_class_ap(E, names), **extra})
         log.info("eval @ %d (%.1fs): AP %.4f AP50 %.4f AP75 %.4f  val loss %.4f", iteration,
                  time.perf_counter() - t0, stats["AP"] or 0, stats["AP50"] or 0, stats["AP75"] or 0,
                  val_losses.get("loss", float("nan")))
