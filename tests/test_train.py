@@ -116,13 +116,20 @@ def test_multirun_two_jobs(tmp_path, data_root):
 
 
 @pytest.mark.slow
-def test_rerun_sweep_skips_finished_jobs_and_resumes_the_cut_off_one(tmp_path, data_root):
-    """Issue #5: re-running an interrupted sweep's command continues it."""
-    args = ("-m", "experiment=smoke", "trainer.max_iters=4", "trainer.checkpoint_period=1", "trainer.log_period=1",
-            "loss=l1,huber", f"data.root={data_root}", f"hydra.sweep.dir={tmp_path}")
+def test_loss_study_preset_compares_and_a_rerun_skips_finished_jobs_and_resumes_the_cut_off_one(tmp_path, data_root):
+    """Issue #5: experiment=loss_study (shrunk) runs its sweep and the comparison; re-running the same
+    command continues an interrupted study."""
+    args = ("experiment=loss_study", "hydra.sweeper.params.loss='smooth_l1,huber'", "hydra.sweeper.params.seed='0'",
+            f"data.root={data_root}", "data.synthetic.num_train=64", "data.synthetic.num_val=16",
+            "data.batch_size=4", "trainer.max_iters=4", "trainer.warmup_iters=1", "trainer.checkpoint_period=1",
+            "trainer.log_period=1", f"hydra.sweep.dir={tmp_path}")
     proc = run_train(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done, cut = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert done.name.startswith("0_") and "loss=smooth_l1,seed=0" in done.name
+    assert cut.name.startswith("1_") and "loss=huber,seed=0" in cut.name
+    table = (tmp_path / "comparison.md").read_text()  # written by the CompareRuns callback
+    assert "loss=huber" in table and "loss=smooth_l1" in table and (tmp_path / "ap_bar.png").is_file()
     metrics_done = (done / "metrics.json").read_text()
     # Cut the second job off after iteration 2, as a killed sweep leaves it.
     (cut / "metrics.json").unlink()
