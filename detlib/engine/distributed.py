@@ -28,7 +28,16 @@ def init_from_env() -> bool:
     backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("DETLIB_DIST_TIMEOUT_MIN", "30"))))
+    timeout = timedelta(minutes=int(os.environ.get("DETLIB_DIST_TIMEOUT_MIN", "30")))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return True
+    # torchrun shares one store across restarts: without a per-attempt prefix the restarted workers
+    # read the dead workers' gloo addresses (connection refused) and hang or fail to connect.
+    store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"detlib/attempt_{restart}", store), rank=rank_,
+                            world_size=world, timeout=timeout)
     return True
 
 
