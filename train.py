@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 
 import hydra
 import numpy as np
@@ -83,7 +84,9 @@ def main(cfg: DictConfig) -> float | None:
     stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
                   typed.data.num_workers, typed.seed, meta, hparams(cfg),
                   voc07=typed.data.name == "voc")
-    return stats.get("AP") if stats else None
+    if stats is None:  # SIGTERM/SIGINT: checkpoint saved; stop here, and stop a sweep's remaining jobs too
+        sys.exit(0)
+    return stats.get("AP")
 
 
 if __name__ == "__main__":

@@ -72,9 +72,16 @@ def test_sigkill_then_resume_is_bit_identical_to_a_straight_run(tmp_path, data_r
 
 @pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, data_root):
-    run_dir = tmp_path / "run"
-    proc = _popen(_args(data_root, run_dir, "trainer.max_iters=100000", "trainer.checkpoint_period=1000"))
-    _wait_for(run_dir / "tb", proc)
+    """In a sweep: the running job saves, and the sweep stops instead of starting its next job."""
+    sweep = tmp_path / "sweep"
+    args = [a for a in _args(data_root, tmp_path, "trainer.max_iters=100000", "trainer.checkpoint_period=1000")
+            if not a.startswith("hydra.run.dir")]
+    proc = _popen(["-m", *args, "loss=l1,huber", f"hydra.sweep.dir={sweep}"])
+    deadline = time.monotonic() + 120
+    while not list(sweep.glob("0_*/tb")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the first job never started"
+        time.sleep(0.05)
+    run_dir = next(sweep.glob("0_*"))
     time.sleep(1.0)  # a few iterations in
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
@@ -82,3 +89,4 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, data_root):
     assert "SIGTERM: saved a checkpoint at iteration" in out
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert 0 < state["iteration"] < 100000
+    assert not list(sweep.glob("1_*")), "the sweep went on to its next job after SIGTERM"

@@ -148,8 +148,9 @@ def train(
     meta: dict | None = None,
     hparams: dict | None = None,
     voc07: bool = False,
-) -> dict[str, float | None]:
-    """Train ``model`` for ``cfg.max_iters`` iterations and return the final COCO stats.
+) -> dict[str, float | None] | None:
+    """Train ``model`` for ``cfg.max_iters`` iterations and return the final COCO stats (``None`` when a
+    signal stopped it: the checkpoint is saved, the caller should exit).
 
     ``meta``: what identifies the set-up (config, dataset, world size); stored in checkpoints and
     compared on resume. ``hparams``: flat parameters for TensorBoard's HParams table. Writes ``tb/``,
@@ -340,7 +341,7 @@ def train(
                         save(done)
                     log.warning("%s: saved a checkpoint at iteration %d; resume with trainer.resume=auto",
                                 stop["signal"] or "a signal on another rank", done)
-                    return {}
+                    return None
         bar.close()
         if start_iter >= cfg.max_iters:
             log.info("already trained %d iterations; evaluating only", start_iter)
