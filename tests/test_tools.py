@@ -350,6 +350,27 @@ def test_compare_runs_groups_by_config_values(tmp_path):
         ("loss.beta=0.111", ["0", "2"]), ("loss.beta=1.0", ["1"])]
 
 
+def test_compare_runs_names_runs_of_different_sweeps_alike(tmp_path):
+    """A plain sweep (outliers left at 0) next to a noise sweep, and a run that kept the default loss: every
+    group names the loss and the outlier fraction, taken from the config or Hydra's choices where not given."""
+    noise = {"noise": {"outliers": 0.0}}
+    fake_run(tmp_path / "a", "smooth_l1", 0, 0.6, overrides=["loss=smooth_l1", "seed=0"], data=noise)
+    fake_run(tmp_path / "b", "l1", 0, 0.5, overrides=["loss=l1", "data.noise.outliers=0.2", "seed=0"],
+             data={"noise": {"outliers": 0.2}})
+    c = fake_run(tmp_path / "c", "huber", 0, 0.4, overrides=["data.noise.outliers=0.2", "seed=0"],
+                 data={"noise": {"outliers": 0.2}})
+    (c / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"runtime": {"choices": {"loss": "huber", "data": "synthetic", "hydra/launcher": "basic"}}}}))
+    groups = compare_runs.group_runs([compare_runs.load_run(p) for p in compare_runs.find_runs([tmp_path])])
+    assert [g.name for g in groups] == [
+        "loss=smooth_l1,data.noise.outliers=0.0", "loss=l1,data.noise.outliers=0.2",
+        "loss=huber,data.noise.outliers=0.2"]
+    out = tmp_path / "report"
+    assert compare_runs.main([str(tmp_path), "--out", str(out), "--x", "data.noise.outliers",
+                              "--baseline", "loss=smooth_l1,data.noise.outliers=0.0"]) == 0
+    assert float(read_csv(out / "comparison.csv")["loss=l1,data.noise.outliers=0.2"]["AP_diff"]) == pytest.approx(-0.1)
+
+
 def test_compare_runs_reads_ap_per_iou_written_later_by_evaluate(tmp_path):
     run = fake_run(tmp_path / "old", "l1", 0, 0.4, curve=False)  # older than eval_detail.json
     assert compare_runs.load_run(run).ap_per_iou is None

@@ -2,11 +2,14 @@
 
     uv run tools/compare_runs.py multirun/2026-01-01/12-00-00                 # one sweep
     uv run tools/compare_runs.py /work/sweeps --baseline loss=smooth_l1 --out report/
+    uv run tools/compare_runs.py SWEEP_A SWEEP_B --x data.noise.outliers   # + AP against the outlier fraction
 
 Every folder under the DIRs with ``.hydra/config.yaml`` is a run (a multirun folder, a single run,
 or a folder of sweeps all work). Runs whose config is equal except for the seed and keys that don't
 change results (device, progress bar, resume, paths, logging periods, ``hydra.*``) form a group,
-named by the overrides that tell the groups apart (``loss=huber``). Runs made by older code still
+named by the overrides that tell the groups apart (``loss=huber``); a key overridden in one sweep
+and left at its default in another is named in both (``loss=l2,data.noise.outliers=0.0``), so
+sweeps run at different times combine. Runs made by older code still
 match newer ones: keys added to ``detlib.config`` since take their defaults, and a key that only
 some runs have, with one value wherever it appears, is left out. A run without ``metrics.json``
 is listed as unfinished. Differences from the baseline are tested by a paired t-test on the runs
@@ -52,6 +55,7 @@ class Run:
     seed: int
     identity: dict[str, object]  # flattened config minus IGNORED
     overrides: list[str]  # overrides.yaml minus IGNORED
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option (hydra.runtime.choices)
     metrics: dict | None = None  # None: unfinished
     ap_per_iou: dict[str, float | None] | None = None
     problem: str = ""
@@ -125,11 +129,15 @@ def load_run(path: Path) -> Run:
                                      resolve=False)
         ov_file = path / ".hydra" / "overrides.yaml"
         overrides = [str(o) for o in OmegaConf.load(ov_file)] if ov_file.is_file() else []
+        hydra_file = path / ".hydra" / "hydra.yaml"
+        hydra = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False) if hydra_file.is_file() else {}
     except Exception as e:  # noqa: BLE001 - yaml and OmegaConf raise many types; one bad run must not stop the rest
         return Run(path, -1, {}, [], problem=f"unreadable .hydra files ({type(e).__name__})")
     overrides = [o for o in overrides if not _ignored(o.split("=", 1)[0].lstrip("+~"))]
     identity = {k: v for k, v in flatten(cfg).items() if not _ignored(k)}
-    run = Run(path, int(cfg.get("seed", 0)), identity, overrides)
+    choices = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    run = Run(path, int(cfg.get("seed", 0)), identity, overrides,
+              {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra/")})
     metrics_file = path / "metrics.json"
     if not metrics_file.is_file():
         run.problem = "no metrics.json (unfinished)"
@@ -187,11 +195,23 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     return out
 
 
+def _override_values(run: Run, keys: Sequence[str]) -> dict[str, str | None]:
+    """The run's value of each overridden ``key``: its own override, else what the run used without one
+    (the config value, or the config group's choice from ``.hydra/hydra.yaml``); None if unknown."""
+    given = {k.lstrip("+"): v for k, _, v in (o.partition("=") for o in run.overrides) if _}
+    return {k: given[k] if k in given else str(run.identity[k]) if k in run.identity else run.choices.get(k)
+            for k in keys}
+
+
 def _name_groups(groups: list[Group]) -> None:
-    """Name each group by the overrides that tell it apart; fall back to the differing config keys."""
-    sets = [g.runs[0].overrides for g in groups]
-    common = set.intersection(*map(set, sets)) if len(groups) > 1 else set()
-    names = [",".join(o for o in ov if o not in common) for ov in sets]
+    """Name each group by the overrides that tell it apart (``loss=huber``). A key overridden in one sweep
+    and left at its default in another is named in both (``loss=l2,data.noise.outliers=0.0``), so runs of
+    several sweeps combine under one naming. Falls back to the differing config keys."""
+    keys = list(dict.fromkeys(o.partition("=")[0].lstrip("+") for g in groups for o in g.runs[0].overrides
+                              if "=" in o))
+    values = [_override_values(g.runs[0], keys) for g in groups]
+    differ = [k for k in keys if len({v[k] for v in values}) > 1]
+    names = [",".join(f"{k}={v[k]}" for k in differ if v[k] is not None) for v in values]
     if len(set(names)) < len(names) or not all(names):
         keys = sorted({k for g in groups for k in g.runs[0].identity})
         differ = [k for k in keys if len({repr(g.runs[0].identity.get(k)) for g in groups}) > 1]
