@@ -4,12 +4,16 @@
     uv run tools/visualize.py --dets DT.json --gt GT.json --images DIR --ids 3 17 --score-thresh 0.3
 
 Images are upscaled (``--scale``, default 3) so labels stay readable on small images. Files are
-named ``IMAGEID.png`` in ``--out`` (default: RUN/vis, or ./vis).
+named ``IMAGEID.png`` in ``--out`` (default: RUN/vis, or ./vis); an image id with characters other
+than letters, digits, ``.``, ``_`` and ``-`` is sanitised (plus a short hash of the id, so names stay
+distinct), so no file is ever written outside ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -116,6 +120,29 @@ def open_source(args: argparse.Namespace) -> tuple[CocoDetection, Callable[[Tens
     return dataset, partial(from_results, by_image, dataset.cat_to_label)
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(image_id: object, suffix: str = ".png") -> str:
+    """A file name for ``image_id`` that stays in its folder: ``17`` -> ``17.png``; anything outside
+    ``[A-Za-z0-9._-]`` (path separators), a leading dot (``..``) or an over-long id is replaced, and a
+    short hash of the id keeps two such ids from sharing a name."""
+    text = str(image_id)
+    name = _UNSAFE.sub("_", text)
+    name = "_" + name[1:] if name.startswith(".") else name
+    if name != text or not name or len(name) > 100:
+        name = f"{name[:100]}-{hashlib.sha1(text.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+    return name + suffix
+
+
+def output_path(out: Path, image_id: object) -> Path:
+    """``out / safe_name(image_id)``, checked to lie directly inside ``out``."""
+    path = out / safe_name(image_id)
+    if path.resolve().parent != out.resolve():
+        raise ToolError(f"image id {image_id!r}: output file {path} would lie outside --out {out}")
+    return path
+
+
 def keep(pred: dict, thresh: float) -> dict:
     m = pred["scores"] >= thresh
     return {k: v[m] for k, v in pred.items()}
@@ -130,7 +157,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     for i in pick(dataset, args.ids, args.num):
         image, target = dataset[i]
         pred = keep(predict(image, target), args.score_thresh)
-        path = out / f"{target['image_id']}.png"
+        path = output_path(out, target["image_id"])
         write_png(draw(image, target, pred, names, args.scale), str(path))
         print(f"{path}: {len(target['boxes'])} ground truth, {len(pred['boxes'])} predictions >= {args.score_thresh}")
     return 0

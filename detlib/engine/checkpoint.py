@@ -4,12 +4,17 @@
 ``os.replace``, fsync the folder), and only then moves ``last.pt`` to it: ``last.pt`` is a hard
 link made under a temp name and renamed over the old one, so it always names a complete file.
 Rotation keeps the newest ``keep_last`` numbered files and never the one ``last.pt`` names.
+
+``load`` reads with ``torch.load(weights_only=True)``: a checkpoint holds only tensors, numbers,
+strings, ``None`` and lists/tuples/dicts of them (RNG states included, see ``rng_state``), so loading
+one never runs code. A file that holds any other object is refused with an error naming it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -74,33 +79,80 @@ def save(state: dict, folder: str | Path, iteration: int, keep_last: int = 3) ->
     return path
 
 
+# What torch's weights-only unpickler says when it refuses an object (the global it would have imported).
+_REFUSED = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module"),
+    re.compile(r"(Trying to call reduce for unrecognized function \S+)"),
+    re.compile(r"(Can only (?:build|create new object)[^\n]*)"),
+)
+
+
+def _refused(message: str) -> str | None:
+    """The object torch's weights-only unpickler refused, or None when the file is simply damaged."""
+    for pattern in _REFUSED:
+        m = pattern.search(message)
+        if m:
+            return m.group(1)
+    return None
+
+
 def load(path: str | Path) -> dict:
-    """Read a checkpoint; a truncated or corrupt file is an error naming it, never a silent fresh start."""
+    """Read a checkpoint as plain data (``weights_only=True``); nothing in the file is executed.
+
+    A truncated or corrupt file, or one that holds objects other than tensors, numbers, strings and
+    containers (a crafted file, or one written by a detlib older than its plain-data RNG states), is a
+    ``CheckpointError`` naming it, never a silent fresh start.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _refused(str(e))
+        if refused is None:
+            why = re.search(r"Unsupported operand \S+|[^\n]*(?:EOF|truncated|invalid)[^\n]*", str(e))
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt (unreadable data: "
+                                  f"{why.group(0).strip() if why else type(e).__name__})") from None
+        msg = (f"checkpoint {path} contains objects that are not plain data (refused: {refused}); detlib loads "
+               "checkpoints as tensors, numbers, strings and containers only and does not execute code from them")
+        if refused.startswith("numpy"):
+            msg += (". It was probably written by an older detlib, which stored numpy's RNG state as a numpy "
+                    "object; this version cannot load such a checkpoint: start a new run directory to train again")
+        raise CheckpointError(msg) from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or "model" not in state or "iteration" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a detlib checkpoint (keys: {list(state)[:8]})")
+        keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"checkpoint {path} is not a detlib checkpoint (keys: {keys})")
     return state
 
 
 def rng_state() -> dict:
-    """Every RNG the run draws from: python, numpy, torch CPU and CUDA."""
+    """Every RNG the run draws from (python, numpy, torch CPU and CUDA), as plain data.
+
+    Tensors, numbers, strings and lists only, so a checkpoint holding it loads with
+    ``weights_only=True``: python's Mersenne Twister words and numpy's key as int64 tensors.
+    """
+    version, words, gauss_next = random.getstate()
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": int(version), "state": torch.tensor(words, dtype=torch.int64),
+                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+        "numpy": {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, np.int64).copy()),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what ``rng_state`` returned (bit for bit)."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(w) for w in py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["bit_generator"], np.asarray(npy["key"].tolist(), np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

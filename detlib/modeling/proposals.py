@@ -6,13 +6,19 @@ are the transformed targets: ``boxes`` already resized, ``image_id``, and from t
 sampler ``hflip`` and ``aug_seed``.
 
 - ``FileProposals``: precomputed boxes per image id (selective search, EdgeBoxes, another model's
-  RPN), in JSON or pickle, as Fast R-CNN and detectron2 use them; top-k per image by score.
+  RPN), in JSON, ``.npz`` or pickle, as Fast R-CNN and detectron2 use them; top-k per image by score.
+  Reading a file never runs code: ``.npz`` is read without pickle, and a pickle (``.pkl``/``.pickle``)
+  through an unpickler that builds only numbers, strings, containers and plain numpy arrays and
+  refuses any other object.
 - ``GTJitterProposals``: jittered ground truth plus random background boxes, for quick loss studies
   without an RPN; deterministic per (seed, image, iteration).
 """
 
 from __future__ import annotations
 
+import codecs
+import collections
+import io
 import json
 import math
 import pickle
@@ -30,14 +36,115 @@ class ProposalError(ValueError):
     """A proposals file that cannot be used; the message names the file, the image id and the value."""
 
 
+def _globals() -> dict[tuple[str, str], object]:
+    """The only globals a proposals pickle may name: containers and what numpy pickles arrays with.
+
+    Nothing here can run code: each builds plain data from plain data (numpy's helpers rebuild an
+    ndarray, a dtype or a scalar from bytes). Names from Python 2 and numpy 1.x pickles are mapped too.
+    """
+    core = np._core if hasattr(np, "_core") else np.core
+    allowed: dict[tuple[str, str], object] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    for builtins in ("builtins", "__builtin__"):
+        for name, obj in (("set", set), ("frozenset", frozenset), ("bytes", bytes), ("bytearray", bytearray),
+                          ("complex", complex), ("list", list), ("dict", dict), ("tuple", tuple)):
+            allowed[builtins, name] = obj
+    for package in ("numpy._core", "numpy.core"):
+        allowed[f"{package}.multiarray", "_reconstruct"] = core.multiarray._reconstruct
+        allowed[f"{package}.multiarray", "scalar"] = core.multiarray.scalar
+        allowed[f"{package}.numeric", "_frombuffer"] = core.numeric._frombuffer
+    return allowed
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """A pickle reader that refuses every global outside ``_globals()`` (so no function is ever called
+    that the file chose): detectron2's proposal pickles (dicts and lists of numpy arrays) load, a
+    crafted file raises ``ProposalError`` naming the file and the refused global."""
+
+    def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
+        super().__init__(file, encoding="latin1")  # as detectron2 reads them (numpy arrays from Python 2)
+        self.path = path
+        self.allowed = _globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        obj = self.allowed.get((module, name))
+        if obj is None:
+            raise ProposalError(
+                f"{self.path}: refused to load {module}.{name}: a proposals pickle may hold only numbers, strings, "
+                "lists, dicts and numpy arrays, and detlib never runs code from a proposals file "
+                "(write the proposals as JSON or .npz to avoid pickle altogether)")
+        return obj
+
+    def persistent_load(self, pid: object) -> object:
+        raise ProposalError(f"{self.path}: refused to load a persistent id from a proposals pickle")
+
+
+def _read_npz(path: Path) -> dict:
+    """An ``.npz`` (read without pickle) as the mapping ``_records`` takes.
+
+    detectron2's keys: ``ids (N,)``, ``boxes`` and optional ``objectness_logits`` or ``scores``, and
+    ``bbox_mode``; the boxes either ``(N, K, 4)`` with scores ``(N, K)``, or all images' boxes
+    concatenated ``(M, 4)`` with ``counts (N,)`` boxes per image and scores ``(M,)``. Without ``ids``:
+    one array of boxes per image id, ``np.savez(f, **{"17": boxes, ...})``.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    if "ids" not in data or "boxes" not in data:
+        return data
+    ids = data["ids"].reshape(-1)
+    out: dict = {"ids": ids.tolist()}
+    if "bbox_mode" in data:
+        out["bbox_mode"] = data["bbox_mode"].reshape(-1)[0]
+    score_key = "scores" if "scores" in data else "objectness_logits" if "objectness_logits" in data else None
+    boxes, scores = data["boxes"], data.get(score_key) if score_key else None
+    if "counts" in data:
+        counts = data["counts"].reshape(-1)
+        if (counts.shape[0] != ids.shape[0] or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any()
+                or int(counts.sum()) != boxes.shape[0]):
+            raise ProposalError(f"{path}: 'counts' must be {ids.shape[0]} non-negative integers summing to the "
+                                f"{boxes.shape[0]} rows of 'boxes', got {counts.tolist()[:10]}")
+        cuts = np.cumsum(counts)[:-1]
+        out["boxes"] = np.split(boxes, cuts)
+        if scores is not None:
+            if scores.shape[0] != boxes.shape[0]:
+                raise ProposalError(f"{path}: '{score_key}' must have one value per row of 'boxes' "
+                                    f"({boxes.shape[0]}), got shape {scores.shape}")
+            out[score_key] = np.split(scores, cuts)
+        return out
+    if boxes.ndim != 3 or boxes.shape[0] != ids.shape[0]:
+        raise ProposalError(f"{path}: 'boxes' must be (N, K, 4) for {ids.shape[0]} ids, or (M, 4) with 'counts', "
+                            f"got shape {boxes.shape}")
+    out["boxes"] = list(boxes)
+    if scores is not None:
+        if scores.shape[:2] != boxes.shape[:2]:
+            raise ProposalError(f"{path}: '{score_key}' must have shape {boxes.shape[:2]}, got {scores.shape}")
+        out[score_key] = list(scores)
+    return out
+
+
+SUFFIXES = (".json", ".npz", ".pkl", ".pickle")
+
+
 def _read(path: Path) -> object:
+    """JSON, ``.npz`` (no pickle) or a pickle through ``_PlainDataUnpickler``; never runs code from the file."""
     if not path.is_file():
         raise FileNotFoundError(f"model.proposals.file: file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ProposalError(f"{path}: unknown proposals format '{path.suffix}'; use {', '.join(SUFFIXES)}")
     try:
-        if path.suffix == ".json":
+        if suffix == ".json":
             return json.loads(path.read_text())
+        if suffix == ".npz":
+            return _read_npz(path)
         with path.open("rb") as f:
-            return pickle.load(f)  # noqa: S301 - the user's own file, as detectron2 reads them
+            return _PlainDataUnpickler(f, path).load()
+    except ProposalError:
+        raise
     except Exception as e:  # noqa: BLE001 - any decoding failure is the same user error
         raise ProposalError(f"{path}: cannot read proposals ({type(e).__name__}: {e})") from e
 
