@@ -32,7 +32,7 @@ from rundir import (
 )
 
 from detlib.data.coco import coco_from_dict, load_coco_json
-from detlib.data.validation import validate_coco
+from detlib.data.validation import evaluation_ground_truth
 from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, evaluate_coco, format_table, per_class_ap
 from detlib.evaluation.inference import evaluate
 
@@ -111,8 +111,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 
 def evaluate_files(args: argparse.Namespace) -> dict:
-    """Evaluate a COCO-results file against a COCO ground-truth file, with detlib's checks."""
-    data, _ = validate_coco(load_coco_json(args.gt), args.gt)
+    """Evaluate a COCO-results file against a COCO ground-truth file, with detlib's checks.
+
+    The ground truth is scored as given, as pycocotools scores the file: boxes past the image edge
+    stay as they are (no training-time clipping). Only what pycocotools would mis-score is changed,
+    and logged (see ``evaluation_ground_truth``), or refused with an error naming file, entry and value.
+    """
+    data, _ = evaluation_ground_truth(load_coco_json(args.gt), args.gt)
     gt = coco_from_dict(data)
     results = read_results(args.dt)
     check_results_file(args.dt, results, set(gt.getImgIds()), set(gt.getCatIds()))

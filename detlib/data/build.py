@@ -7,7 +7,8 @@ from pathlib import Path
 
 from detlib.config import DataConfig
 from detlib.data.coco import CocoDetection
-from detlib.data.synthetic import SyntheticSpec, build_synthetic
+from detlib.data.synthetic import SyntheticSpec, build_synthetic, damaged
+from detlib.data.validation import AnnotationError
 from detlib.data.voc import voc_folder, voc_to_coco
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,15 @@ def build_datasets(cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
                      _under(root, cfg.val_ann, "val_ann"), _under(root, cfg.val_images, "val_images"))
         else:
             raise ValueError(f"config: data.name must be synthetic|coco|voc, got {cfg.name!r}")
-        train = CocoDetection(paths[0], paths[1], train=True, invalid=cfg.invalid, hflip_prob=cfg.hflip_prob,
-                              keep_empty=cfg.keep_empty)
-        val = CocoDetection(paths[2], paths[3], train=False, invalid=cfg.invalid)
+        try:
+            train = CocoDetection(paths[0], paths[1], train=True, invalid=cfg.invalid, hflip_prob=cfg.hflip_prob,
+                                  keep_empty=cfg.keep_empty)
+            val = CocoDetection(paths[2], paths[3], train=False, invalid=cfg.invalid)
+        except AnnotationError as e:
+            if cfg.name != "synthetic":
+                raise
+            # The generated files are ours: a bad one means a damaged cache, not data to skip.
+            raise damaged(paths[1], str(e).split(" (set data.invalid=skip")[0]) from e
     if train.cat_ids != val.cat_ids:
         raise ValueError(f"{train.ann_file} and {val.ann_file} have different categories: "
                          f"{train.cat_ids} vs {val.cat_ids}")

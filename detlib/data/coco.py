@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
-from detlib.data.validation import AnnotationError, validate_coco
+from detlib.data.image import ImageDecodeError, check_image, read_image
+from detlib.data.validation import AnnotationError, validate_coco_views
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,11 @@ class CocoDetection(torch.utils.data.Dataset):
     and, from the sampler, ``target["aug_seed"] int`` (a Fast R-CNN proposal source follows the flip
     and seeds its randomness with them). Crowd regions are never training foregrounds: they are left
     out of ``boxes`` (evaluation reads them from ``coco``).
+
+    ``coco`` is the ground truth evaluation scores: the file's boxes as given (only pycocotools'
+    logged corrections, see ``detlib.data.validation``). The training boxes are a separate,
+    cleaned copy (clipped to the image, boxes wholly outside dropped), so that cleaning never
+    changes the val AP.
     """
 
     def __init__(
@@ -73,19 +77,32 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_root} (for {self.ann_file})")
         raw = load_coco_json(self.ann_file) if data is None else data
-        data, self.counts = validate_coco(raw, self.ann_file, invalid)
-        self.coco = coco_from_dict(data)
+        train_data, gt_data, self.counts = validate_coco_views(raw, self.ann_file, invalid)
+        self.coco = coco_from_dict(gt_data)  # what evaluation scores: the boxes as given
+        self._train_anns: dict[int, list[dict]] = {}  # what training sees: cleaned boxes
+        for a in train_data["annotations"]:
+            self._train_anns.setdefault(a["image_id"], []).append(a)
         self.train, self.hflip_prob = train, hflip_prob
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
-        ids = sorted(self.coco.imgs)
-        if check_images:
-            ids = self._check_images(ids, invalid)
+        self.invalid = invalid
+        listed = sorted(self.coco.imgs)
+        checked = self._check_images(listed, invalid) if check_images else listed
+        ids = checked
         if train and not keep_empty:
             ids = [i for i in ids if self._boxes_of(i)[0].shape[0] > 0]
+        if not ids:  # an empty split would only fail later (an empty val set at the final evaluation)
+            detail = f"{len(listed)} listed, {len(listed) - len(checked)} skipped as bad"
+            if len(checked) > len(ids):
+                detail += f", {len(checked)} without boxes left out (data.keep_empty=false)"
+            raise AnnotationError(f"{self.ann_file}: no usable images in this split ({detail})")
         self.ids = ids
+        # Decode errors met in __getitem__ under data.invalid=skip, in this process (DataLoader workers
+        # keep their own; each skip is logged with the file's name).
+        self.skipped_images = 0
+        self.unreadable: dict[int, str] = {}
         self._targets = {i: self._boxes_of(i) for i in ids}  # small: boxes are parsed once
         self.group_ids: list[int] | None = None  # set by build_datasets when data.aspect_grouping
         self.noise_stats: dict[str, float] = {}  # set by add_noise
@@ -96,19 +113,21 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.cat_ids) + 1
 
     def _check_images(self, ids: list[int], invalid: str) -> list[int]:
-        """Case 9: a missing, unreadable or wrongly sized image is an error naming it (or skipped)."""
+        """Case 9: a missing, unreadable, cut short, too large or wrongly sized image is an error naming it
+        (or skipped). Header-level, see ``detlib.data.image.check_image``: about one header read per image."""
         keep, bad = [], []
         for i in ids:
             info = self.coco.imgs[i]
             path = self.image_root / info["file_name"]
             try:
-                with Image.open(path) as im:
-                    size = im.size
+                size = check_image(path)
                 problem = None if size == (info["width"], info["height"]) else (
                     f"size {size[0]}x{size[1]} differs from the JSON's {info['width']}x{info['height']}")
             except FileNotFoundError:
                 problem = "file not found"
-            except OSError as e:
+            except ImageDecodeError as e:
+                problem = e.reason
+            except OSError as e:  # e.g. a folder where a file should be
                 problem = f"unreadable ({e})"
             if problem is None:
                 keep.append(i)
@@ -122,7 +141,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return keep
 
     def _boxes_of(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        anns = [a for a in self._train_anns.get(image_id, []) if not a.get("iscrowd", 0)]
         boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         labels = np.array([self.cat_to_label[a["category_id"]] for a in anns], np.int64)
@@ -158,16 +177,45 @@ class CocoDetection(torch.utils.data.Dataset):
         """The training boxes of one image as served (after noise, before flip): ``(N, 4)`` float32 xyxy."""
         return self._targets[image_id][0]
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, dict]:
-        index, aug_seed = item if isinstance(item, tuple) else (item, None)
+    def _read(self, index: int) -> tuple[int, Tensor]:
+        """``(image id, image)`` for ``index``, with what ``data.invalid`` asks for an image that fails to decode.
+
+        ``error``: ``ImageDecodeError`` naming the annotation file, the image id and the file. ``skip``:
+        a warning naming the file, ``skipped_images`` counts it, and a deterministic substitute is served:
+        for training the next image (in ``ids`` order) that decodes; for evaluation a black image of the
+        declared size under the same id, so its ground truth counts as missed.
+        """
+        n = len(self.ids)
+        for step in range(n):
+            image_id = self.ids[(index + step) % n]
+            if image_id in self.unreadable:
+                if not self.train:
+                    break
+                continue
+            path = self.image_root / self.coco.imgs[image_id]["file_name"]
+            try:
+                return image_id, read_image(path)
+            except ImageDecodeError as e:
+                msg = f"{self.ann_file}: image id {image_id}: {e}"
+                if self.invalid == "error":
+                    raise ImageDecodeError(msg + " (replace the file, or set data.invalid=skip to skip such images)",
+                                           path, e.reason) from e
+                self.unreadable[image_id] = e.reason
+                self.skipped_images += 1
+                log.warning("%s; skipped (data.invalid=skip), %s", msg, "serving the next image instead" if self.train
+                            else "evaluated as a black image, its objects count as missed")
+                if not self.train:
+                    break
+        else:
+            raise ImageDecodeError(f"{self.ann_file}: none of the {n} images of this split can be decoded "
+                                   f"(first: {next(iter(self.unreadable.values()))})")
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
-        path = self.image_root / info["file_name"]
-        try:
-            raw = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-            image = decode_image(raw, mode=ImageReadMode.RGB)
-        except (OSError, RuntimeError) as e:
-            raise AnnotationError(f"{self.ann_file}: image id {image_id}: cannot read {path}: {e}") from e
+        return image_id, torch.zeros(3, int(info["height"]), int(info["width"]))
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, dict]:
+        index, aug_seed = item if isinstance(item, tuple) else (item, None)
+        image_id, image = self._read(index)
         boxes, labels = self._targets[image_id]
         boxes, labels = torch.from_numpy(boxes.copy()), torch.from_numpy(labels)
         flipped = False
@@ -182,7 +230,7 @@ class CocoDetection(torch.utils.data.Dataset):
         target = dict(boxes=boxes, labels=labels, image_id=image_id, hflip=flipped)
         if aug_seed is not None:
             target["aug_seed"] = aug_seed
-        return image.float().div_(255), target
+        return image, target
 
 
 def collate(batch: list) -> tuple[list[Tensor], list[dict]]:

@@ -15,11 +15,16 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from detlib.data.validation import AnnotationError
 
 log = logging.getLogger(__name__)
 
@@ -152,20 +157,110 @@ def _write_split(spec: SyntheticSpec, split: str, folder: Path) -> dict:
                 images=images, annotations=annotations, categories=categories)
 
 
-def build_synthetic(root: str | os.PathLike, spec: SyntheticSpec) -> Path:
-    """Write the dataset under ``root/<spec key>/`` unless it is already there; return that folder.
+class DamagedCacheError(AnnotationError):
+    """A built synthetic dataset folder that is incomplete or unreadable; the message names the folder to delete."""
 
-    Completeness is marked by a ``DONE`` file written last, so an interrupted build is redone.
+
+def damaged(folder: Path, what: str) -> DamagedCacheError:
+    return DamagedCacheError(f"the synthetic dataset cache {folder} is damaged ({what}); delete that folder "
+                             "and run again to rebuild it")
+
+
+def check_cache(folder: Path, spec: SyntheticSpec) -> None:
+    """Cheap checks of a built folder: its marker matches ``spec``, both annotation files parse and
+    list the expected number of images, and every image file is there and not empty.
+
+    Raises:
+        DamagedCacheError: naming the folder to delete.
     """
-    folder = Path(root).expanduser() / f"synthetic-{spec.key()}"
-    if (folder / "DONE").exists():
-        return folder
+    try:
+        marker = json.loads((folder / "DONE").read_text())
+    except (OSError, ValueError) as e:
+        raise damaged(folder, f"unreadable DONE marker: {e}") from e
+    if marker != asdict(spec):
+        raise damaged(folder, f"its DONE marker records {marker}, not {asdict(spec)}")
+    for split, n in (("train", spec.num_train), ("val", spec.num_val)):
+        path = folder / f"instances_{split}.json"
+        try:
+            images = json.loads(path.read_text())["images"]
+            names = [im["file_name"] for im in images]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise damaged(folder, f"{path.name} is unreadable: {type(e).__name__}: {e}") from e
+        if len(names) != n:
+            raise damaged(folder, f"{path.name} lists {len(names)} images, not {n}")
+        for name in names:
+            try:
+                empty = (folder / name).stat().st_size == 0
+            except OSError:
+                raise damaged(folder, f"image {name} is missing") from None
+            if empty:
+                raise damaged(folder, f"image {name} is empty")
+
+
+def build_synthetic(root: str | os.PathLike, spec: SyntheticSpec) -> Path:
+    """Write the dataset under ``root/synthetic-<spec key>/`` unless it is already there; return that folder.
+
+    Safe under concurrency: the dataset is built in a private temporary folder next to the target and
+    renamed into place in one step, so the target folder, once it exists, is complete; a process that
+    loses the race to another discards its own copy (identical, being deterministic) and uses the
+    winner's. An interrupted build leaves only a ``.synthetic-*.building-*`` folder, which is safe to
+    delete. A completed folder found damaged is an error naming the folder to delete.
+    """
+    root = Path(root).expanduser()
+    folder = root / f"synthetic-{spec.key()}"
+    if folder.exists():
+        if (folder / "DONE").exists():
+            check_cache(folder, spec)
+            return folder
+        _move_aside(folder)  # left by an interrupted build of an older version, which built in place
     log.info("building the synthetic dataset in %s (%d train, %d val images)", folder, spec.num_train, spec.num_val)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        coco = _write_split(spec, split, folder)
-        tmp = folder / f".instances_{split}.json.tmp"
-        tmp.write_text(json.dumps(coco))
-        os.replace(tmp, folder / f"instances_{split}.json")
-    (folder / "DONE").write_text(json.dumps(asdict(spec)))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-{os.getpid()}-", dir=root))
+    try:
+        for split in ("train", "val"):
+            coco = _write_split(spec, split, tmp)
+            (tmp / f"instances_{split}.json").write_text(json.dumps(coco))
+        (tmp / "DONE").write_text(json.dumps(asdict(spec)))
+        for _attempt in range(5):
+            try:
+                os.rename(tmp, folder)  # atomic; fails if another process's complete folder is already there
+                break
+            except OSError:
+                if (folder / "DONE").exists():
+                    log.info("%s was built meanwhile by another process; using it", folder)
+                    break
+                if folder.exists():
+                    _move_aside(folder)
+        else:
+            raise OSError(f"could not move the built synthetic dataset {tmp} to {folder}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only there if another process won
+    check_cache(folder, spec)
     return folder
+
+
+def _move_aside(folder: Path) -> None:
+    """Remove an incomplete folder (no ``DONE``) safely even if another process does the same."""
+    try:
+        os.rmdir(folder)  # empty: gone (a complete folder never is empty)
+        return
+    except FileNotFoundError:
+        return  # another process moved it
+    except OSError:
+        pass
+    trash = folder.with_name(f".{folder.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return
+    except OSError:
+        if (folder / "DONE").exists():
+            return
+        raise
+    if (trash / "DONE").exists():  # a complete build took its place meanwhile: put it back
+        try:
+            os.rename(trash, folder)
+            return
+        except OSError:
+            pass  # yet another complete one is there now
+    shutil.rmtree(trash, ignore_errors=True)

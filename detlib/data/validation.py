@@ -2,8 +2,15 @@
 
 Implements cases 1-10 of RELIABILITY.md on a raw COCO-format dict. Errors name the file, the
 annotation id and the offending value; ``invalid="skip"`` drops what can be dropped, counts it and
-names the first few offenders in the log. The returned dict is safe for pycocotools: every
-annotation has ``area``, ``iscrowd``, a unique non-zero id, and a box clipped to its image.
+names the first few offenders in the log.
+
+One check gives two copies (``validate_coco_views``). The *evaluation* copy is the ground truth as
+given, which pycocotools scores exactly as it would score the file: only the corrections it needs
+to score correctly are made, each logged (a unique non-zero annotation id; ``area`` filled as
+``w * h`` when missing, 0 or negative; ``iscrowd`` filled with 0). The *training* copy is the
+same with boxes clipped to their image and boxes wholly outside dropped; evaluation never sees
+that cleaning. What cannot be scored correctly is an error: a non-numeric or non-finite ``area``,
+a duplicate category id, a degenerate box (``invalid="skip"`` drops it from both copies).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SHOW = 5  # offenders named in the log per kind
+CLIPPED, OUTSIDE = "clipped: box partly outside its image", "dropped: box outside its image"
+TRAINING_ONLY = (CLIPPED, OUTSIDE)  # cleaning of the training copy; the evaluation copy keeps these boxes
 
 
 class AnnotationError(ValueError):
@@ -24,18 +33,96 @@ class AnnotationError(ValueError):
 
 
 def validate_coco(data: dict, path: str | Path, invalid: str = "error") -> tuple[dict, Counter]:
-    """Check and repair a COCO-format dict; return the cleaned copy and counts of what was changed.
+    """The training copy of a COCO-format dict (boxes clipped to their image) and counts of what was changed."""
+    train, _, counts = validate_coco_views(data, path, invalid)
+    return train, counts
+
+
+def evaluation_ground_truth(data: dict, path: str | Path, invalid: str = "error") -> tuple[dict, Counter]:
+    """The ground truth to score: the boxes as given, with only the logged corrections pycocotools needs."""
+    _, gt, counts = validate_coco_views(data, path, invalid, log_training=False)
+    return gt, counts
+
+
+def _area(ann: dict, where: str, note) -> None:
+    """Fill a missing area, recompute one <= 0 (both as ``w * h``, what ``loadRes`` gives detections)."""
+    _, _, w, h = ann["bbox"]
+    if "area" not in ann:
+        ann["area"] = w * h
+        note("filled: area", f"id {ann.get('id')}")
+        return
+    area = ann["area"]
+    if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area):
+        raise AnnotationError(f"{where}: field 'area' must be a finite number, got {_show(area)}")
+    if area <= 0:  # pycocotools puts area 0 in "small" and ignores a negative area in every size range
+        ann["area"] = w * h
+        note("corrected: area <= 0 recomputed as bbox w * h", f"id {ann.get('id')} area {area!r} -> {w * h!r}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _show(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_structure(data: object, path: str | Path) -> None:
+    """The JSON's shape, before any field is used, so a malformed file is an error naming the file,
+    the entry, the field and the value (not a ``KeyError`` or ``TypeError`` later, or a crash at the
+    final evaluation): a top-level object with lists ``images`` (integer ``id``, non-empty string
+    ``file_name``, positive ``width`` and ``height``), ``annotations`` (integer ``image_id`` and
+    ``category_id``) and a non-empty ``categories`` (integer ``id``, string ``name``)."""
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{path}: the top level must be a JSON object with 'images', 'annotations' and "
+                              f"'categories', got a {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise AnnotationError(f"{path}: field '{key}' is missing or not a list")
+        for k, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise AnnotationError(f"{path}: {key}[{k}] must be a JSON object, got {_show(entry)}")
+    if not data["categories"]:
+        raise AnnotationError(f"{path}: field 'categories' is empty: there is nothing to detect")
+    for k, cat in enumerate(data["categories"]):
+        if not _is_int(cat.get("id")):
+            raise AnnotationError(f"{path}: categories[{k}]: field 'id' must be an integer, got {_show(cat.get('id'))}")
+        if not isinstance(cat.get("name"), str):
+            raise AnnotationError(f"{path}: category id {cat['id']}: field 'name' must be a string, "
+                                  f"got {_show(cat.get('name'))}")
+    for k, img in enumerate(data["images"]):
+        if not _is_int(img.get("id")):
+            raise AnnotationError(f"{path}: images[{k}]: field 'id' must be an integer, got {_show(img.get('id'))}"
+                                  " (pycocotools and the evaluation need integer image ids)")
+        where = f"{path}: image id {img['id']}"
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise AnnotationError(f"{where}: field 'file_name' must be a non-empty string, got "
+                                  f"{_show(img.get('file_name'))}")
+        for field in ("width", "height"):
+            v = img.get(field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise AnnotationError(f"{where}: field '{field}' must be a positive number, got {_show(v)}")
+    for k, ann in enumerate(data["annotations"]):
+        for field in ("image_id", "category_id"):
+            if not _is_int(ann.get(field)):
+                raise AnnotationError(f"{path}: annotation id {_show(ann.get('id'))} (annotations[{k}]): field "
+                                      f"'{field}' must be an integer, got {_show(ann.get(field))}")
+
+
+def validate_coco_views(data: dict, path: str | Path, invalid: str = "error",
+                        log_training: bool = True) -> tuple[dict, dict, Counter]:
+    """Check a COCO-format dict once; return ``(training copy, evaluation copy, counts of what was changed)``.
 
     Args:
         data: the parsed JSON (``images``, ``annotations``, ``categories``).
         path: the annotation file, for messages.
         invalid: ``error`` stops at a degenerate box; ``skip`` drops it and counts it.
+        log_training: also log the training-only cleaning (clipped and dropped boxes).
     """
     if invalid not in ("error", "skip"):
         raise ValueError(f"data.invalid must be 'error' or 'skip', got {invalid!r}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise AnnotationError(f"{path}: field '{key}' is missing or not a list")
+    check_structure(data, path)
     data = copy.copy(data)
     counts: Counter = Counter()
     examples: dict[str, list[str]] = {}
@@ -48,7 +135,11 @@ def validate_coco(data: dict, path: str | Path, invalid: str = "error") -> tuple
     if "info" not in data:
         data["info"] = {}
         note("filled: info", "no 'info' section")
-    cat_ids = {c["id"] for c in data["categories"]}
+    cat_ids = set()
+    for cat in data["categories"]:
+        if cat["id"] in cat_ids:  # pycocotools would evaluate that category twice
+            raise AnnotationError(f"{path}: duplicate category id {cat['id']!r}")
+        cat_ids.add(cat["id"])
     images = {}
     for img in data["images"]:
         for field in ("id", "file_name", "width", "height"):
@@ -60,7 +151,7 @@ def validate_coco(data: dict, path: str | Path, invalid: str = "error") -> tuple
 
     seen_ids: set = set()
     renumber = False
-    clean = []
+    gt, train_boxes = [], []
     for ann in data["annotations"]:
         ann = dict(ann)
         aid = ann.get("id")
@@ -83,18 +174,7 @@ def validate_coco(data: dict, path: str | Path, invalid: str = "error") -> tuple
                     f"{where}: field 'bbox' has width or height <= 0: {box!r} (set data.invalid=skip to drop such boxes)")
             note("dropped: degenerate box", f"id {aid} bbox {box}")
             continue
-        img = images[ann["image_id"]]
-        x1, y1 = max(x, 0.0), max(y, 0.0)
-        x2, y2 = min(x + w, float(img["width"])), min(y + h, float(img["height"]))
-        if x2 <= x1 or y2 <= y1:
-            note("dropped: box outside its image", f"id {aid} bbox {box} in {img['width']}x{img['height']}")
-            continue
-        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            note("clipped: box partly outside its image", f"id {aid} bbox {box}")
-            ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
-        if "area" not in ann:
-            ann["area"] = (x2 - x1) * (y2 - y1)
-            note("filled: area", f"id {aid}")
+        _area(ann, where, note)
         if "iscrowd" not in ann:
             ann["iscrowd"] = 0
             note("filled: iscrowd", f"id {aid}")
@@ -102,15 +182,35 @@ def validate_coco(data: dict, path: str | Path, invalid: str = "error") -> tuple
             renumber = True  # pycocotools treats id 0 as "unmatched" and silently mis-scores duplicates
             note("renumbered: annotation id 0 or duplicate", f"id {aid!r}")
         seen_ids.add(aid)
-        clean.append(ann)
+        gt.append(ann)
+        # Training only: clip to the image, drop what lies wholly outside. Evaluation keeps ``box``.
+        img = images[ann["image_id"]]
+        x1, y1 = max(x, 0.0), max(y, 0.0)
+        x2, y2 = min(x + w, float(img["width"])), min(y + h, float(img["height"]))
+        if x2 <= x1 or y2 <= y1:
+            note(OUTSIDE, f"id {aid} bbox {box} in {img['width']}x{img['height']}")
+            train_boxes.append(None)
+        elif (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            note(CLIPPED, f"id {aid} bbox {box}")
+            train_boxes.append([x1, y1, x2 - x1, y2 - y1])
+        else:
+            train_boxes.append(box)
     if renumber:
-        for i, ann in enumerate(clean, start=1):
+        for i, ann in enumerate(gt, start=1):
             ann["id"] = i
-    data["annotations"] = clean
+    train = copy.copy(data)
+    train["annotations"] = [ann if b is ann["bbox"] else {**ann, "bbox": b} for ann, b in zip(gt, train_boxes)
+                            if b is not None]
+    data["annotations"] = gt
     for kind, n in sorted(counts.items()):
+        if kind in TRAINING_ONLY:
+            if log_training:
+                log.warning("%s: training boxes %s: %d (first: %s); evaluation scores them as given", path, kind,
+                            n, "; ".join(examples[kind]))
+            continue
         level = logging.WARNING if not kind.startswith("filled") else logging.INFO
         log.log(level, "%s: %s: %d (first: %s)", path, kind, n, "; ".join(examples[kind]))
     filled = [k for k in counts if k.startswith("filled")]
     if filled:
         log.warning("%s: filled standard defaults for missing fields: %s", path, ", ".join(sorted(filled)))
-    return data, counts
+    return train, data, counts

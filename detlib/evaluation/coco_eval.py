@@ -5,11 +5,13 @@ Two backends give the same numbers: ``pycocotools`` (the reference, the default)
 leave ``E.eval["precision"]`` ``(T, R, K, A, M)`` and ``E.params``, which everything below reads.
 
 Before pycocotools runs: detections whose image is not in the ground truth are an error naming the
-ids; an empty detection list gives AP 0 with a warning instead of ``loadRes([])``'s crash; results
-are put in a deterministic order so tied scores don't make AP depend on gather order. After it
-runs: COCO's -1 ("no such objects") becomes ``None``, and the 12 stats are read from the
-``precision``/``recall`` arrays at the configured ``maxDets``, so non-default maxDets never give a
-silent -1.
+ids, and so is a detection box with width or height <= 0 (pycocotools would silently ignore one
+with a negative side); ``max_dets`` must be strictly increasing positive numbers (pycocotools reads
+-1 as "all but the last"); an empty detection list gives AP 0 with a warning instead of
+``loadRes([])``'s crash; results are put in a deterministic order so tied scores don't make AP
+depend on gather order. After it runs: COCO's -1 ("no such objects") becomes ``None``, and the 12
+stats are read from the ``precision``/``recall`` arrays at the configured ``maxDets``, so
+non-default maxDets never give a silent -1.
 """
 
 from __future__ import annotations
@@ -94,15 +96,32 @@ def check_results(gt: COCO, results: list[dict]) -> None:
     cats = sorted({r["category_id"] for r in results} - set(gt.getCatIds()))
     if cats:
         raise ValueError(f"detections name category ids not in the ground truth: {cats[:10]}")
-    try:  # one vectorised check; the per-detection scan below only runs to name what is wrong
-        ok = bool(np.isfinite(np.asarray([[*r["bbox"], r["score"]] for r in results], dtype=np.float64)
-                              .reshape(len(results), 5)).all())
+    try:  # one vectorised check; the per-detection scans below only run to name what is wrong
+        a = np.asarray([[*r["bbox"], r["score"]] for r in results], dtype=np.float64).reshape(len(results), 5)
+        ok = bool(np.isfinite(a).all())
     except (KeyError, TypeError, ValueError):
-        ok = False
+        ok, a = False, None
     bad = [] if ok else [r for r in results if len(r.get("bbox", ())) != 4 or not np.isfinite(r["bbox"]).all()
                          or not np.isfinite(r.get("score", np.nan))]
     if bad:
         raise ValueError(f"{len(bad)} detections have a bad bbox or score, first: {bad[0]}")
+    if a is None:
+        a = np.asarray([[*r["bbox"], r["score"]] for r in results], dtype=np.float64).reshape(len(results), 5)
+    if results and not (a[:, 2:4] > 0).all():  # pycocotools ignores a negative side, mis-sizes a zero one
+        i = int(np.flatnonzero((a[:, 2:4] <= 0).any(1))[0])
+        r = results[i]
+        raise ValueError(f"detection {i} (image_id {r['image_id']}, category_id {r['category_id']}) has bbox "
+                         f"width or height <= 0: {list(r['bbox'])}")
+
+
+def check_max_dets(max_dets: Sequence[int]) -> list[int]:
+    """``max_dets`` as a list; an error unless strictly increasing positive integers (pycocotools reads -1
+    as "all but the last detection" and 0 as "none")."""
+    m = list(max_dets)
+    if (not m or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in m)
+            or any(b <= a for a, b in zip(m, m[1:]))):
+        raise ValueError(f"max_dets must be strictly increasing positive integers, got {m!r}")
+    return [int(v) for v in m]
 
 
 def summarize(E: COCOeval) -> dict[str, float | None]:
@@ -143,6 +162,7 @@ def evaluate_coco(
     numbers; the returned evaluator is that backend's, with the same ``eval`` and ``params``).
     """
     coco_cls, eval_cls = backend_classes(backend)
+    max_dets = check_max_dets(max_dets)
     check_results(gt, results)
     if not results:
         log.warning("no detections at all: every AP is 0")

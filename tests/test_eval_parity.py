@@ -1,0 +1,247 @@
+"""Evaluation scores the ground truth as given, exactly as pycocotools run directly does.
+
+Training-time cleaning (boxes clipped to their image, boxes wholly outside dropped) only changes
+the boxes the model trains on, never what evaluation scores. What pycocotools would silently
+mis-score is an error naming the file, the entry and the value, or an explicit, logged correction
+(a GT ``area`` <= 0 is recomputed as ``w * h``, the way a missing area is filled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detlib.config import Config, EvalConfig, check_ranges
+from detlib.data.coco import CocoDetection, coco_from_dict
+from detlib.evaluation.coco_eval import STAT_NAMES, evaluate_coco
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))  # the tools import tools/rundir.py by name, as scripts do
+
+
+def _load_evaluate_tool():
+    spec = importlib.util.spec_from_file_location("detlib_tool_evaluate_parity", ROOT / "tools" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = _load_evaluate_tool()
+
+W, H = 100, 80
+CATS = [{"id": 1, "name": "a"}, {"id": 4, "name": "b"}]
+
+
+def ann(i: int, image_id: int, bbox: list, cat: int = 1, **kw) -> dict:
+    return {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "area": bbox[2] * bbox[3],
+            "iscrowd": 0, **kw}
+
+
+def det(image_id: int, bbox: list, score: float, cat: int = 1) -> dict:
+    return {"image_id": image_id, "category_id": cat, "bbox": bbox, "score": score}
+
+
+def gt_dict(anns: list[dict], n_images: int = 1, cats: list[dict] | None = None) -> dict:
+    images = [{"id": i, "file_name": f"{i}.png", "width": W, "height": H} for i in range(1, n_images + 1)]
+    return {"info": {}, "images": images, "annotations": anns, "categories": cats or CATS}
+
+
+def pycocotools_stats(gt: dict, dt: list[dict]) -> list[float]:
+    """The 12 stats of pycocotools run directly (COCO, loadRes, evaluate, accumulate, summarize)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        E = COCOeval(coco, coco.loadRes(copy.deepcopy(dt)), "bbox")
+        E.evaluate()
+        E.accumulate()
+        E.summarize()
+    return list(E.stats)
+
+
+def assert_same(ours: dict, theirs: list[float], keys=STAT_NAMES) -> None:
+    for k, v in zip(STAT_NAMES, theirs):
+        if k in keys:
+            assert (ours[k] is None) == (v == -1), (k, ours[k], v)
+            if ours[k] is not None:
+                assert ours[k] == pytest.approx(v, abs=1e-12), (k, ours[k], v)
+
+
+def run_file_mode(tmp_path: Path, gt: dict, dt: list[dict]) -> tuple[int, dict | None]:
+    """``tools/evaluate.py --gt --dt --out``: its exit status and the metrics it wrote."""
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps(dt))
+    out = tmp_path / "metrics.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = evaluate.main(["--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"), "--out", str(out)])
+    return rc, (json.loads(out.read_text()) if rc == 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth past the image edge, zero areas, crowd regions: as pycocotools scores the file
+
+
+@pytest.mark.parametrize("gt_box,dt_box", [
+    ([80, 10, 22, 30], [80, 10, 22, 30]),  # 2 px past the right edge, a detection equal to it
+    ([-3, -2, 40, 30], [-3, -2, 40, 30]),  # past the top-left corner
+    ([60, 50, 60, 40], [62, 51, 55, 38]),  # past two edges, a near hit
+])
+def test_file_mode_scores_gt_past_the_edge_as_pycocotools(tmp_path, gt_box, dt_box):
+    gt = gt_dict([ann(1, 1, gt_box)])
+    dt = [det(1, dt_box, 0.9)]
+    rc, ours = run_file_mode(tmp_path, gt, dt)
+    assert rc == 0
+    assert_same(ours, pycocotools_stats(gt, dt))
+
+
+def test_file_mode_keeps_gt_wholly_outside_the_image_as_pycocotools(tmp_path):
+    gt = gt_dict([ann(1, 1, [10, 10, 30, 30]), ann(2, 1, [150, 10, 20, 20])])  # the second is off the image
+    dt = [det(1, [10, 10, 30, 30], 0.9)]
+    rc, ours = run_file_mode(tmp_path, gt, dt)
+    theirs = pycocotools_stats(gt, dt)
+    assert rc == 0 and theirs[0] < 0.6  # half the objects are missed
+    assert_same(ours, theirs)
+
+
+def parity_case() -> tuple[dict, list[dict]]:
+    """Three images: boxes past every edge, one wholly outside, crowd regions (one past the edge), area 0."""
+    anns = [
+        ann(1, 1, [5, 5, 30, 25]), ann(2, 1, [82, 10, 20, 30]), ann(3, 1, [40, 60, 40, 30], iscrowd=1),
+        ann(4, 1, [50, 20, 20, 20], cat=4), ann(5, 2, [-6, 30, 20, 20]), ann(6, 2, [105, 5, 15, 15]),
+        ann(7, 2, [30, 10, 50, 50], area=0), ann(8, 2, [10, 60, 12, 10], cat=4, area=0),
+        ann(9, 3, [0, 0, 100, 80], iscrowd=1, area=0), ann(10, 3, [20, -4, 30, 30]), ann(11, 3, [60, 40, 45, 45], cat=4),
+    ]
+    rng = np.random.default_rng(0)
+    dets = []
+    for a in anns:
+        if a["id"] in (6, 8):
+            continue  # missed objects
+        x, y, w, h = a["bbox"]
+        j = rng.normal(0, 1.5, 4)
+        dets.append(det(a["image_id"], [x + j[0], y + j[1], w + j[2], h + j[3]], float(rng.uniform(0.3, 1)),
+                        a["category_id"]))
+    dets += [det(1, [45, 65, 10, 10], 0.95), det(1, [55, 62, 30, 20], 0.5),  # inside / over the crowd region
+             det(2, [60, 5, 10, 10], 0.85), det(3, [70, 10, 20, 20], 0.6, cat=4)]  # false positives
+    return gt_dict(anns, n_images=3), dets
+
+
+def test_file_mode_parity_with_gt_past_the_edge_zero_area_and_crowd_regions(tmp_path, caplog):
+    gt, dt = parity_case()
+    with caplog.at_level(logging.WARNING):
+        rc, ours = run_file_mode(tmp_path, gt, dt)
+    assert rc == 0
+    # The file as given: the stats over all sizes are pycocotools' on the raw file, to the last bit.
+    assert_same(ours, pycocotools_stats(gt, dt), keys=("AP", "AP50", "AP75", "AR1", "AR10", "AR100"))
+    # Per size, the logged correction (area 0 -> w * h) is the one difference from the raw file.
+    fixed = copy.deepcopy(gt)
+    for a in fixed["annotations"]:
+        a["area"] = a["area"] or a["bbox"][2] * a["bbox"][3]
+    assert_same(ours, pycocotools_stats(fixed, dt))
+    assert "area" in caplog.text and "id 7" in caplog.text
+
+
+def _write_images(root: Path, gt: dict) -> None:
+    for im in gt["images"]:
+        Image.fromarray(np.zeros((im["height"], im["width"], 3), np.uint8)).save(root / im["file_name"])
+
+
+def test_val_set_scores_gt_as_given_while_training_boxes_are_clipped(tmp_path):
+    gt, dt = parity_case()
+    _write_images(tmp_path, gt)
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    ds = CocoDetection(tmp_path / "ann.json", tmp_path, train=False)
+    # What evaluation scores (the trainer's and tools/evaluate.py --run's val AP): the boxes as given.
+    assert [a["bbox"] for a in ds.coco.dataset["annotations"]] == [a["bbox"] for a in gt["annotations"]]
+    fixed = copy.deepcopy(gt)
+    for a in fixed["annotations"]:
+        a["area"] = a["area"] or a["bbox"][2] * a["bbox"][3]
+    stats, _ = evaluate_coco(ds.coco, dt)
+    assert_same(stats, pycocotools_stats(fixed, dt))
+    # What the model trains on: clipped to the image, the box wholly outside dropped, crowds left out.
+    _, target = ds[ds.ids.index(2)]
+    assert target["boxes"].tolist() == [[0.0, 30.0, 14.0, 50.0], [30.0, 10.0, 80.0, 60.0], [10.0, 60.0, 22.0, 70.0]]
+    assert ds.boxes(1).max(0)[2] <= W and ds.boxes(3)[:, 3].max() <= H
+
+
+def test_val_set_renumbers_duplicate_annotation_ids_for_evaluation(tmp_path):
+    gt = gt_dict([ann(1, 1, [1, 1, 20, 20]), ann(1, 1, [40, 40, 20, 20]), ann(0, 1, [60, 10, 15, 15])])
+    _write_images(tmp_path, gt)
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    ds = CocoDetection(tmp_path / "ann.json", tmp_path)
+    assert sorted(ds.coco.anns) == [1, 2, 3]
+    stats, _ = evaluate_coco(ds.coco, [det(1, a["bbox"], 1.0) for a in gt["annotations"]])
+    assert stats["AP"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# What pycocotools would silently mis-score: an error naming file, entry and value, or a logged fix
+
+
+@pytest.mark.parametrize("area", [0, 0.0, -12.5])
+def test_gt_area_zero_or_negative_is_recomputed_as_w_times_h_with_a_warning(tmp_path, caplog, area):
+    gt = gt_dict([ann(1, 1, [10, 10, 30, 30]), ann(7, 1, [50, 10, 40, 40], area=area)])  # 1600 px: medium
+    dt = [det(1, [10, 10, 30, 30], 0.9), det(1, [50, 10, 40, 40], 0.8)]
+    with caplog.at_level(logging.WARNING):
+        rc, ours = run_file_mode(tmp_path, gt, dt)
+    assert rc == 0
+    fixed = copy.deepcopy(gt)
+    fixed["annotations"][1]["area"] = 1600
+    assert_same(ours, pycocotools_stats(fixed, dt))
+    assert ours["APm"] == pytest.approx(1.0)  # not "small" as the raw area would say
+    assert str(tmp_path / "gt.json") in caplog.text and "id 7" in caplog.text and f"area {area!r}" in caplog.text
+
+
+@pytest.mark.parametrize("area,shown", [("1600", "'1600'"), (None, "None"), (True, "True"), ([1600], "[1600]"),
+                                        (float("nan"), "nan"), (float("inf"), "inf")])
+def test_gt_area_not_a_finite_number_is_an_error_naming_file_id_value(tmp_path, capsys, area, shown):
+    gt = gt_dict([ann(1, 1, [10, 10, 30, 30]), ann(7, 1, [50, 10, 40, 40], area=area)])
+    rc, _ = run_file_mode(tmp_path, gt, [det(1, [10, 10, 30, 30], 0.9)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert f"{tmp_path / 'gt.json'}: annotation id 7: field 'area'" in err and shown in err
+
+
+@pytest.mark.parametrize("bbox", [[60, 10, -20, 20], [60, 10, 20, -5], [60, 10, 0, 20], [60, 10, 20, 0]])
+def test_file_mode_detection_with_non_positive_width_or_height_is_an_error(tmp_path, capsys, bbox):
+    gt = gt_dict([ann(1, 1, [10, 10, 30, 30])])
+    rc, _ = run_file_mode(tmp_path, gt, [det(1, [10, 10, 30, 30], 0.5), det(1, bbox, 0.9)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"evaluate.py: error: {tmp_path / 'dt.json'}: entry 1: field 'bbox'" in err and str(bbox) in err
+
+
+def test_evaluate_coco_refuses_detections_with_non_positive_width_or_height():
+    gt = coco_from_dict(gt_dict([ann(1, 1, [10, 10, 30, 30])]))
+    with pytest.raises(ValueError, match=r"detection 1 .*width or height <= 0.*\[60, 10, -20, 20\]"):
+        evaluate_coco(gt, [det(1, [10, 10, 30, 30], 0.5), det(1, [60, 10, -20, 20], 0.9)])
+
+
+def test_duplicate_category_ids_are_an_error_naming_file_and_id(tmp_path, capsys):
+    cats = [{"id": 1, "name": "a"}, {"id": 4, "name": "b"}, {"id": 1, "name": "a again"}]
+    rc, _ = run_file_mode(tmp_path, gt_dict([ann(1, 1, [10, 10, 30, 30])], cats=cats), [det(1, [10, 10, 30, 30], 0.9)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{tmp_path / 'gt.json'}: duplicate category id 1" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("max_dets", [[-1, 10, 100], [0, 10, 100], [1, 10, 10], [10, 1, 100], [1, 10]])
+def test_eval_max_dets_must_be_three_strictly_increasing_positive_numbers(max_dets):
+    with pytest.raises(ValueError, match=r"config: eval.max_dets must be .*" + str(max_dets).replace("[", r"\[")):
+        check_ranges(Config(eval=EvalConfig(max_dets=max_dets)))
+    gt = coco_from_dict(gt_dict([ann(1, 1, [10, 10, 30, 30])]))
+    if max_dets[0] <= 0:  # the library call refuses it too, rather than pycocotools' dets[:-1]
+        with pytest.raises(ValueError, match="max_dets"):
+            evaluate_coco(gt, [det(1, [10, 10, 30, 30], 0.9)], max_dets=max_dets)
