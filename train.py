@@ -4,52 +4,118 @@
     uv run train.py loss=huber loss.delta=0.5        # pick a loss
     uv run train.py -m loss=smooth_l1,huber,l1,l2    # a sweep, one directory per job
     uv run train.py experiment=smoke                 # the whole pipeline in under a minute
+
+Each run folder is owned by one process (``RUN/.lock``) and holds one run, recorded once in
+``RUN/run.json``: a launch into a folder whose record has another set-up is refused, a finished run
+is skipped, an unfinished one resumed. SIGINT/SIGTERM save a checkpoint and exit 130/143.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import shlex
 import sys
+from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from detlib.config import Config, check_ranges, register
 from detlib.data.build import build_datasets
 from detlib.engine import distributed as dist
-from detlib.engine.trainer import train
+from detlib.engine import run_record
+from detlib.engine.trainer import Interrupted, train
 from detlib.modeling.proposals import check_proposal_ids
 
 register()
 log = logging.getLogger("train")
 
 
-def hparams(cfg: DictConfig) -> dict:
-    """The flat parameters TensorBoard's HParams table compares runs by."""
-    loss = OmegaConf.to_container(cfg.loss, resolve=True)
-    out = {"loss": HydraConfig.get().runtime.choices.get("loss", loss["_target_"].rsplit(".", 1)[-1])}
-    out |= {f"loss.{k}": v for k, v in loss.items() if k != "_target_"}
-    out |= {"lr": cfg.trainer.lr, "batch_size": cfg.data.batch_size, "seed": cfg.seed, "data": cfg.data.name,
-            "max_iters": cfg.trainer.max_iters, "model": HydraConfig.get().runtime.choices.get("model", "?")}
-    out |= {f"data.noise.{k}": v for k, v in (cfg.data.get("noise") or {}).items()}
-    return out
+def continue_command(run_dir: Path) -> str:
+    """The command that continues this run (or sweep): the same overrides, pinned to its folder."""
+    hc = HydraConfig.get()
+    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    if hc.mode == RunMode.MULTIRUN:
+        args.append(f"hydra.sweep.dir={Path(hc.sweep.dir).resolve()}")
+    else:
+        args.append(f"hydra.run.dir={run_dir.resolve()}")
+    return "uv run train.py " + " ".join(shlex.quote(a) for a in args)
+
+
+def _to_log_file(msg: str) -> None:
+    """Write ``msg`` to train.log only (stderr gets Hydra's own report of the error)."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.emit(logging.LogRecord("train", logging.ERROR, __file__, 0, msg, None, None))
+            h.flush()
+
+
+def _restore_hydra_files(run_dir: Path) -> None:
+    """Hydra has rewritten ``.hydra/`` with a launch that was refused: put the recorded run's back."""
+    try:
+        record = run_record.read_record(run_dir)
+    except run_record.RunIdentityError:
+        return
+    if record and dist.is_main():
+        run_record.restore_hydra_files(run_dir, record)
+
+
+def _drop_log_files() -> None:
+    for h in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
+        logging.getLogger().removeHandler(h)
+        h.close()
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not dist.is_main():  # under torchrun only rank 0 writes train.log
+        _drop_log_files()
+    try:
+        lock = run_record.RunLock(run_dir).acquire() if dist.is_main() else None
+    except run_record.RunDirInUse:
+        _drop_log_files()  # that train.log belongs to the live run
+        _restore_hydra_files(run_dir)
+        raise
+    try:
+        return run(cfg, run_dir)
+    except Interrupted as e:
+        if e.aborted:
+            log.error("%s again: aborted at once; the last checkpoint is the one saved before", e.signal_name)
+        else:
+            log.warning("%s: saved a checkpoint at iteration %d; continue with:\n  %s", e.signal_name,
+                        e.iteration, continue_command(run_dir))
+        sys.exit(128 + e.signum)  # also stops a Hydra multirun: its next job never starts
+    except run_record.RunIdentityError:  # a refused launch: the run in the folder is fine, and stays as it was
+        _restore_hydra_files(run_dir)
+        raise
+    except BaseException as e:  # the reason a run died goes into its train.log, not only to stderr
+        if not isinstance(e, SystemExit):
+            _to_log_file(f"run failed: {type(e).__name__}: {e}")
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float | None:
+    """Check the folder's record, build data and model, train (or skip a finished run)."""
     typed: Config = OmegaConf.to_object(cfg)  # library code gets dataclasses, not a DictConfig
     check_ranges(typed)
     typed.data.root = to_absolute_path(os.path.expanduser(typed.data.root))  # relative to where the user launched
-    run_dir = HydraConfig.get().runtime.output_dir
-    if not dist.is_main():  # under torchrun only rank 0 writes train.log
-        for h in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
-            logging.getLogger().removeHandler(h)
+    if typed.trainer.resume == "" and dist.is_main() and run_record.foreign_files(run_dir):
+        raise run_record.RunIdentityError(
+            f"trainer.resume= (start fresh) but {run_dir} already holds a run "
+            f"({', '.join(run_record.foreign_files(run_dir)[:4])}); start fresh in a new folder instead of mixing "
+            "two runs in one")
     random.seed(typed.seed)
     np.random.seed(typed.seed)
     torch.manual_seed(typed.seed)
@@ -64,6 +130,19 @@ def main(cfg: DictConfig) -> float | None:
         dist.barrier()
     model = instantiate(cfg.model, num_classes=train_set.num_classes, box_loss=box_loss, rpn_box_loss=rpn_box_loss)
     check_proposal_ids(model, train=train_set.ids, val=val_set.ids)  # Fast R-CNN with a proposals file
+
+    record, eval_changes = record_for(cfg, typed, train_set, val_set, run_dir)
+    if (run_dir / "metrics.json").is_file():
+        log.info("%s: this run finished at iteration %d; skipping it (metrics.json kept)", run_dir,
+                 typed.trainer.max_iters)
+        if eval_changes:
+            log.warning("its metrics were computed with the recorded inference settings, not these:\n  %s\n"
+                        "to evaluate it with them: uv run tools/evaluate.py --run %s --config-overrides ...",
+                        "\n  ".join(eval_changes), run_dir)
+        return read_metrics(run_dir).get("AP")
+    if eval_changes:
+        log.warning("inference-only settings differ from the run's record (allowed: they change the "
+                    "evaluation, not the training):\n  %s", "\n  ".join(eval_changes))
     if dist.world_size() > 1:  # same initial weights everywhere; then each rank its own random stream
         random.seed(typed.seed + dist.rank())
         np.random.seed(typed.seed + dist.rank())
@@ -71,22 +150,46 @@ def main(cfg: DictConfig) -> float | None:
     log.info("run directory: %s (%d process%s)", run_dir, dist.world_size(), "es" if dist.world_size() > 1 else "")
     log.info("data: %d train / %d val images, classes %s", len(train_set), len(val_set), train_set.class_names)
     log.info("box loss: %r   rpn box loss: %r", box_loss, rpn_box_loss)
-    meta = {
-        "seed": typed.seed,
-        "world_size": dist.world_size(),
-        "num_classes": train_set.num_classes,
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
-        "data": {"name": typed.data.name, "train": str(train_set.ann_file), "num_train": len(train_set)},
-        "optim": {k: getattr(typed.trainer, k) for k in ("lr", "max_iters", "schedule", "warmup_iters", "amp")}
-        | {"batch_size": typed.data.batch_size},
-    }
+    meta = {k: record[k] for k in ("identity", "eval", "data_files")}
     stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
-                  typed.data.num_workers, typed.seed, meta, hparams(cfg),
+                  typed.data.num_workers, typed.seed, meta, run_record.hparams(record),
                   voc07=typed.data.name == "voc")
-    if stats is None:  # SIGTERM/SIGINT: checkpoint saved; stop here, and stop a sweep's remaining jobs too
-        sys.exit(0)
     return stats.get("AP")
+
+
+def record_for(cfg: DictConfig, typed: Config, train_set, val_set, run_dir: Path) -> tuple[dict, list[str]]:
+    """This launch's record and its inference-only differences from the folder's record; refuses the
+    launch if the folder holds a run of another identity, writes the record if the folder has none."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data"]["root"] = typed.data.root
+    ident = run_record.identity(
+        config, world_size=dist.world_size(), num_classes=train_set.num_classes,
+        data_fingerprints={"train": run_record.fingerprint(train_set), "val": run_record.fingerprint(val_set)})
+    hc = HydraConfig.get()
+    record = run_record.make_record(
+        config, ident, overrides=list(hc.overrides.task),
+        choices={k: str(v) for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra/")},
+        data_files={"train": str(train_set.ann_file), "val": str(val_set.ann_file)})
+    saved = run_record.read_record(run_dir)
+    if saved is None:
+        leftovers = [f for f in run_record.foreign_files(run_dir) if f != run_record.RECORD]
+        if leftovers and dist.is_main():
+            raise run_record.RunIdentityError(
+                f"{run_dir} holds results ({', '.join(leftovers[:4])}) but no {run_record.RECORD}: they cannot be "
+                "attributed to a set-up (made by an older detlib, or copied in); use a new folder")
+        if dist.is_main():
+            run_record.write_record(run_dir, record)
+        return record, []
+    run_record.check(saved, ident, run_dir)
+    return saved | {"eval": record["eval"]}, run_record.diff(saved.get("eval", {}), record["eval"])
+
+
+def read_metrics(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError) as e:
+        raise run_record.RunIdentityError(f"{run_dir / 'metrics.json'}: unreadable ({e}); delete it to "
+                                          "evaluate the run again") from e
 
 
 if __name__ == "__main__":

@@ -149,8 +149,8 @@ def register() -> None:
 
     from detlib.engine.distributed import run_stamp
 
-    # The run directory's name, shared by every torchrun rank (configs/train.yaml: hydra.run.dir).
-    OmegaConf.register_new_resolver("detlib_stamp", run_stamp, replace=True)
+    # A new run directory, claimed once and shared by every torchrun rank (configs/train.yaml: hydra.run.dir).
+    OmegaConf.register_new_resolver("detlib_run_dir", run_stamp, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="detlib_schema", node=Config)
     for name, node in LOSS_SCHEMAS.items():
@@ -187,8 +187,9 @@ def check_ranges(cfg: Config) -> None:
         ("data.hflip_prob", 0 <= d.hflip_prob <= 1, d.hflip_prob, "in [0, 1]"),
         ("data.invalid", d.invalid in ("error", "skip"), d.invalid, "error|skip"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, cfg.eval.batch_size, ">= 1"),
-        ("eval.max_dets", len(cfg.eval.max_dets) == 3 and sorted(cfg.eval.max_dets) == list(cfg.eval.max_dets),
-         list(cfg.eval.max_dets), "three increasing numbers"),
+        ("eval.max_dets", len(cfg.eval.max_dets) == 3 and cfg.eval.max_dets[0] >= 1
+         and all(a < b for a, b in zip(cfg.eval.max_dets, cfg.eval.max_dets[1:])),
+         list(cfg.eval.max_dets), "three strictly increasing positive numbers"),
         ("eval.backend", cfg.eval.backend in ("pycocotools", "faster_coco_eval"), cfg.eval.backend,
          "pycocotools|faster_coco_eval"),
     ]

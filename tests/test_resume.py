@@ -85,7 +85,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, data_root):
     time.sleep(1.0)  # a few iterations in
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 143, out[-3000:]  # 128 + SIGTERM: schedulers see an interrupted job
     assert "SIGTERM: saved a checkpoint at iteration" in out
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert 0 < state["iteration"] < 100000

@@ -176,7 +176,7 @@ def test_evaluate_bad_ground_truth_and_run(tmp_path, capsys):
     assert evaluate.main(["--run", str(tmp_path / "nope")]) == 1
     assert f"run directory not found: {tmp_path / 'nope'}" in capsys.readouterr().err
     assert evaluate.main(["--run", str(tmp_path)]) == 1
-    assert "no .hydra/config.yaml" in capsys.readouterr().err
+    assert "no run.json or .hydra/config.yaml" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def smoke_eval(smoke_run, tmp_path_factory) -> tuple[Path, str]:
 
 
 def smoke_val_ann(smoke_run: Path) -> Path:
-    train_ann = torch.load(smoke_run / "checkpoints" / "last.pt", weights_only=False)["meta"]["data"]["train"]
+    train_ann = torch.load(smoke_run / "checkpoints" / "last.pt", weights_only=False)["meta"]["data_files"]["train"]
     return Path(train_ann).with_name("instances_val.json")
 
 
@@ -509,3 +509,28 @@ def test_compare_runs_plots_the_metric_against_a_config_key(tmp_path, capsys):
     assert (out / "AP_vs_data_noise_outliers.png").stat().st_size > 5000
     assert "AP_vs_data_noise_outliers.png" in (out / "comparison.md").read_text()
     assert compare_runs.main([str(tmp_path), "--x", "data.nope"]) == 1
+
+
+def recorded_run(path: Path, loss: str, seed: int, ap: float, train_fp: str = "a" * 64, **identity: object) -> Path:
+    """A run folder as train.py now writes it: run.json (the identity), metrics.json; .hydra/ says otherwise."""
+    fake_run(path, "huber", 99, ap)  # Hydra's rewritable files, deliberately wrong
+    ident = {"seed": seed, "loss._target_": f"detlib.losses.{loss}", "trainer.max_iters": 10, "world_size": 1,
+             "data.fingerprint.train": train_fp, "data.fingerprint.val": "b" * 64} | identity
+    (path / "run.json").write_text(json.dumps({"identity": ident, "overrides": [f"loss={loss.lower()}", f"seed={seed}"],
+                                               "choices": {"loss": loss.lower()}, "config": {}}))
+    return path
+
+
+def test_compare_runs_reads_the_record_not_hydra_files_and_keeps_different_data_apart(tmp_path, capsys):
+    recorded_run(tmp_path / "0_a", "L1", 0, 0.50)
+    recorded_run(tmp_path / "1_a", "L1", 1, 0.52)
+    recorded_run(tmp_path / "2_b", "L1", 0, 0.30, train_fp="c" * 64)  # same set-up, other annotation file
+    recorded_run(tmp_path / "3_c", "L2", 0, 0.40)
+    recorded_run(tmp_path / "4_c", "L2", 0, 0.42)  # a second run of seed 0
+    assert compare_runs.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader((tmp_path / "comparison.csv").open()))
+    sizes = sorted(int(r["n"]) for r in rows)
+    assert sizes == [1, 2, 2], rows  # L1 on data a, L1 on data c, L2: never L1 on both data in one group
+    assert not any("huber" in r["group"] for r in rows)  # the .hydra files are not read
+    assert "runs share seed 0" in err and "4_c" in err

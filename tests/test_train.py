@@ -167,7 +167,7 @@ def test_case34_relative_data_paths_from_another_directory_in_multirun(tmp_path)
     for j in jobs:
         assert (j / "metrics.json").is_file() and (j / "tb").is_dir()
         meta = torch.load(j / "checkpoints" / "last.pt", weights_only=False)["meta"]
-        assert meta["data"]["train"] == str(tmp_path / "data" / "train.json")  # resolved from the launch dir
+        assert meta["data_files"]["train"] == str(tmp_path / "data" / "train.json")  # resolved from the launch dir
 
 
 @pytest.mark.parametrize("args,needle", [

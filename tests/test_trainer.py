@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from detlib.data.build import build_datasets
+from detlib.data.sampler import TrainBatchSampler
 from detlib.engine import checkpoint
 from detlib.engine.trainer import NonFiniteLossError, optimizer_step, train
 from detlib.losses import L1
@@ -50,7 +51,7 @@ def _run(parts, run_dir, model=None, meta=None, **trainer):
     tcfg = dataclasses.replace(typed.trainer, **trainer)
     model = model or _model(cfg, train_set.num_classes)
     return train(model, train_set, val_set, tcfg, typed.eval, run_dir, typed.data.batch_size, 0, typed.seed,
-                 meta or {"seed": typed.seed})
+                 meta or {"identity": {"seed": typed.seed}})
 
 
 def test_case16_nonfinite_loss_stops_naming_iteration_terms_and_images(parts, tmp_path):
@@ -123,25 +124,60 @@ def test_case20_23_resume_errors_and_auto_without_checkpoint(parts, tmp_path, ca
         _run(parts, tmp_path / "b", max_iters=4, resume="auto")
 
 
-def test_case22_resume_with_a_different_setup_names_the_differences(parts, tmp_path, caplog):
-    _run(parts, tmp_path, max_iters=2, meta={"seed": 0, "world_size": 1})
-    with caplog.at_level(logging.WARNING):
-        _run(parts, tmp_path, max_iters=3, resume="auto", meta={"seed": 5, "world_size": 2})
-    assert "seed: 0 -> 5" in caplog.text and "world_size: 1 -> 2" in caplog.text
-    cfg, _, train_set, _ = parts
-    with pytest.raises(checkpoint.CheckpointError, match="num_classes"):
-        _run(parts, tmp_path, _model(cfg, 9), max_iters=4, resume="auto", meta={"seed": 5, "world_size": 2,
-                                                                                  "num_classes": 9})
+def test_resume_with_a_different_identity_is_refused_naming_only_the_differing_keys(parts, tmp_path):
+    """Finished or not, a checkpoint of another set-up is never continued (it used to warn and train on)."""
+    ident = {"seed": 0, "world_size": 1, "loss._target_": "detlib.losses.SmoothL1", "trainer.lr": 0.02}
+    _run(parts, tmp_path, max_iters=2, checkpoint_period=1, meta={"identity": ident})
+    changed = ident | {"seed": 5, "loss._target_": "detlib.losses.L1"}
+    for max_iters in (4, 2):  # unfinished (continuing to 4) and finished
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            _run(parts, tmp_path, max_iters=max_iters, resume="auto", meta={"identity": changed})
+        msg = str(e.value)
+        assert "seed: 0 -> 5" in msg and "loss._target_: detlib.losses.SmoothL1 -> detlib.losses.L1" in msg
+        assert "trainer.lr" not in msg and "world_size" not in msg  # only what differs
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2  # nothing trained on
 
 
-def test_finished_run_is_skipped_and_a_changed_setup_is_refused(parts, tmp_path, caplog):
-    """Issue #5: re-running a sweep skips finished jobs (by their set-up) instead of training them again."""
-    first = _run(parts, tmp_path, max_iters=2, meta={"seed": 0, "loss": "l1"})
+def test_checkpoint_without_identity_is_refused(parts, tmp_path):
+    _run(parts, tmp_path, max_iters=2, meta={"identity": {"seed": 0}})
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    del state["meta"]["identity"]
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="no run identity"):
+        _run(parts, tmp_path / "b", max_iters=3, resume=str(tmp_path / "old.pt"))
+
+
+def test_resuming_a_trained_checkpoint_evaluates_without_training(parts, tmp_path, caplog):
+    first = _run(parts, tmp_path, max_iters=2)
     mtime = (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
-        again = _run(parts, tmp_path, max_iters=2, resume="auto", meta={"seed": 0, "loss": "l1"})
-    assert "skipping it" in caplog.text
-    assert again == {k: first[k] for k in again}  # metrics.json's numbers, not a new evaluation's
+        again = _run(parts, tmp_path, max_iters=2, resume="auto")
+    assert "evaluating only" in caplog.text
+    assert again == first
     assert (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
-    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)loss: 'l1' -> 'l2'.*has finished"):
-        _run(parts, tmp_path, max_iters=2, resume="auto", meta={"seed": 0, "loss": "l2"})
+
+
+def test_an_image_that_fails_to_decode_mid_run_stops_with_a_checkpoint_naming_the_file(tmp_path):
+    """data.invalid=error: passed the start check, broken since; the run keeps what it trained."""
+    from detlib.data.image import ImageDecodeError
+
+    from .fixtures import write_coco
+
+    write_coco(tmp_path / "data", num_train=8, num_val=2)
+    cfg = compose_cfg("data=coco", f"data.root={tmp_path / 'data'}", "data.train_ann=train.json",
+                      "data.train_images=images", "data.val_ann=val.json", "data.val_images=images",
+                      "data.batch_size=2", "data.aspect_grouping=false", "model.min_size=64", "model.max_size=96",
+                      "trainer.progress=false", "trainer.device=cpu", "trainer.warmup_iters=1")
+    typed = OmegaConf.to_object(cfg)
+    train_set, val_set = build_datasets(typed.data)
+    ids = train_set.ids
+    first_batch = {i for i, _ in TrainBatchSampler(len(train_set), 2, 0, 0, 8).batch(0)}
+    late = next(k for k in range(len(ids)) if k not in first_batch)  # an image the first step does not read
+    src = tmp_path / "data" / "images" / train_set.coco.imgs[ids[late]]["file_name"]
+    src.write_bytes(src.read_bytes()[:200])  # broken after the start check passed
+    model = _model(cfg, train_set.num_classes)
+    tcfg = dataclasses.replace(typed.trainer, max_iters=8, checkpoint_period=100)
+    with pytest.raises(ImageDecodeError, match=src.name):
+        train(model, train_set, val_set, tcfg, typed.eval, tmp_path / "run", 2, 0, 0, {"identity": {}})
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert 1 <= state["iteration"] < 8  # what was trained before the bad image is kept

@@ -4,9 +4,12 @@
     uv run tools/compare_runs.py /work/sweeps --baseline loss=smooth_l1 --out report/
     uv run tools/compare_runs.py SWEEP_A SWEEP_B --x data.noise.outliers   # + AP against the outlier fraction
 
-Every folder under the DIRs with ``.hydra/config.yaml`` is a run (a multirun folder, a single run,
-or a folder of sweeps all work). Runs whose config is equal except for the seed and keys that don't
-change results (device, progress bar, resume, paths, logging periods, ``hydra.*``) form a group,
+Every folder under the DIRs with a ``run.json`` (or, made by older detlib, ``.hydra/config.yaml``) is
+a run (a multirun folder, a single run, or a folder of sweeps all work). A run's set-up is read from
+its ``run.json``, written once when it started, never from Hydra's ``.hydra`` files (a later launch
+in the folder rewrites those). Runs whose identity (``detlib.engine.run_record``: the config minus
+the keys that don't change results, plus world size and a fingerprint of the annotation files) is
+equal except for the seed form a group, so runs on different data never share one;
 named by the overrides that tell the groups apart (``loss=huber``); a key overridden in one sweep
 and left at its default in another is named in both (``loss=l2,data.noise.outliers=0.0``), so
 sweeps run at different times combine. Runs made by older code still
@@ -41,6 +44,7 @@ from rundir import ToolError, cli  # noqa: E402
 from ttest import mean_std, paired_t  # noqa: E402
 
 from detlib.config import Config  # noqa: E402
+from detlib.engine import run_record  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # Keys that say how a run was executed, not what was trained: left out of a group's identity.
@@ -59,6 +63,7 @@ class Run:
     metrics: dict | None = None  # None: unfinished
     ap_per_iou: dict[str, float | None] | None = None
     problem: str = ""
+    legacy: bool = False  # no run.json: set-up read from Hydra's rewritable .hydra files
 
 
 @dataclass
@@ -87,13 +92,13 @@ def _natural(p: Path) -> list:
 
 
 def find_runs(dirs: Sequence[Path]) -> list[Path]:
-    """Every folder under ``dirs`` holding ``.hydra/config.yaml`` (not looking inside a run)."""
+    """Every folder under ``dirs`` holding ``run.json`` or ``.hydra/config.yaml`` (not looking inside a run)."""
     found = []
     for d in dirs:
         if not d.is_dir():
             raise ToolError(f"not a folder: {d}")
         for root, subdirs, _ in os.walk(d):
-            if (Path(root) / ".hydra" / "config.yaml").is_file():
+            if (Path(root) / run_record.RECORD).is_file() or (Path(root) / ".hydra" / "config.yaml").is_file():
                 found.append(Path(root))
                 subdirs.clear()
             else:
@@ -123,7 +128,31 @@ def _read_json(path: Path) -> object | None:
 
 
 def load_run(path: Path) -> Run:
-    """Read a run's config, overrides, metrics and AP per IoU; missing results leave ``metrics`` None."""
+    """Read a run's record, metrics and AP per IoU; missing results leave ``metrics`` None."""
+    if (path / run_record.RECORD).is_file():
+        run = _from_record(path)
+    else:
+        run = _from_hydra_files(path)
+    if run.problem:
+        return run
+    return _with_metrics(run)
+
+
+def _from_record(path: Path) -> Run:
+    try:
+        record = run_record.read_record(path)
+    except run_record.RunIdentityError as e:
+        return Run(path, -1, {}, [], problem=str(e))
+    identity = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in record["identity"].items()
+                if k != "seed"}
+    overrides = [o for o in record.get("overrides", []) if not _ignored(o.split("=", 1)[0].lstrip("+~"))]
+    return Run(path, int(record["identity"].get("seed", 0)), identity, overrides,
+               {k: str(v) for k, v in (record.get("choices") or {}).items()})
+
+
+def _from_hydra_files(path: Path) -> Run:
+    """A run made before ``run.json`` existed: its set-up as its ``.hydra`` files say (a later launch in its
+    folder may have rewritten them)."""
     try:
         cfg = OmegaConf.to_container(_with_schema_defaults(OmegaConf.load(path / ".hydra" / "config.yaml")),
                                      resolve=False)
@@ -136,8 +165,13 @@ def load_run(path: Path) -> Run:
     overrides = [o for o in overrides if not _ignored(o.split("=", 1)[0].lstrip("+~"))]
     identity = {k: v for k, v in flatten(cfg).items() if not _ignored(k)}
     choices = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
-    run = Run(path, int(cfg.get("seed", 0)), identity, overrides,
-              {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra/")})
+    return Run(path, int(cfg.get("seed", 0)), identity, overrides,
+               {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra/")},
+               legacy=True)
+
+
+def _with_metrics(run: Run) -> Run:
+    path = run.path
     metrics_file = path / "metrics.json"
     if not metrics_file.is_file():
         run.problem = "no metrics.json (unfinished)"
@@ -195,12 +229,39 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     return out
 
 
+def seed_warnings(groups: Sequence[Group]) -> list[str]:
+    """Runs of one group that share a seed: the same set-up twice (they are averaged, not paired twice)."""
+    out = []
+    for g in groups:
+        by_seed: dict[int, list[Run]] = {}
+        for r in g.runs:
+            by_seed.setdefault(r.seed, []).append(r)
+        for seed, runs in by_seed.items():
+            if len(runs) > 1:
+                out.append(f"group {g.name}: {len(runs)} runs share seed {seed} ({', '.join(str(r.path) for r in runs)}); "
+                           "they are averaged into one value for the paired test")
+    return out
+
+
+def legacy_warnings(runs: Sequence[Run]) -> list[str]:
+    legacy = [r for r in runs if r.legacy]
+    if not legacy:
+        return []
+    return [f"{len(legacy)} runs have no run.json (made by an older detlib): their set-up is read from .hydra "
+            f"files, which a later launch in the folder may have rewritten (first: {legacy[0].path})"]
+
+
 def _override_values(run: Run, keys: Sequence[str]) -> dict[str, str | None]:
     """The run's value of each overridden ``key``: its own override, else what the run used without one
     (the config value, or the config group's choice from ``.hydra/hydra.yaml``); None if unknown."""
     given = {k.lstrip("+"): v for k, _, v in (o.partition("=") for o in run.overrides) if _}
     return {k: given[k] if k in given else str(run.identity[k]) if k in run.identity else run.choices.get(k)
             for k in keys}
+
+
+def _short(value: object) -> object:
+    """Data fingerprints (64 hex digits) named by their first 8."""
+    return f"{value[:8]}…" if isinstance(value, str) and len(value) == 64 else value
 
 
 def _name_groups(groups: list[Group]) -> None:
@@ -215,7 +276,7 @@ def _name_groups(groups: list[Group]) -> None:
     if len(set(names)) < len(names) or not all(names):
         keys = sorted({k for g in groups for k in g.runs[0].identity})
         differ = [k for k in keys if len({repr(g.runs[0].identity.get(k)) for g in groups}) > 1]
-        names = [",".join(f"{k}={g.runs[0].identity.get(k)}" for k in differ) or ",".join(g.runs[0].overrides)
+        names = [",".join(f"{k}={_short(g.runs[0].identity.get(k))}" for k in differ) or ",".join(g.runs[0].overrides)
                  for g in groups]
     for g, n in zip(groups, names):
         g.name = n or "defaults"
@@ -396,6 +457,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise ToolError(f"no finished runs (with metrics.json) under {', '.join(map(str, args.dirs))}"
                         f" ({len(unfinished)} unfinished)")
     groups = group_runs(done)
+    for warning in seed_warnings(groups) + legacy_warnings(done):
+        print(f"compare_runs.py: warning: {warning}", file=sys.stderr)
     names = [g.name for g in groups]
     wanted = args.baseline or ("loss=smooth_l1" if "loss=smooth_l1" in names else names[0])
     if wanted not in names:

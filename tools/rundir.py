@@ -9,6 +9,8 @@ so evaluating a checkpoint gives the numbers the run itself reported.
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,8 +80,13 @@ def read_results(path: str | Path) -> list[dict]:
         if (not isinstance(box, list) or len(box) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
             raise ToolError(f"{path}: entry {i}: field 'bbox' must be 4 numbers [x, y, w, h], got {box!r}")
-        if isinstance(r["score"], bool) or not isinstance(r["score"], (int, float)):
-            raise ToolError(f"{path}: entry {i}: field 'score' must be a number, got {r['score']!r}")
+        if not all(math.isfinite(v) for v in box):
+            raise ToolError(f"{path}: entry {i}: field 'bbox' has a non-finite value {box!r}")
+        if box[2] <= 0 or box[3] <= 0:  # pycocotools would silently ignore or mis-size it
+            raise ToolError(f"{path}: entry {i}: field 'bbox' has width or height <= 0: {box!r}")
+        if (isinstance(r["score"], bool) or not isinstance(r["score"], (int, float))
+                or not math.isfinite(r["score"])):
+            raise ToolError(f"{path}: entry {i}: field 'score' must be a finite number, got {r['score']!r}")
     return data
 
 
@@ -105,15 +112,23 @@ def _parse_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The run's resolved config (``.hydra/config.yaml``), with optional overrides on top.
+    """The run's resolved config (its ``run.json``; ``.hydra/config.yaml`` for older runs), with optional
+    overrides on top.
 
     A group choice (``data=coco``) replaces that whole node with the group's yaml, composed by
     Hydra from ``configs/``; a dotted key (``data.root=/x``) changes one value of the saved config.
     """
+    record = Path(run_dir) / "run.json"
     path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise ToolError(f"not a run directory (no .hydra/config.yaml): {run_dir}")
-    cfg = OmegaConf.load(path)
+    if record.is_file():  # the config the run started with; .hydra/ is rewritten by every launch in the folder
+        data = read_json(record, "run record")
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise ToolError(f"{record}: not a detlib run record (no 'config' object)")
+        cfg = OmegaConf.create(data["config"])
+    elif path.is_file():
+        cfg = OmegaConf.load(path)
+    else:
+        raise ToolError(f"not a run directory (no run.json or .hydra/config.yaml): {run_dir}")
     groups, keys = _parse_overrides(overrides)
     if groups:
         register()
@@ -126,6 +141,34 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
     return cfg
 
 
+TRUSTED_TARGETS = ("detlib.", "torch.", "torchvision.")
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """A run folder is data: its config may only instantiate detlib, torch and torchvision classes.
+
+    Hydra's ``instantiate`` calls whatever ``_target_`` names, so a crafted ``run.json`` could otherwise
+    run code (``builtins.open``, ...). Extensions of your own: ``DETLIB_TRUSTED_TARGETS=mypkg.,other.``.
+    """
+    extra = tuple(p for p in os.environ.get("DETLIB_TRUSTED_TARGETS", "").split(",") if p)
+    for section in ("model", "loss", "rpn_loss"):
+        node = OmegaConf.to_container(cfg.get(section), resolve=False) if cfg.get(section) is not None else {}
+        for key, value in flatten_targets(node, section):
+            if not isinstance(value, str) or not value.startswith(TRUSTED_TARGETS + extra):
+                raise ToolError(f"run config: {key} = {value!r} is not a detlib, torch or torchvision class; "
+                                "refusing to instantiate it (set DETLIB_TRUSTED_TARGETS=PREFIX. if it is yours)")
+
+
+def flatten_targets(node: object, prefix: str) -> list[tuple[str, object]]:
+    """Every ``_target_`` under ``node``, with its dotted key."""
+    if isinstance(node, dict):
+        out = [(f"{prefix}._target_", node["_target_"])] if "_target_" in node else []
+        return out + [t for k, v in node.items() for t in flatten_targets(v, f"{prefix}.{k}")]
+    if isinstance(node, list):
+        return [t for i, v in enumerate(node) for t in flatten_targets(v, f"{prefix}.{i}")]
+    return []
+
+
 def build_from_run(cfg: DictConfig) -> tuple[nn.Module, CocoDetection]:
     """``(model, val_set)`` as ``train.py`` builds them; the model has fresh weights.
 
@@ -134,6 +177,7 @@ def build_from_run(cfg: DictConfig) -> tuple[nn.Module, CocoDetection]:
     launched); pass ``--config-overrides data.root=...`` if that differs.
     """
     register()
+    check_targets(cfg)
     typed: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     check_ranges(typed)
     train_set, val_set = build_datasets(typed.data)

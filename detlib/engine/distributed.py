@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ def init_from_env() -> bool:
     # torchrun shares one store across restarts: without a per-attempt prefix the restarted workers
     # read the dead workers' gloo addresses (connection refused) and hang or fail to connect.
     store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+    _STORE.append(store)  # outlives restarts: where rank 0 of the first attempt leaves the run directory
     dist.init_process_group(backend, store=dist.PrefixStore(f"detlib/attempt_{restart}", store), rank=rank_,
                             world_size=world, timeout=timeout)
     return True
@@ -58,27 +60,46 @@ def local_rank() -> int:
 
 
 _STAMP: list[str] = []
+_STORE: list = []  # torchrun's agent store (one per torchrun invocation, kept across restarts)
 
 
-def run_stamp() -> str:
-    """The run directory's name, the same on every rank (Hydra resolver ``detlib_stamp``).
+def run_stamp(base: str = "outputs") -> str:
+    """A new run directory under ``base``, the same on every rank (Hydra resolver ``detlib_run_dir``).
 
-    Single process: the time, like Hydra's default. Under torchrun with a rendezvous id
-    (``--standalone`` or ``--rdzv-id``): ``torchrun-<id>``, which stays the same when torchrun restarts
-    the workers, so ``trainer.resume=auto`` continues the run. Otherwise rank 0's time, broadcast.
+    ``base/DATE/TIME``, claimed with ``mkdir`` so two runs started in the same second get two folders
+    (the second gets ``TIME-1``). Under torchrun, rank 0 claims it and leaves the name in torchrun's
+    store, where the other ranks, and every rank after a ``--max-restarts`` restart, read it: the
+    restarted workers continue in the same folder, while another torchrun job gets its own.
     """
     if _STAMP:
         return _STAMP[0]
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if world_size() > 1 and run_id not in ("", "none"):
-        stamp = f"{time.strftime('%Y-%m-%d')}/torchrun-{run_id}"
-    else:
-        box = [time.strftime("%Y-%m-%d/%H-%M-%S")]
-        if world_size() > 1:
-            dist.broadcast_object_list(box, src=0)
+    if world_size() == 1:
+        stamp = _claim(base)
+    elif _STORE:
+        key, store = f"detlib/run_dir/{base}", _STORE[0]
+        if rank() == 0 and not store.check([key]):
+            store.set(key, _claim(base))
+        stamp = store.get(key).decode()
+    else:  # a process group made without torchrun: no restarts, rank 0's claim is broadcast
+        box = [_claim(base) if rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
         stamp = box[0]
     _STAMP.append(stamp)
     return stamp
+
+
+def _claim(base: str) -> str:
+    parent = Path(base) / time.strftime("%Y-%m-%d")
+    parent.mkdir(parents=True, exist_ok=True)
+    name = time.strftime("%H-%M-%S")
+    for n in range(10_000):
+        path = parent / (name if n == 0 else f"{name}-{n}")
+        try:
+            path.mkdir()
+            return str(path)
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not claim a new run directory under {parent}")
 
 
 def any_true(flags: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@
 against non-finite values -> backward -> (clip) -> step. Every ``log_period`` it reads the
 accumulated losses once (the only host sync of the loop) and writes TensorBoard scalars and a log
 line with ETA; every ``eval_period`` it evaluates with pycocotools; every ``checkpoint_period`` it
-saves atomically. SIGTERM and SIGINT save a checkpoint at the next step boundary and exit cleanly.
+saves atomically. SIGTERM and SIGINT save a checkpoint at the next step boundary and raise
+``Interrupted`` (the entry point exits 130/143); a second one raises it at once.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detlib.config import EvalConfig, TrainerConfig
 from detlib.data.coco import CocoDetection, collate
+from detlib.data.image import ImageDecodeError
 from detlib.data.sampler import TrainBatchSampler
-from detlib.engine import checkpoint, dashboard
+from detlib.engine import checkpoint, dashboard, run_record
 from detlib.engine import distributed as dist
 from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, format_table, per_class_ap
 from detlib.evaluation.inference import evaluate
@@ -40,6 +42,16 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced NaN or inf; the message names the iteration, the loss terms and the images."""
+
+
+class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt: no ``except Exception`` swallows it
+    """SIGINT/SIGTERM stopped training. ``aborted``: a second signal, raised at once (no new checkpoint);
+    else a checkpoint at ``iteration`` was saved first."""
+
+    def __init__(self, signum: int, iteration: int = -1, aborted: bool = False) -> None:
+        self.signum, self.iteration, self.aborted = signum, iteration, aborted
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"{self.signal_name} at iteration {iteration}" + (" (aborted)" if aborted else ""))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,22 +123,17 @@ def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     return path
 
 
-def _check_resume_meta(saved: dict, current: dict, path: Path, finished: bool = False) -> None:
-    """Case 22: name what differs between the checkpoint's run and this one.
-
-    A finished run with a different set-up is refused: re-running a sweep must not pass off old
-    results as the new configuration's."""
-    diffs = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
-    if not diffs:
-        return
-    fatal = {"num_classes", "model"}
-    msg = f"resuming from {path} with a different set-up:\n  " + "\n  ".join(diffs)
-    if any(d.split(":")[0] in fatal for d in diffs):
-        raise checkpoint.CheckpointError(msg + "\nthe model cannot be loaded into this configuration")
-    if finished:
+def _check_resume_identity(saved: dict, current: dict, path: Path) -> None:
+    """Refuse a checkpoint of another run: every key of the run identity must match (the message names
+    only the differing ones). Inference-only settings are not part of the identity."""
+    if "identity" not in saved:
         raise checkpoint.CheckpointError(
-            msg + "\nthat run has finished; start a new run directory (e.g. a new hydra.sweep.dir) for this set-up")
-    log.warning(msg)
+            f"{path} has no run identity (written by an older detlib): it cannot be continued as this run")
+    diffs = run_record.diff(saved["identity"], current.get("identity", {}))
+    if diffs:
+        raise checkpoint.CheckpointError(f"{path} belongs to a run with a different set-up:\n  "
+                                         + "\n  ".join(diffs) + "\nresume it with its own set-up, or start "
+                                         "the new one in a new run directory")
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -148,14 +155,14 @@ def train(
     meta: dict | None = None,
     hparams: dict | None = None,
     voc07: bool = False,
-) -> dict[str, float | None] | None:
-    """Train ``model`` for ``cfg.max_iters`` iterations and return the final COCO stats (``None`` when a
-    signal stopped it: the checkpoint is saved, the caller should exit).
+) -> dict[str, float | None]:
+    """Train ``model`` for ``cfg.max_iters`` iterations and return the final COCO stats.
 
-    ``meta``: what identifies the set-up (config, dataset, world size); stored in checkpoints and
-    compared on resume. ``hparams``: flat parameters for TensorBoard's HParams table. Writes ``tb/``,
-    ``checkpoints/`` and ``metrics.json`` under ``run_dir``. ``voc07``: also report VOC07 11-point AP50. A run directory whose run has finished
-    (final checkpoint and metrics.json) is not trained again: its metrics are returned.
+    ``meta``: the run's record (``identity``, see ``run_record``); stored in every checkpoint, and a
+    checkpoint of another identity is refused on resume. ``hparams``: flat parameters for TensorBoard's
+    HParams table. Writes ``tb/``, ``checkpoints/`` and ``metrics.json`` under ``run_dir``. ``voc07``:
+    also report VOC07 11-point AP50. SIGINT/SIGTERM save a checkpoint and raise ``Interrupted``; a
+    second signal raises it at once.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -171,7 +178,6 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     meta = dict(meta or {})
-    meta.setdefault("num_classes", train_set.num_classes)
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0  # under DDP only rank 0 writes logs, TensorBoard, checkpoints and metrics
 
@@ -180,12 +186,7 @@ def train(
     resume_path = _resolve_resume(cfg.resume, ckpt_dir)
     if resume_path is not None:
         state = checkpoint.load(resume_path)
-        finished = state["iteration"] >= cfg.max_iters and (run_dir / "metrics.json").is_file()
-        _check_resume_meta(state.get("meta", {}), meta, resume_path, finished)
-        if finished:
-            log.info("%s: this run finished at iteration %d; skipping it (metrics.json kept)",
-                     run_dir, state["iteration"])
-            return json.loads((run_dir / "metrics.json").read_text())
+        _check_resume_identity(state.get("meta", {}), meta, resume_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -226,6 +227,7 @@ def train(
 
     def run_eval(iteration: int, last_out: dict | None) -> dict:
         t0 = time.perf_counter()
+        log.info("evaluating %d val images at iteration %d", len(val_set), iteration)
         stats, val_losses, results, E = evaluate(  # every rank evaluates its shard; stats on all ranks
             model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype, eval_cfg.backend)
         if not main:
@@ -246,22 +248,27 @@ def train(
         names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
         _write_json(run_dir / "eval_detail.json", {
             "iteration": iteration, "stats": stats, "val_losses": val_losses,
-            "ap_per_iou": ap_per_iou(E), "per_class_ap": per_class_ap(E, names), **extra})
+            "ap_per_iou": ap_per_iou(E), "per_class_ap": per_class_ap(E, names),
+            "eval_settings": meta.get("eval", {}), **extra})
         log.info("eval @ %d (%.1fs): AP %.4f AP50 %.4f AP75 %.4f  val loss %.4f", iteration,
                  time.perf_counter() - t0, stats["AP"] or 0, stats["AP50"] or 0, stats["AP75"] or 0,
                  val_losses.get("loss", float("nan")))
         return stats
 
-    stop = {"signal": None}
+    stop = {"signal": None, "saved_at": start_iter}
 
     def on_signal(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
+        if stop["signal"] is not None:  # the second one: abort now, even mid-evaluation
+            raise Interrupted(signum, stop["saved_at"], aborted=True)
+        stop["signal"] = signum
+        log.warning("%s: saving a checkpoint and stopping at the next step boundary (after an evaluation in "
+                    "progress); send it again to abort at once", signal.Signals(signum).name)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     # ---- loop
     model.train()
-    nonfinite_in_row, saved_at = 0, start_iter
+    nonfinite_in_row, done = 0, start_iter
     t_start, it_start = time.perf_counter(), start_iter
     bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=None if cfg.progress and main else True,
                dynamic_ncols=True, desc="train")
@@ -335,13 +342,11 @@ def train(
                     run_eval(done, out)
                 if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == cfg.max_iters:
                     save(done)
-                    saved_at = done
+                    stop["saved_at"] = done
                 if stopping:
-                    if saved_at != done:
+                    if stop["saved_at"] != done:
                         save(done)
-                    log.warning("%s: saved a checkpoint at iteration %d; resume with trainer.resume=auto",
-                                stop["signal"] or "a signal on another rank", done)
-                    return None
+                    raise Interrupted(stop["signal"] or signal.SIGTERM, done)  # no signal here: another rank's
         bar.close()
         if start_iter >= cfg.max_iters:
             log.info("already trained %d iterations; evaluating only", start_iter)
@@ -354,6 +359,11 @@ def train(
             print("\n" + format_table(stats, f"COCO box evaluation on {len(val_set)} val images after "
                                       f"{cfg.max_iters} iterations ({train_time / 60:.1f} min training, "
                                       f"{world} process{'es' if world > 1 else ''})"))
+    except ImageDecodeError:  # data.invalid=error met an image it cannot decode: keep what was trained
+        if world == 1 and stop["saved_at"] != done:  # (under DDP the other ranks are not here to save with)
+            save(done)
+            log.error("saved a checkpoint at iteration %d before stopping on an undecodable image", done)
+        raise
     finally:
         bar.close()
         if writer is not None:
