@@ -24,19 +24,25 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from detlib import distributed as dist
 from detlib.config import Config, check_ranges, register
 from detlib.data.build import build_datasets
-from detlib.engine import distributed as dist
 from detlib.engine import run_record
-from detlib.engine.trainer import Interrupted, train
+from detlib.engine.checkpoint import CheckpointError
+from detlib.engine.guards import Interrupted
+from detlib.engine.trainer import train
 from detlib.modeling.proposals import check_proposal_ids
 
 register()
 log = logging.getLogger("train")
+# Errors whose message says everything (bad config, data, checkpoint, folder): one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, CheckpointError,
+               run_record.RunIdentityError, run_record.RunDirInUse, InstantiationException)
 
 
 def continue_command(run_dir: Path) -> str:
@@ -94,12 +100,14 @@ def main(cfg: DictConfig) -> float | None:
             log.warning("%s: saved a checkpoint at iteration %d; continue with:\n  %s", e.signal_name,
                         e.iteration, continue_command(run_dir))
         sys.exit(128 + e.signum)  # also stops a Hydra multirun: its next job never starts
-    except run_record.RunIdentityError:  # a refused launch: the run in the folder is fine, and stays as it was
-        _restore_hydra_files(run_dir)
-        raise
     except BaseException as e:  # the reason a run died goes into its train.log, not only to stderr
-        if not isinstance(e, SystemExit):
+        if isinstance(e, run_record.RunIdentityError):  # a refused launch: the run in the folder stays as it was
+            _restore_hydra_files(run_dir)
+        elif not isinstance(e, SystemExit):
             _to_log_file(f"run failed: {type(e).__name__}: {e}")
+        if isinstance(e, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"train.py: error: {e}", file=sys.stderr)  # one clear line; HYDRA_FULL_ERROR=1: the traceback
+            sys.exit(1)
         raise
     finally:
         if lock is not None:
@@ -152,8 +160,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     log.info("box loss: %r   rpn box loss: %r", box_loss, rpn_box_loss)
     meta = {k: record[k] for k in ("identity", "eval", "data_files")}
     stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
-                  typed.data.num_workers, typed.seed, meta, run_record.hparams(record),
-                  voc07=typed.data.name == "voc")
+                  typed.data.num_workers, typed.seed, meta, run_record.hparams(record))
     return stats.get("AP")
 
 

@@ -147,7 +147,7 @@ LOSS_SCHEMAS = {
 def register() -> None:
     from omegaconf import OmegaConf
 
-    from detlib.engine.distributed import run_stamp
+    from detlib.distributed import run_stamp
 
     # A new run directory, claimed once and shared by every torchrun rank (configs/train.yaml: hydra.run.dir).
     OmegaConf.register_new_resolver("detlib_run_dir", run_stamp, replace=True)

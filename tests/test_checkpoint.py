@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, rotation, and clear errors for damaged files (RELIABILITY 19, 20, 24)."""
+"""Checkpoints: atomic writes, rotation, and clear errors for damaged files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DDP on CPU with gloo and 2 processes, launched by the real torchrun (RELIABILITY 5, 17, 30, 35, 37)."""
+"""DDP on CPU with gloo and 2 processes, launched by the real torchrun."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def ddp_run(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProc
     return cwd, proc
 
 
-def test_case35_one_output_directory_one_event_file_one_writer(ddp_run):
+def test_torchrun_one_output_directory_one_event_file_one_writer(ddp_run):
     cwd, proc = ddp_run
     runs = [p.parent for p in (cwd / "outputs").rglob("train.log")]
     assert len(runs) == 1, runs  # both ranks used the same Hydra run directory
@@ -83,7 +83,7 @@ def _evaluate_checkpoint(data_root: str, ckpt: str):
     return evaluate(model, val_set, torch.device("cpu"), batch_size=3)
 
 
-def test_case30_distributed_evaluation_equals_single_process(ddp_run, data_root, tmp_path):
+def test_distributed_evaluation_equals_single_process(ddp_run, data_root, tmp_path):
     cwd, _ = ddp_run
     ckpt = next((cwd / "outputs").rglob("last.pt"))
     # 16 val images in batches of 3: 6 batches, the last with one image; the ranks get 3 batches each
@@ -102,7 +102,7 @@ def test_case30_distributed_evaluation_equals_single_process(ddp_run, data_root,
     assert [r["bbox"] for r in ddp_results] == [pytest.approx(r["bbox"], abs=1e-3) for r in results]
 
 
-def test_case17_nan_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path, data_root):
+def test_nan_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path, data_root):
     run = tmp_path / "run"
     proc = torchrun(*_smoke(data_root, "loss=l1", "loss._target_=tests.faults.NaNOnRank", "trainer.checkpoint_period=1",
                             f"hydra.run.dir={run}"),
@@ -116,7 +116,7 @@ def test_case17_nan_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path,
     assert saved == ["model_0000001.pt", "model_0000002.pt"]  # nothing after the non-finite step
 
 
-def test_case37_elastic_restart_resumes_and_reaches_the_same_metrics(tmp_path, data_root):
+def test_elastic_restart_resumes_and_reaches_the_same_metrics(tmp_path, data_root):
     straight, restarted = tmp_path / "straight", tmp_path / "restarted"
     args = ("loss=l1", "trainer.checkpoint_period=2")
     ok = torchrun(*_smoke(data_root, *args, f"hydra.run.dir={straight}"))
@@ -130,7 +130,7 @@ def test_case37_elastic_restart_resumes_and_reaches_the_same_metrics(tmp_path, d
     assert json.loads((restarted / "metrics.json").read_text()) == json.loads((straight / "metrics.json").read_text())
 
 
-def test_case5_batch_without_foreground_under_ddp(tmp_path, data_root):
+def test_batch_without_foreground_under_ddp(tmp_path, data_root):
     """Empty-foreground batches everywhere (no ground truth at all): DDP raises no unused-parameter error."""
     run = tmp_path / "run"
     proc = torchrun(*_smoke(data_root, "model.box_fg_iou_thresh=1.01", "model.box_bg_iou_thresh=1.01",

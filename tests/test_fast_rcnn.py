@@ -109,7 +109,7 @@ def test_the_model_rescales_file_proposals_with_its_transform(tmp_path):
     model = _model(compose_cfg("model=fast_rcnn", f"model.proposals.file={path}", "model.min_size=48",
                                "model.max_size=200"))
     out = model([torch.rand(3, 24, 32)], [_target(1, [[0, 0, 8, 8]])])
-    rois = {tuple(b) for b in out["sampled"].proposals.tolist()}
+    rois = {tuple(b) for b in out["diagnostics"]["dump/proposals"].tolist()}
     assert rois == {(4.0, 4.0, 20.0, 24.0), (8.0, 12.0, 40.0, 40.0), (0.0, 0.0, 16.0, 16.0)}
     assert model.rpn is None and not any(k.startswith("rpn.") for k in model.state_dict())
 

@@ -48,7 +48,7 @@ def test_matches_torch_functional(ours, ref, kw, reduction):
 
 
 def test_worked_values():
-    # tf.keras documentation examples (REFERENCES.md), mean reduction
+    # tf.keras documentation examples, mean reduction
     assert L.l1(torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [0.0]])).item() == pytest.approx(1.0)
     assert L.l2(torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [1.0]])).item() == pytest.approx(0.5)
     assert L.huber(torch.tensor([[0.6], [0.4]]), torch.tensor([[0.0], [1.0]])).item() == pytest.approx(0.18)

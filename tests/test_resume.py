@@ -1,4 +1,4 @@
-"""Kill and resume from outside, as a cluster would (RELIABILITY 21, 36; issue #6's CI test)."""
+"""Kill and resume from outside, as a cluster would."""
 
 from __future__ import annotations
 

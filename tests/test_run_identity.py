@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detlib.engine import distributed as dist
+from detlib import distributed as dist
 from detlib.engine import run_record
 
 from .conftest import ROOT, run_train

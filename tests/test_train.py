@@ -63,7 +63,7 @@ def test_smoke_run_tensorboard_tags(smoke_run):
 
 
 def test_smoke_run_dashboards(smoke_run):
-    """Issue #5's dashboards, read back from the event files."""
+    """The dashboards, read back from the event files."""
     run_dir, _ = smoke_run
     ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "histograms": 0,
                                                               "tensors": 0})
@@ -117,7 +117,7 @@ def test_multirun_two_jobs(tmp_path, data_root):
 
 @pytest.mark.slow
 def test_loss_study_preset_compares_and_a_rerun_skips_finished_jobs_and_resumes_the_cut_off_one(tmp_path, data_root):
-    """Issue #5: experiment=loss_study (shrunk) runs its sweep and the comparison; re-running the same
+    """experiment=loss_study (shrunk) runs its sweep and the comparison; re-running the same
     command continues an interrupted study."""
     args = ("experiment=loss_study", "hydra.sweeper.params.loss='smooth_l1,huber'", "hydra.sweeper.params.seed='0'",
             f"data.root={data_root}", "data.synthetic.num_train=64", "data.synthetic.num_val=16",
@@ -151,7 +151,7 @@ def test_loss_study_preset_compares_and_a_rerun_skips_finished_jobs_and_resumes_
 
 
 @pytest.mark.slow
-def test_case34_relative_data_paths_from_another_directory_in_multirun(tmp_path):
+def test_relative_data_paths_from_another_directory_in_multirun(tmp_path):
     """Relative ``data.root`` is taken from where the user launched; each job writes only its own dir."""
     write_coco(tmp_path / "data", num_train=4, num_val=2)
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*"))

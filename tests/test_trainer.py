@@ -1,4 +1,4 @@
-"""The training loop's guards and resume logic, in-process on the smoke data (RELIABILITY 5, 16, 18, 20-23)."""
+"""The training loop's guards and resume logic, in-process on the smoke data."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _run(parts, run_dir, model=None, meta=None, **trainer):
                  meta or {"identity": {"seed": typed.seed}})
 
 
-def test_case16_nonfinite_loss_stops_naming_iteration_terms_and_images(parts, tmp_path):
+def test_nonfinite_loss_stops_naming_iteration_terms_and_images(parts, tmp_path):
     cfg, _, train_set, _ = parts
     model = _model(cfg, train_set.num_classes, NaNOnCall({3}))
     with pytest.raises(NonFiniteLossError) as e:
@@ -70,7 +70,7 @@ def test_case16_nonfinite_loss_stops_naming_iteration_terms_and_images(parts, tm
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_case16_skip_mode_skips_counts_and_stops_after_m_in_a_row(parts, tmp_path, caplog):
+def test_nonfinite_skip_mode_skips_counts_and_stops_after_m_in_a_row(parts, tmp_path, caplog):
     cfg, _, train_set, _ = parts
     model = _model(cfg, train_set.num_classes, NaNOnCall({2}))
     with caplog.at_level(logging.WARNING):
@@ -81,7 +81,7 @@ def test_case16_skip_mode_skips_counts_and_stops_after_m_in_a_row(parts, tmp_pat
         _run(parts, tmp_path / "b", model, max_iters=6, on_nonfinite="skip", max_nonfinite=2)
 
 
-def test_case5_batch_without_foreground_gives_every_parameter_a_gradient(parts):
+def test_batch_without_foreground_gives_every_parameter_a_gradient(parts):
     cfg, _, train_set, _ = parts
     for loss in ("smooth_l1", "giou"):
         c = compose_cfg(f"loss={loss}")
@@ -96,7 +96,7 @@ def test_case5_batch_without_foreground_gives_every_parameter_a_gradient(parts):
         assert not unused  # DDP would hang or raise on unused parameters
 
 
-def test_case18_fp16_overflow_skips_the_step_and_clipping_sees_true_gradients():
+def test_fp16_overflow_skips_the_step_and_clipping_sees_true_gradients():
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)
@@ -112,7 +112,7 @@ def test_case18_fp16_overflow_skips_the_step_and_clipping_sees_true_gradients():
     assert v.detach().norm().item() == pytest.approx(1.0, rel=1e-4)
 
 
-def test_case20_23_resume_errors_and_auto_without_checkpoint(parts, tmp_path, caplog):
+def test_resume_errors_and_auto_without_checkpoint(parts, tmp_path, caplog):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint there"):
         _run(parts, tmp_path / "a", max_iters=2, resume=str(tmp_path / "none.pt"))
     with caplog.at_level(logging.INFO):

@@ -1,4 +1,5 @@
-"""Annotation checks at load time: RELIABILITY.md cases 1-10, each named by its case number."""
+"""Annotation checks at load time: degenerate, non-finite and out-of-image boxes, unknown categories,
+bad ids, missing fields and images; errors name the file, the entry and the value."""
 
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ def ann(i, bbox, **kw) -> dict:
 
 
 @pytest.mark.parametrize("bbox", [[10, 10, 0, 5], [10, 10, 5, -3]])
-def test_case01_degenerate_box_error_names_file_id_value(bbox):
+def test_degenerate_box_error_names_file_id_value(bbox):
     with pytest.raises(AnnotationError, match=r"ann\.json: annotation id 7: .*bbox.*" + str(bbox[2])):
         validate_coco(coco([ann(7, bbox)]), "ann.json")
 
 
-def test_case01_degenerate_box_skip_drops_counts_and_names(caplog):
+def test_degenerate_box_skip_drops_counts_and_names(caplog):
     with caplog.at_level(logging.WARNING):
         out, counts = validate_coco(coco([ann(1, [1, 1, 5, 5]), ann(2, [10, 10, 0, 5])]), "ann.json", "skip")
     assert [a["id"] for a in out["annotations"]] == [1]
@@ -45,13 +46,13 @@ def test_case01_degenerate_box_skip_drops_counts_and_names(caplog):
 
 @pytest.mark.parametrize("bbox", [[1, 2, float("nan"), 4], [1, 2, float("inf"), 4], [1, 2, 3], "1,2,3,4",
                                   [1, 2, 3, None]])
-def test_case02_nan_inf_or_not_four_numbers_always_error(bbox):
+def test_nan_inf_or_not_four_numbers_is_always_an_error(bbox):
     for mode in ("error", "skip"):
         with pytest.raises(AnnotationError, match="annotation id 3"):
             validate_coco(coco([ann(3, bbox)]), "ann.json", mode)
 
 
-def test_case03_partly_outside_clipped_entirely_outside_dropped():
+def test_box_partly_outside_is_clipped_entirely_outside_dropped():
     out, counts = validate_coco(coco([ann(1, [-10, 70, 30, 30]), ann(2, [200, 10, 5, 5])]), "ann.json")
     assert out["annotations"][0]["bbox"] == [0.0, 70, 20, 10]
     assert len(out["annotations"]) == 1
@@ -68,7 +69,7 @@ def _write_dataset(tmp_path, anns, images=None):
     return path
 
 
-def test_case04_image_without_annotations_gives_zero_box_loss_with_gradient(tmp_path):
+def test_image_without_annotations_gives_zero_box_loss_with_gradient(tmp_path):
     from hydra.utils import instantiate
 
     from .conftest import compose_cfg
@@ -90,18 +91,18 @@ def test_case04_image_without_annotations_gives_zero_box_loss_with_gradient(tmp_
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_case06_unknown_category_is_an_error():
+def test_unknown_category_is_an_error():
     with pytest.raises(AnnotationError, match="annotation id 4: category_id 99"):
         validate_coco(coco([ann(4, [1, 1, 5, 5], category_id=99)]), "ann.json")
 
 
-def test_case07_duplicate_or_zero_ids_are_renumbered():
+def test_duplicate_or_zero_annotation_ids_are_renumbered():
     out, counts = validate_coco(coco([ann(0, [1, 1, 5, 5]), ann(3, [2, 2, 5, 5]), ann(3, [3, 3, 5, 5])]), "a.json")
     ids = [a["id"] for a in out["annotations"]]
     assert ids == [1, 2, 3] and counts["renumbered: annotation id 0 or duplicate"] == 2
 
 
-def test_case07_renumbering_gives_the_right_ap():
+def test_renumbering_gives_the_right_ap():
     """pycocotools mis-scores duplicate ids; after validation AP for perfect detections is exactly 1."""
     from detlib.data.coco import coco_from_dict
     from detlib.evaluation.coco_eval import evaluate_coco
@@ -113,7 +114,7 @@ def test_case07_renumbering_gives_the_right_ap():
     assert stats["AP"] == pytest.approx(1.0)
 
 
-def test_case08_missing_area_iscrowd_info_filled_with_one_warning(caplog):
+def test_missing_area_iscrowd_info_filled_with_one_warning(caplog):
     a = {"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 1, 4, 5]}
     with caplog.at_level(logging.WARNING):
         out, _ = validate_coco(coco([a], info=False), "ann.json")
@@ -121,7 +122,7 @@ def test_case08_missing_area_iscrowd_info_filled_with_one_warning(caplog):
     assert sum("filled standard defaults" in r.message for r in caplog.records) == 1
 
 
-def test_case09_missing_or_wrong_size_image_names_the_path(tmp_path):
+def test_missing_or_wrong_size_image_names_the_path(tmp_path):
     path = _write_dataset(tmp_path, [ann(1, [10, 10, 20, 20])])
     (tmp_path / "b.png").unlink()
     with pytest.raises(AnnotationError, match="b.png: file not found"):
@@ -143,7 +144,7 @@ def test_missing_annotation_file_and_image_folder_are_named(tmp_path):
         CocoDetection(tmp_path / "x.json", tmp_path / "no_images")
 
 
-def test_case10_crowd_is_never_a_training_foreground(tmp_path):
+def test_crowd_is_never_a_training_foreground(tmp_path):
     path = _write_dataset(tmp_path, [ann(1, [10, 10, 20, 20]), ann(2, [50, 20, 30, 30], iscrowd=1)])
     ds = CocoDetection(path, tmp_path, train=True)
     _, target = ds[0]
@@ -152,7 +153,7 @@ def test_case10_crowd_is_never_a_training_foreground(tmp_path):
 
 
 @pytest.mark.parametrize("model_name", ["small", "fast_rcnn"])
-def test_case05_batch_without_any_foreground_trains(model_name):
+def test_batch_without_any_foreground_trains(model_name):
     """No GT in the whole batch (also without an RPN): finite losses, box losses exactly 0, gradients present."""
     from hydra.utils import instantiate
 

@@ -109,7 +109,7 @@ def test_missing_folder_split_and_annotation_are_named(tmp_path):
         voc_to_coco(folder, "trainval")
     folder = write_voc(tmp_path / "b", num_trainval=2, num_test=1)
     (folder / "JPEGImages" / "000003.jpg").unlink()
-    with pytest.raises(AnnotationError, match="000003.jpg: file not found"):  # case 9, through CocoDetection
+    with pytest.raises(AnnotationError, match="000003.jpg: file not found"):  # through CocoDetection
         build_datasets(OmegaConf.to_object(compose_cfg("data=voc", f"data.root={tmp_path / 'b'}")).data)
 
 

@@ -31,6 +31,7 @@ def _voc_datasets(cfg: DataConfig, root: Path) -> tuple[CocoDetection, CocoDetec
         data = voc_to_coco(folder, split, cfg.invalid)
         kw = dict(hflip_prob=cfg.hflip_prob, keep_empty=cfg.keep_empty) if train else {}
         sets.append(CocoDetection(source, folder / "JPEGImages", train=train, invalid=cfg.invalid, data=data, **kw))
+    sets[1].extra_metrics = ("voc07",)  # Pascal VOC is also scored by its own 11-point AP50
     return sets[0], sets[1]
 
 

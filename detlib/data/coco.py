@@ -113,7 +113,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.cat_ids) + 1
 
     def _check_images(self, ids: list[int], invalid: str) -> list[int]:
-        """Case 9: a missing, unreadable, cut short, too large or wrongly sized image is an error naming it
+        """A missing, unreadable, cut short, too large or wrongly sized image is an error naming it
         (or skipped). Header-level, see ``detlib.data.image.check_image``: about one header read per image."""
         keep, bad = [], []
         for i in ids:

@@ -144,7 +144,7 @@ def _write_split(spec: SyntheticSpec, split: str, folder: Path) -> dict:
         pixels, objects = make_image(spec, split, i)
         name = f"{split}/{i:06d}.png"
         Image.fromarray(pixels).save(folder / name, compress_level=1)
-        image_id = i + 1  # COCO ids start at 1; 0 is reserved (see RELIABILITY.md case 7)
+        image_id = i + 1  # COCO ids start at 1; 0 is reserved
         images.append(dict(id=image_id, file_name=name, width=spec.image_size, height=spec.image_size))
         for cls, (x1, y1, x2, y2) in objects:
             w, h = x2 - x1, y2 - y1

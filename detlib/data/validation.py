@@ -1,6 +1,6 @@
 """Annotation checks run once at load time, before pycocotools or training sees the data.
 
-Implements cases 1-10 of RELIABILITY.md on a raw COCO-format dict. Errors name the file, the
+Checks a raw COCO-format dict. Errors name the file, the
 annotation id and the offending value; ``invalid="skip"`` drops what can be dropped, counts it and
 names the first few offenders in the log.
 
@@ -110,6 +110,86 @@ def check_structure(data: object, path: str | Path) -> None:
                                       f"'{field}' must be an integer, got {_show(ann.get(field))}")
 
 
+class _Notes:
+    """Counts of what validation changed, with the first few examples of each kind for the log."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def __call__(self, kind: str, text: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples.setdefault(kind, [])) < SHOW:
+            self.examples[kind].append(text)
+
+    def log(self, path: str | Path, log_training: bool) -> None:
+        for kind, n in sorted(self.counts.items()):
+            if kind in TRAINING_ONLY:
+                if log_training:
+                    log.warning("%s: training boxes %s: %d (first: %s); evaluation scores them as given", path,
+                                kind, n, "; ".join(self.examples[kind]))
+                continue
+            level = logging.WARNING if not kind.startswith("filled") else logging.INFO
+            log.log(level, "%s: %s: %d (first: %s)", path, kind, n, "; ".join(self.examples[kind]))
+        filled = [k for k in self.counts if k.startswith("filled")]
+        if filled:
+            log.warning("%s: filled standard defaults for missing fields: %s", path, ", ".join(sorted(filled)))
+
+
+def _index(data: dict, path: str | Path) -> tuple[set, dict]:
+    """``(category ids, images by id)``; duplicates and images missing a field are errors."""
+    cat_ids: set = set()
+    for cat in data["categories"]:
+        if cat["id"] in cat_ids:  # pycocotools would evaluate that category twice
+            raise AnnotationError(f"{path}: duplicate category id {cat['id']!r}")
+        cat_ids.add(cat["id"])
+    images = {}
+    for img in data["images"]:
+        for field in ("id", "file_name", "width", "height"):
+            if field not in img:
+                raise AnnotationError(f"{path}: image {img.get('id', '?')} has no field '{field}'")
+        if img["id"] in images:
+            raise AnnotationError(f"{path}: duplicate image id {img['id']}")
+        images[img["id"]] = img
+    return cat_ids, images
+
+
+def _checked_box(ann: dict, where: str, images: dict, cat_ids: set, invalid: str, note: _Notes) -> list | None:
+    """The annotation's ``[x, y, w, h]``, or None when a degenerate box is skipped; errors name the entry."""
+    if ann.get("image_id") not in images:
+        raise AnnotationError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
+    if ann.get("category_id") not in cat_ids:
+        raise AnnotationError(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories' "
+                              f"{sorted(cat_ids)}")
+    box = ann.get("bbox")
+    if (not isinstance(box, (list, tuple)) or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        raise AnnotationError(f"{where}: field 'bbox' must be 4 numbers [x, y, w, h], got {box!r}")
+    if not all(math.isfinite(v) for v in box):
+        raise AnnotationError(f"{where}: field 'bbox' has a non-finite value {box!r}")
+    if box[2] <= 0 or box[3] <= 0:
+        if invalid == "error":
+            raise AnnotationError(
+                f"{where}: field 'bbox' has width or height <= 0: {box!r} (set data.invalid=skip to drop such boxes)")
+        note("dropped: degenerate box", f"id {ann.get('id')} bbox {box}")
+        return None
+    return box
+
+
+def _training_box(box: list, img: dict, aid: object, note: _Notes) -> list | None:
+    """Training only: the box clipped to its image, None when wholly outside. Evaluation keeps ``box``."""
+    x, y, w, h = box
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, float(img["width"])), min(y + h, float(img["height"]))
+    if x2 <= x1 or y2 <= y1:
+        note(OUTSIDE, f"id {aid} bbox {box} in {img['width']}x{img['height']}")
+        return None
+    if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        note(CLIPPED, f"id {aid} bbox {box}")
+        return [x1, y1, x2 - x1, y2 - y1]
+    return box
+
+
 def validate_coco_views(data: dict, path: str | Path, invalid: str = "error",
                         log_training: bool = True) -> tuple[dict, dict, Counter]:
     """Check a COCO-format dict once; return ``(training copy, evaluation copy, counts of what was changed)``.
@@ -123,56 +203,19 @@ def validate_coco_views(data: dict, path: str | Path, invalid: str = "error",
     if invalid not in ("error", "skip"):
         raise ValueError(f"data.invalid must be 'error' or 'skip', got {invalid!r}")
     check_structure(data, path)
-    data = copy.copy(data)
-    counts: Counter = Counter()
-    examples: dict[str, list[str]] = {}
-
-    def note(kind: str, text: str) -> None:
-        counts[kind] += 1
-        if len(examples.setdefault(kind, [])) < SHOW:
-            examples[kind].append(text)
-
+    data, note = copy.copy(data), _Notes()
     if "info" not in data:
         data["info"] = {}
         note("filled: info", "no 'info' section")
-    cat_ids = set()
-    for cat in data["categories"]:
-        if cat["id"] in cat_ids:  # pycocotools would evaluate that category twice
-            raise AnnotationError(f"{path}: duplicate category id {cat['id']!r}")
-        cat_ids.add(cat["id"])
-    images = {}
-    for img in data["images"]:
-        for field in ("id", "file_name", "width", "height"):
-            if field not in img:
-                raise AnnotationError(f"{path}: image {img.get('id', '?')} has no field '{field}'")
-        if img["id"] in images:
-            raise AnnotationError(f"{path}: duplicate image id {img['id']}")
-        images[img["id"]] = img
-
+    cat_ids, images = _index(data, path)
     seen_ids: set = set()
     renumber = False
     gt, train_boxes = [], []
     for ann in data["annotations"]:
-        ann = dict(ann)
-        aid = ann.get("id")
+        ann, aid = dict(ann), ann.get("id")
         where = f"{path}: annotation id {aid}"
-        if ann.get("image_id") not in images:
-            raise AnnotationError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
-        if ann.get("category_id") not in cat_ids:
-            raise AnnotationError(
-                f"{where}: category_id {ann.get('category_id')!r} is not in 'categories' {sorted(cat_ids)}")
-        box = ann.get("bbox")
-        if (not isinstance(box, (list, tuple)) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-            raise AnnotationError(f"{where}: field 'bbox' must be 4 numbers [x, y, w, h], got {box!r}")
-        if not all(math.isfinite(v) for v in box):
-            raise AnnotationError(f"{where}: field 'bbox' has a non-finite value {box!r}")
-        x, y, w, h = box
-        if w <= 0 or h <= 0:
-            if invalid == "error":
-                raise AnnotationError(
-                    f"{where}: field 'bbox' has width or height <= 0: {box!r} (set data.invalid=skip to drop such boxes)")
-            note("dropped: degenerate box", f"id {aid} bbox {box}")
+        box = _checked_box(ann, where, images, cat_ids, invalid, note)
+        if box is None:
             continue
         _area(ann, where, note)
         if "iscrowd" not in ann:
@@ -183,18 +226,7 @@ def validate_coco_views(data: dict, path: str | Path, invalid: str = "error",
             note("renumbered: annotation id 0 or duplicate", f"id {aid!r}")
         seen_ids.add(aid)
         gt.append(ann)
-        # Training only: clip to the image, drop what lies wholly outside. Evaluation keeps ``box``.
-        img = images[ann["image_id"]]
-        x1, y1 = max(x, 0.0), max(y, 0.0)
-        x2, y2 = min(x + w, float(img["width"])), min(y + h, float(img["height"]))
-        if x2 <= x1 or y2 <= y1:
-            note(OUTSIDE, f"id {aid} bbox {box} in {img['width']}x{img['height']}")
-            train_boxes.append(None)
-        elif (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            note(CLIPPED, f"id {aid} bbox {box}")
-            train_boxes.append([x1, y1, x2 - x1, y2 - y1])
-        else:
-            train_boxes.append(box)
+        train_boxes.append(_training_box(box, images[ann["image_id"]], aid, note))
     if renumber:
         for i, ann in enumerate(gt, start=1):
             ann["id"] = i
@@ -202,15 +234,5 @@ def validate_coco_views(data: dict, path: str | Path, invalid: str = "error",
     train["annotations"] = [ann if b is ann["bbox"] else {**ann, "bbox": b} for ann, b in zip(gt, train_boxes)
                             if b is not None]
     data["annotations"] = gt
-    for kind, n in sorted(counts.items()):
-        if kind in TRAINING_ONLY:
-            if log_training:
-                log.warning("%s: training boxes %s: %d (first: %s); evaluation scores them as given", path, kind,
-                            n, "; ".join(examples[kind]))
-            continue
-        level = logging.WARNING if not kind.startswith("filled") else logging.INFO
-        log.log(level, "%s: %s: %d (first: %s)", path, kind, n, "; ".join(examples[kind]))
-    filled = [k for k in counts if k.startswith("filled")]
-    if filled:
-        log.warning("%s: filled standard defaults for missing fields: %s", path, ", ".join(sorted(filled)))
-    return train, data, counts
+    note.log(path, log_training)
+    return train, data, note.counts

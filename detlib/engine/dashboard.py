@@ -3,9 +3,7 @@
 * ``log_eval``: per-class AP (a text table and ``val/AP/<class>`` scalars), per-class precision-recall
   curves at IoU 0.5 and 0.75 from COCOeval's precision array, and a few fixed val images with
   ground truth (green) and predictions (red);
-* ``log_histograms``: regression residuals per coordinate (dx, dy, dw, dh) and foreground IoU of the
-  last training step's sampled RoIs;
-* ``grad_norms``: the box head's and the whole model's gradient norm (read at log steps only);
+* ``grad_norms``: the whole model's gradient norm and the groups it names (read at log steps only);
 * ``log_hparams``: the run's loss, its parameters and the training set-up against the final metrics.
 """
 
@@ -21,7 +19,6 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torch.utils.tensorboard.summary import hparams as hparams_summary  # noqa: E402
-from torchvision.ops import box_iou  # noqa: E402
 from torchvision.utils import draw_bounding_boxes, make_grid  # noqa: E402
 
 from detlib.data.coco import CocoDetection  # noqa: E402
@@ -90,29 +87,17 @@ def detections_grid(model: nn.Module, val_set: CocoDetection, device: torch.devi
 
 
 @torch.no_grad()
-def log_histograms(writer: SummaryWriter, step: int, head: nn.Module, out: dict) -> None:
-    if "sampled" not in out:
-        return
-    pred, target, props, gt = head.fg_predictions(out["deltas"].detach(), out["sampled"])
-    if pred.shape[0] == 0:
-        return
-    residual = (pred - target).cpu()
-    for i, name in enumerate(("dx", "dy", "dw", "dh")):
-        writer.add_histogram(f"residuals/{name}", residual[:, i], step)
-    iou = box_iou(head.box_coder.decode_single(pred, props), gt).diagonal()
-    writer.add_histogram("train/fg_iou_hist", iou.cpu(), step)
-
-
-@torch.no_grad()
 def grad_norms(model: nn.Module, scale: float = 1.0) -> dict[str, float]:
-    """L2 norms of the current gradients (divided by the AMP ``scale`` when still scaled)."""
+    """L2 norms of the current gradients (divided by the AMP ``scale`` when still scaled): the whole model's
+    and each group the model names in ``grad_norm_groups()`` (e.g. ``box_head``)."""
 
     def norm(params) -> torch.Tensor:
         gs = [p.grad.detach().float().norm() for p in params if p.grad is not None]
         return torch.stack(gs).norm() / scale if gs else torch.zeros(())
 
-    return {"train/grad_norm/box_head": float(norm(model.roi_head.parameters())),
-            "train/grad_norm/total": float(norm(model.parameters()))}
+    groups = model.grad_norm_groups() if hasattr(model, "grad_norm_groups") else {}
+    return {f"train/grad_norm/{k}": float(norm(v)) for k, v in groups.items()} | {
+        "train/grad_norm/total": float(norm(model.parameters()))}
 
 
 def log_hparams(writer: SummaryWriter, hparams: dict, stats: dict, step: int) -> None:

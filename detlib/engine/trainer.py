@@ -1,21 +1,19 @@
-"""The training loop: read it top to bottom.
+"""The training loop: read ``train`` top to bottom.
 
-``train(...)`` resumes if asked, then for each iteration: batch -> forward -> losses -> guard
-against non-finite values -> backward -> (clip) -> step. Every ``log_period`` it reads the
-accumulated losses once (the only host sync of the loop) and writes TensorBoard scalars and a log
-line with ETA; every ``eval_period`` it evaluates with pycocotools; every ``checkpoint_period`` it
-saves atomically. SIGTERM and SIGINT save a checkpoint at the next step boundary and raise
+Each iteration is one ``step``: forward -> guard against non-finite losses -> backward -> (clip) ->
+optimizer and LR step. Every ``log_period`` the metrics window is read once (the loop's only host
+sync) and written as TensorBoard scalars and a log line with ETA, with the model's diagnostics (shadow
+losses, foreground IoU); every ``eval_period`` the val set is evaluated; every ``checkpoint_period``
+the whole ``TrainState`` is saved atomically. SIGINT/SIGTERM save at the next step boundary and raise
 ``Interrupted`` (the entry point exits 130/143); a second one raises it at once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import signal
-import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,70 +24,117 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from detlib import distributed as dist
 from detlib.config import EvalConfig, TrainerConfig
 from detlib.data.coco import CocoDetection, collate
 from detlib.data.image import ImageDecodeError
 from detlib.data.sampler import TrainBatchSampler
 from detlib.engine import checkpoint, dashboard, run_record
-from detlib.engine import distributed as dist
-from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, format_table, per_class_ap
-from detlib.evaluation.inference import evaluate
-from detlib.evaluation.shadow import shadow_metrics
-from detlib.evaluation.voc_eval import voc07_ap50
+from detlib.engine.evaluation import evaluate_and_log, write_json
+from detlib.engine.guards import Interrupted, NonFiniteGuard, NonFiniteLossError, SignalGuard  # noqa: F401
+from detlib.engine.state import TrainState, lr_lambda  # noqa: F401 - lr_lambda: part of the trainer's API
+from detlib.evaluation.coco_eval import STAT_NAMES, format_table
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced NaN or inf; the message names the iteration, the loss terms and the images."""
+def train(
+    model: nn.Module, train_set: CocoDetection, val_set: CocoDetection, cfg: TrainerConfig, eval_cfg: EvalConfig,
+    run_dir: str | Path, batch_size: int, num_workers: int = 0, seed: int = 0, meta: dict | None = None,
+    hparams: dict | None = None,
+) -> dict[str, float | None]:
+    """Train ``model`` for ``cfg.max_iters`` iterations; return the final COCO stats (12 floats or None).
+
+    ``meta``: the run's record (``identity``, ``eval``; see ``run_record``), stored in every checkpoint; a
+    checkpoint of another identity is refused. ``hparams``: the HParams table's row. Writes ``tb/``,
+    ``checkpoints/``, ``eval_detail.json`` and ``metrics.json`` under ``run_dir`` (rank 0 only).
+    """
+    run_dir, meta, main = Path(run_dir), dict(meta or {}), dist.is_main()
+    device = resolve_device(cfg.device)
+    amp_dtype = _autocast_dtype(cfg.amp)
+    state = TrainState.create(_prepare(model, device, cfg), cfg, device)
+    resumed = resume(state, cfg.resume, run_dir / "checkpoints", meta, device)
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if dist.world_size() > 1 else model  # after loading, so every rank starts from the same weights
+    writer = _open_writer(run_dir, state.iteration if resumed else None, train_set) if main else None
+    loader = _loader(train_set, batch_size, num_workers, seed, state.iteration, cfg.max_iters, device)
+    save = partial(_save, state, run_dir / "checkpoints", cfg.keep_last, meta, loader.batch_sampler)
+    evaluate_now = partial(evaluate_and_log, model, val_set, device, eval_cfg, amp_dtype, writer=writer,
+                           run_dir=run_dir, eval_settings=meta.get("eval", {}))
+    guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, run_dir, train_set)
+    bar = tqdm(total=cfg.max_iters, initial=state.iteration, disable=None if cfg.progress and main else True,
+               dynamic_ncols=True, desc="train")
+    histograms = None
+    model.train()
+    try:
+        with SignalGuard(state.iteration) as signals, logging_redirect_tqdm():
+            for images, targets in loader:
+                images, targets = _to(device, images, targets)
+                log_now = (state.iteration + 1) % cfg.log_period == 0 or state.iteration + 1 == cfg.max_iters
+                result = step(state, net, images, targets, cfg, amp_dtype, guard, signals.signum is not None, log_now)
+                bar.update(1)
+                done = state.iteration
+                if result.skipped:
+                    continue
+                if log_now:
+                    means = state.window.flush()  # on every rank: averaged over them
+                    histograms = _log_step(state, means, result, writer, bar, cfg.max_iters) if main else None
+                if cfg.eval_period and done % cfg.eval_period == 0 and done < cfg.max_iters:
+                    evaluate_now(done, histograms=histograms)
+                if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == cfg.max_iters \
+                        or result.stopping:
+                    signals.saved_at = save()
+                if result.stopping:
+                    raise Interrupted(signals.signum or signal.SIGTERM, done)  # no signal here: another rank's
+            bar.close()
+            if resumed is not None and resumed >= cfg.max_iters:
+                log.info("already trained %d iterations; evaluating only", resumed)
+            rate = state.window.rate(state.iteration)
+            stats = evaluate_now(cfg.max_iters, histograms=histograms)
+        if main:
+            _finish(run_dir, writer, hparams, stats, cfg.max_iters, len(val_set), rate)
+    except ImageDecodeError:  # data.invalid=error met an image it cannot decode: keep what was trained
+        if dist.world_size() == 1 and state.iteration > signals.saved_at:  # (under DDP the others can't join)
+            save()
+            log.error("saved a checkpoint at iteration %d before stopping on an undecodable image", state.iteration)
+        raise
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return stats
 
 
-class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt: no ``except Exception`` swallows it
-    """SIGINT/SIGTERM stopped training. ``aborted``: a second signal, raised at once (no new checkpoint);
-    else a checkpoint at ``iteration`` was saved first."""
-
-    def __init__(self, signum: int, iteration: int = -1, aborted: bool = False) -> None:
-        self.signum, self.iteration, self.aborted = signum, iteration, aborted
-        self.signal_name = signal.Signals(signum).name
-        super().__init__(f"{self.signal_name} at iteration {iteration}" + (" (aborted)" if aborted else ""))
+@dataclass
+class StepResult:
+    out: dict  # the model's output: losses, diagnostics
+    skipped: bool  # a non-finite loss under on_nonfinite=skip: no update
+    stopping: bool  # a stop was asked for (on any rank)
+    grad_scale: float  # the AMP scale the gradients still carry (for their norms)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when present. Under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"config: trainer.device={name} but CUDA is not available (use trainer.device=auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.world_size() > 1:
-        return torch.device("cuda", dist.local_rank())
-    return torch.device(name)
-
-
-def lr_lambda(cfg: TrainerConfig):
-    """Linear warmup from ``warmup_factor``, then cosine to 0 or steps of ``gamma``."""
-    milestones = [int(s * cfg.max_iters) for s in cfg.steps]
-
-    def f(it: int) -> float:
-        warm = 1.0
-        if it < cfg.warmup_iters:
-            a = it / cfg.warmup_iters
-            warm = cfg.warmup_factor * (1 - a) + a
-        if cfg.schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * min(it / cfg.max_iters, 1.0)))
-        return warm * cfg.gamma ** sum(it >= m for m in milestones)
-
-    return f
-
-
-def _autocast_dtype(amp: str) -> torch.dtype | None:
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def _to(device: torch.device, images: list, targets: list) -> tuple[list, list]:
-    images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-               for t in targets]
-    return images, targets
+def step(state: TrainState, net: nn.Module, images: list, targets: list, cfg: TrainerConfig,
+         amp_dtype: torch.dtype | None, guard: NonFiniteGuard, stop_asked: bool, log_now: bool) -> StepResult:
+    """One iteration: forward (diagnostics on log steps), non-finite guard, backward, optimizer, LR step."""
+    device = images[0].device
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = net(images, targets, diagnostics=log_now)
+    loss = sum(out["losses"].values())
+    bad_here, bad, stopping = guard.check(loss, stop_asked, device)
+    grad_scale = 1.0
+    if bad:
+        guard.handle(state.iteration, bad_here, out, targets)  # raises, unless this step is to be skipped
+        state.optimizer.zero_grad(set_to_none=True)
+    else:
+        guard.in_row = 0
+        if log_now and state.scaler.is_enabled() and not cfg.clip_grad_norm:  # still scaled after the step
+            grad_scale = state.scaler.get_scale()
+        optimizer_step(loss, state.optimizer, state.scaler, state.optimizer.param_groups[0]["params"],
+                       cfg.clip_grad_norm)
+        state.window.add(out["losses"])
+    state.scheduler.step()
+    state.iteration += 1
+    return StepResult(out, bad, stopping, grad_scale)
 
 
 def optimizer_step(
@@ -107,7 +152,64 @@ def optimizer_step(
     scaler.update()
 
 
-def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
+def _log_step(state: TrainState, means_t: dict, result: StepResult, writer: SummaryWriter, bar: tqdm,
+              max_iters: int) -> dict:
+    """Scalars, diagnostics and the log line of a log step (rank 0); returns the histogram diagnostics."""
+    done = state.iteration
+    means = {k: float(v) for k, v in means_t.items()}  # the one sync per log period
+    means["loss"] = sum(means.values())
+    diagnostics = result.out.get("diagnostics") or {}
+    scalars = {f"train/{k}": v for k, v in means.items()} | dashboard.grad_norms(state.model, result.grad_scale)
+    scalars |= {k: float(v) for k, v in diagnostics.items() if v.dim() == 0} | {"train/lr": state.lr}
+    for k, v in scalars.items():
+        writer.add_scalar(k, v, done)
+    rate = state.window.rate(done)
+    bar.set_postfix(loss=f"{means['loss']:.3f}", box=f"{means.get('loss_box_reg', float('nan')):.3f}")
+    terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+    eta = (max_iters - done) / max(rate, 1e-9)
+    log.info("iter %d/%d  loss %.4f (%s)  lr %.5f  %.2f it/s  eta %02d:%02d:%02d", done, max_iters, means["loss"],
+             terms, state.lr, rate, eta // 3600, eta % 3600 // 60, eta % 60)
+    return {k: v for k, v in diagnostics.items() if v.dim() == 1 and not k.startswith("dump/")}
+
+
+def _finish(run_dir: Path, writer: SummaryWriter, hparams: dict | None, stats: dict, max_iters: int,
+            num_val: int, rate: float) -> None:
+    if hparams:
+        dashboard.log_hparams(writer, hparams, stats, max_iters)
+    write_json(run_dir / "metrics.json", {k: stats[k] for k in STAT_NAMES})
+    world = dist.world_size()
+    log.info("\n%s", format_table(stats, f"COCO box evaluation on {num_val} val images after {max_iters} "
+                                         f"iterations ({rate:.2f} it/s, {world} process{'es' if world > 1 else ''})"))
+
+
+def resume(state: TrainState, resume_from: str, ckpt_dir: Path, meta: dict, device: torch.device) -> int | None:
+    """Load the checkpoint ``resume_from`` names (``auto``: this run's last, if any) into ``state``; returns
+    its iteration, or None when starting fresh. A checkpoint of another run identity is refused."""
+    path = _resume_path(resume_from, ckpt_dir)
+    if path is None:
+        return None
+    saved = checkpoint.load(path)
+    _check_resume_identity(saved.get("meta", {}), meta, path)
+    state.load_state_dict(saved, device)
+    per_rank = saved.get("rng_per_rank") or []
+    checkpoint.set_rng_state(per_rank[dist.rank()] if len(per_rank) == dist.world_size() else saved["rng"])
+    log.info("resumed from %s at iteration %d", path, state.iteration)
+    return state.iteration
+
+
+def _save(state: TrainState, ckpt_dir: Path, keep_last: int, meta: dict, sampler: TrainBatchSampler) -> int:
+    """Checkpoint the whole state (every rank's RNGs, so resume is exact under DDP); rank 0 writes."""
+    rngs = dist.gather_objects(checkpoint.rng_state())
+    if dist.is_main():
+        it = state.iteration
+        checkpoint.save(state.state_dict() | dict(
+            epoch=it // sampler.batches_per_epoch(), rng=rngs[0], rng_per_rank=rngs, meta=meta,
+            sampler=dict(seed=sampler.seed, batch_size=sampler.batch_size, world_size=dist.world_size(),
+                         next_iteration=it)), ckpt_dir, it, keep_last)
+    return state.iteration
+
+
+def _resume_path(resume: str, ckpt_dir: Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
@@ -136,256 +238,50 @@ def _check_resume_identity(saved: dict, current: dict, path: Path) -> None:
                                          "the new one in a new run directory")
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def _loader(dataset: CocoDetection, batch_size: int, num_workers: int, seed: int, start: int, max_iters: int,
+            device: torch.device) -> DataLoader:
+    """Batches from iteration ``start`` on: a function of (seed, iteration), so resume sees the same data."""
+    sampler = TrainBatchSampler(len(dataset), batch_size, seed, start, max_iters, dist.rank(), dist.world_size(),
+                                group_ids=getattr(dataset, "group_ids", None))  # aspect-ratio groups if asked
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
-def train(
-    model: nn.Module,
-    train_set: CocoDetection,
-    val_set: CocoDetection,
-    cfg: TrainerConfig,
-    eval_cfg: EvalConfig,
-    run_dir: str | Path,
-    batch_size: int,
-    num_workers: int = 0,
-    seed: int = 0,
-    meta: dict | None = None,
-    hparams: dict | None = None,
-    voc07: bool = False,
-) -> dict[str, float | None]:
-    """Train ``model`` for ``cfg.max_iters`` iterations and return the final COCO stats.
+def _open_writer(run_dir: Path, resumed_at: int | None, train_set: CocoDetection) -> SummaryWriter:
+    # Steps after the checkpoint that a killed run had already logged are dropped, not duplicated.
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=None if resumed_at is None else resumed_at + 1)
+    for k, v in (getattr(train_set, "noise_stats", None) or {}).items():  # the realised annotation noise
+        writer.add_scalar(f"data/noise/{k}", float(v), 0)
+    return writer
 
-    ``meta``: the run's record (``identity``, see ``run_record``); stored in every checkpoint, and a
-    checkpoint of another identity is refused on resume. ``hparams``: flat parameters for TensorBoard's
-    HParams table. Writes ``tb/``, ``checkpoints/`` and ``metrics.json`` under ``run_dir``. ``voc07``:
-    also report VOC07 11-point AP50. SIGINT/SIGTERM save a checkpoint and raise ``Interrupted``; a
-    second signal raises it at once.
-    """
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    device = resolve_device(cfg.device)
-    amp_dtype = _autocast_dtype(cfg.amp)
+
+def _prepare(model: nn.Module, device: torch.device, cfg: TrainerConfig) -> nn.Module:
     model.to(device)
     if device.type == "cuda":  # the GPU fast path; CPU convolutions gain nothing from either
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         if cfg.channels_last:
             model.backbone.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    meta = dict(meta or {})
-    rank, world = dist.rank(), dist.world_size()
-    main = rank == 0  # under DDP only rank 0 writes logs, TensorBoard, checkpoints and metrics
-
-    # ---- resume
-    start_iter, accum, count = 0, {}, 0
-    resume_path = _resolve_resume(cfg.resume, ckpt_dir)
-    if resume_path is not None:
-        state = checkpoint.load(resume_path)
-        _check_resume_identity(state.get("meta", {}), meta, resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        per_rank = state.get("rng_per_rank") or []
-        checkpoint.set_rng_state(per_rank[rank] if len(per_rank) == world else state["rng"])
-        start_iter = state["iteration"]
-        accum = {k: v.to(device) for k, v in state["log_accum"].items()}
-        count = state["log_count"]
-        log.info("resumed from %s at iteration %d", resume_path, start_iter)
-
-    # DDP after loading, so every rank starts from the same weights (DDP also broadcasts rank 0's).
-    # All parameters take part in every step (an empty foreground still gives a 0 loss with a graph),
-    # so find_unused_parameters stays off.
-    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    # Steps after the checkpoint that a killed run had already logged are dropped, not duplicated.
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_iter + 1 if resume_path else None) if main else None
-    if main and getattr(train_set, "noise_stats", None):  # the realised annotation noise, for the record
-        for k, v in train_set.noise_stats.items():
-            writer.add_scalar(f"data/noise/{k}", float(v), 0)
-    sampler = TrainBatchSampler(len(train_set), batch_size, seed, start_iter, cfg.max_iters, rank, world,
-                                group_ids=getattr(train_set, "group_ids", None))  # aspect-ratio groups if asked
-    loader = DataLoader(
-        train_set, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed))
-
-    def save(iteration: int) -> None:
-        rngs = dist.gather_objects(checkpoint.rng_state())  # every rank's RNGs, so resume is exact under DDP
-        if not main:
-            return
-        state = dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(), iteration=iteration, epoch=iteration // sampler.batches_per_epoch(),
-            rng=rngs[0], rng_per_rank=rngs, log_accum={k: v.cpu() for k, v in accum.items()}, log_count=count,
-            sampler=dict(seed=seed, batch_size=batch_size, world_size=world, next_iteration=iteration), meta=meta)
-        checkpoint.save(state, ckpt_dir, iteration, cfg.keep_last)
-
-    def run_eval(iteration: int, last_out: dict | None) -> dict:
-        t0 = time.perf_counter()
-        log.info("evaluating %d val images at iteration %d", len(val_set), iteration)
-        stats, val_losses, results, E = evaluate(  # every rank evaluates its shard; stats on all ranks
-            model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype, eval_cfg.backend)
-        if not main:
-            return stats
-        extra = {}
-        if voc07:  # results are the gathered ones on rank 0
-            voc = voc07_ap50(results, val_set.coco)
-            writer.add_scalar("val/VOC07_AP50", float("nan") if voc["mAP"] is None else voc["mAP"], iteration)
-            extra["voc07_ap50"] = voc
-        for k, v in stats.items():
-            writer.add_scalar(f"val/{k}", float("nan") if v is None else v, iteration)
-        for k, v in val_losses.items():
-            writer.add_scalar(f"val/{k}", v, iteration)
-        dashboard.log_eval(writer, iteration, E, val_set, model, device)
-        if last_out is not None:  # the last training step's RoIs
-            dashboard.log_histograms(writer, iteration, model.roi_head, last_out)
-        writer.flush()
-        names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
-        _write_json(run_dir / "eval_detail.json", {
-            "iteration": iteration, "stats": stats, "val_losses": val_losses,
-            "ap_per_iou": ap_per_iou(E), "per_class_ap": per_class_ap(E, names),
-            "eval_settings": meta.get("eval", {}), **extra})
-        log.info("eval @ %d (%.1fs): AP %.4f AP50 %.4f AP75 %.4f  val loss %.4f", iteration,
-                 time.perf_counter() - t0, stats["AP"] or 0, stats["AP50"] or 0, stats["AP75"] or 0,
-                 val_losses.get("loss", float("nan")))
-        return stats
-
-    stop = {"signal": None, "saved_at": start_iter}
-
-    def on_signal(signum, _frame):
-        if stop["signal"] is not None:  # the second one: abort now, even mid-evaluation
-            raise Interrupted(signum, stop["saved_at"], aborted=True)
-        stop["signal"] = signum
-        log.warning("%s: saving a checkpoint and stopping at the next step boundary (after an evaluation in "
-                    "progress); send it again to abort at once", signal.Signals(signum).name)
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    # ---- loop
-    model.train()
-    nonfinite_in_row, done = 0, start_iter
-    t_start, it_start = time.perf_counter(), start_iter
-    bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=None if cfg.progress and main else True,
-               dynamic_ncols=True, desc="train")
-    stats: dict = {}
-    out = None
-    try:
-        with logging_redirect_tqdm():
-            for it, (images, targets) in enumerate(loader, start=start_iter):
-                images, targets = _to(device, images, targets)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = net(images, targets)
-                losses = out["losses"]
-                loss = sum(losses.values())
-
-                # One scalar read per step: the guard needs it now. Under DDP every rank must take the
-                # same branch, so the non-finite and stop flags are OR-ed over ranks (one all-reduce).
-                bad_here = not torch.isfinite(loss)
-                stopping = stop["signal"] is not None
-                if world > 1:
-                    flags = dist.any_true(torch.tensor([bad_here, stopping], device=device))
-                    bad, stopping = bool(flags[0]), bool(flags[1])
-                else:
-                    bad = bad_here
-                if bad:
-                    nonfinite_in_row += 1
-                    detail = (_describe_nonfinite(it, losses, targets, train_set, out, run_dir) if bad_here else
-                              f"non-finite loss on another rank at iteration {it + 1} (this is rank {rank})")
-                    if cfg.on_nonfinite == "stop" or nonfinite_in_row >= cfg.max_nonfinite:
-                        raise NonFiniteLossError(detail)
-                    log.warning("skipping step: %s", detail)
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    bar.update(1)
-                    continue
-                nonfinite_in_row = 0
-
-                done = it + 1
-                log_step = done % cfg.log_period == 0 or done == cfg.max_iters
-                # Gradients are still scaled after the step unless clipping unscaled them.
-                grad_scale = scaler.get_scale() if log_step and scaler.is_enabled() and not cfg.clip_grad_norm else 1.0
-                optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad_norm)
-                scheduler.step()
-
-                for k, v in losses.items():
-                    accum[k] = accum.get(k, 0) + v.detach().float()
-                count += 1
-                bar.update(1)
-
-                if log_step:
-                    means_t = dist.mean_over_ranks({k: v / count for k, v in accum.items()})
-                    accum, count = {}, 0
-                if log_step and main:
-                    for k, v in dashboard.grad_norms(model, grad_scale).items():
-                        writer.add_scalar(k, v, done)
-                    means = {k: float(v) for k, v in means_t.items()}  # the one sync per log period
-                    means["loss"] = sum(means.values())
-                    for k, v in means.items():
-                        writer.add_scalar(f"train/{k}", v, done)
-                    if "sampled" in out:  # this step's RoIs, measured by every loss (no backprop)
-                        for k, v in shadow_metrics(model.roi_head, out["deltas"], out["sampled"]).items():
-                            writer.add_scalar(k, float(v), done)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], done)
-                    rate = (done - it_start) / (time.perf_counter() - t_start)
-                    eta = (cfg.max_iters - done) / max(rate, 1e-9)
-                    bar.set_postfix(loss=f"{means['loss']:.3f}", box=f"{means['loss_box_reg']:.3f}")
-                    terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-                    log.info("iter %d/%d  loss %.4f (%s)  lr %.5f  %.2f it/s  eta %s", done, cfg.max_iters,
-                             means["loss"], terms, optimizer.param_groups[0]["lr"], rate,
-                             time.strftime("%H:%M:%S", time.gmtime(eta)))
-                if cfg.eval_period and done % cfg.eval_period == 0 and done < cfg.max_iters:
-                    run_eval(done, out)
-                if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == cfg.max_iters:
-                    save(done)
-                    stop["saved_at"] = done
-                if stopping:
-                    if stop["saved_at"] != done:
-                        save(done)
-                    raise Interrupted(stop["signal"] or signal.SIGTERM, done)  # no signal here: another rank's
-        bar.close()
-        if start_iter >= cfg.max_iters:
-            log.info("already trained %d iterations; evaluating only", start_iter)
-        train_time = time.perf_counter() - t_start
-        stats = run_eval(cfg.max_iters, out)
-        if main:
-            if hparams:
-                dashboard.log_hparams(writer, hparams, stats, cfg.max_iters)
-            _write_json(run_dir / "metrics.json", {k: stats[k] for k in STAT_NAMES})
-            print("\n" + format_table(stats, f"COCO box evaluation on {len(val_set)} val images after "
-                                      f"{cfg.max_iters} iterations ({train_time / 60:.1f} min training, "
-                                      f"{world} process{'es' if world > 1 else ''})"))
-    except ImageDecodeError:  # data.invalid=error met an image it cannot decode: keep what was trained
-        if world == 1 and stop["saved_at"] != done:  # (under DDP the other ranks are not here to save with)
-            save(done)
-            log.error("saved a checkpoint at iteration %d before stopping on an undecodable image", done)
-        raise
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    return stats
+    return model
 
 
-def _describe_nonfinite(it: int, losses: dict, targets: list, dataset: CocoDetection, out: dict, run_dir: Path) -> str:
-    """Name the iteration, every loss term and the batch's images; dump the batch for inspection."""
-    values = {k: float(v.detach()) for k, v in losses.items()}
-    ids = [t["image_id"] for t in targets]
-    files = [dataset.coco.imgs[i]["file_name"] for i in ids]
-    suffix = f"_rank{dist.rank()}" if dist.world_size() > 1 else ""
-    dump = run_dir / f"nonfinite_iter{it + 1:07d}{suffix}.pt"
-    sampled = out.get("sampled")
-    torch.save({"iteration": it + 1, "losses": values, "image_ids": ids, "files": files,
-                "targets": [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets],
-                "proposals": None if sampled is None else sampled.proposals.cpu(),
-                "labels": None if sampled is None else sampled.labels.cpu(),
-                "deltas": None if out.get("deltas") is None else out["deltas"].detach().cpu()}, dump)
-    return (f"non-finite loss at iteration {it + 1}: " + ", ".join(f"{k}={v}" for k, v in values.items())
-            + f"; image ids {ids}; files {files}; batch dumped to {dump}")
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present. Under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"config: trainer.device={name} but CUDA is not available (use trainer.device=auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.world_size() > 1:
+        return torch.device("cuda", dist.local_rank())
+    return torch.device(name)
 
+
+def _autocast_dtype(amp: str) -> torch.dtype | None:
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _to(device: torch.device, images: list, targets: list) -> tuple[list, list]:
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in targets]
+    return images, targets

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from detlib import distributed as dist
 from detlib.data.coco import CocoDetection, collate
-from detlib.engine import distributed as dist
 from detlib.evaluation.coco_eval import evaluate_coco, to_coco_results
 
 

@@ -23,6 +23,7 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from detlib.losses import BoxLoss
+from detlib.modeling.diagnostics import regression_diagnostics
 
 
 @dataclass
@@ -124,6 +125,18 @@ class RoIBoxHead(nn.Module):
         pred = deltas.view(deltas.shape[0], -1, 4)[fg, sampled.labels[fg]].float()
         props, gt = sampled.proposals[fg], sampled.gt_boxes[fg]
         return pred, self.box_coder.encode_single(gt, props), props, gt
+
+    @torch.no_grad()
+    def diagnostics(self, deltas: Tensor, sampled: Sampled, full: bool = False) -> dict[str, Tensor]:
+        """Detached facts about this step's sampled RoIs: always ``dump/{proposals,labels,deltas}`` (what a
+        non-finite dump needs, no compute); with ``full``, also ``regression_diagnostics`` (shadow losses,
+        foreground IoU, residuals)."""
+        out = {"dump/proposals": sampled.proposals.detach(), "dump/labels": sampled.labels.detach(),
+               "dump/deltas": deltas.detach()}
+        if full:
+            pred, target, props, gt = self.fg_predictions(deltas.detach(), sampled)
+            out |= regression_diagnostics(pred, target, self.box_coder.decode_single(pred, props), gt)
+        return out
 
     def losses(self, logits: Tensor, deltas: Tensor, sampled: Sampled) -> dict[str, Tensor]:
         """``loss_cls`` (cross-entropy) and ``loss_box_reg`` over the sampled RoIs.

@@ -36,6 +36,10 @@ class FasterRCNN(nn.Module):
         self.transform, self.backbone, self.rpn, self.roi_head = transform, backbone, rpn, roi_head
         self.proposals = proposals
 
+    def grad_norm_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups whose gradient norms the trainer logs (beside the total)."""
+        return {"box_head": list(self.roi_head.parameters())}
+
     @property
     def min_size(self) -> tuple[int, ...]:
         """Training sizes of the shorter side (one is drawn per image); evaluation uses the last."""
@@ -47,13 +51,16 @@ class FasterRCNN(nn.Module):
         return self.transform.max_size
 
     def forward(
-        self, images: list[Tensor], targets: list[dict] | None = None, detect: bool | None = None
+        self, images: list[Tensor], targets: list[dict] | None = None, detect: bool | None = None,
+        diagnostics: bool = False,
     ) -> dict:
         """``images``: list of ``(3, H, W)`` float in [0, 1]; ``targets``: per image ``boxes (N, 4)``
         xyxy pixels and ``labels (N,)`` int64 in 1..K-1.
 
-        Returns ``{"losses": {name: scalar}, "detections": [per image boxes/scores/labels in the
-        input image's pixels], "sampled": Sampled, "deltas": (R, K*4)}``; missing keys were not asked for.
+        Returns ``{"losses": {name: scalar}, "diagnostics": {tag: detached tensor}, "detections": [per
+        image boxes/scores/labels in the input image's pixels]}``; missing keys were not asked for.
+        ``diagnostics``: also compute the box head's shadow losses, IoU and residuals (see
+        ``RoIBoxHead.diagnostics``); the cheap ``dump/*`` entries come with every loss computation.
         """
         detect = (not self.training) if detect is None else detect
         original_sizes = [tuple(im.shape[-2:]) for im in images]
@@ -70,7 +77,7 @@ class FasterRCNN(nn.Module):
             sampled = self.roi_head.sample(proposals, targets)
             logits, deltas = self.roi_head(features, sampled.per_image, image_list.image_sizes)
             losses.update(self.roi_head.losses(logits, deltas, sampled))
-            out.update(losses=losses, sampled=sampled, deltas=deltas)
+            out.update(losses=losses, diagnostics=self.roi_head.diagnostics(deltas, sampled, full=diagnostics))
         if detect:
             logits, deltas = self.roi_head(features, proposals, image_list.image_sizes)
             dets = self.roi_head.postprocess(logits, deltas, proposals, image_list.image_sizes)

@@ -1,0 +1,69 @@
+"""Evaluation during and after training: score the val set, write TensorBoard and ``eval_detail.json``.
+
+Every rank evaluates its shard (``inference.evaluate``); rank 0 writes. The metrics are COCO box AP
+plus whatever the dataset asks for (``detlib.evaluation.evaluators``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+
+from detlib import distributed as dist
+from detlib.config import EvalConfig
+from detlib.data.coco import CocoDetection
+from detlib.engine import dashboard
+from detlib.evaluation.coco_eval import ap_per_iou, per_class_ap
+from detlib.evaluation.evaluators import extra_metrics
+from detlib.evaluation.inference import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as JSON through a temp file and ``os.replace``: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_and_log(
+    model: nn.Module, val_set: CocoDetection, device: torch.device, eval_cfg: EvalConfig,
+    amp_dtype: torch.dtype | None, iteration: int, writer: SummaryWriter | None, run_dir: Path,
+    eval_settings: dict, histograms: dict[str, Tensor] | None = None,
+) -> dict[str, float | None]:
+    """The 12 COCO stats (on every rank); on rank 0 also TensorBoard scalars, figures, ``histograms`` (the
+    last logged training step's diagnostics) and ``run_dir/eval_detail.json``."""
+    t0 = time.perf_counter()
+    log.info("evaluating %d val images at iteration %d", len(val_set), iteration)
+    stats, val_losses, results, E = evaluate(
+        model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype, eval_cfg.backend)
+    if not dist.is_main():
+        return stats
+    extra = {}
+    for key, tag, fn in extra_metrics(val_set):  # results are the gathered ones on rank 0
+        extra[key] = fn(results, val_set.coco)
+        writer.add_scalar(tag, float("nan") if extra[key]["mAP"] is None else extra[key]["mAP"], iteration)
+    for k, v in (stats | val_losses).items():
+        writer.add_scalar(f"val/{k}", float("nan") if v is None else v, iteration)
+    dashboard.log_eval(writer, iteration, E, val_set, model, device)
+    for k, v in (histograms or {}).items():
+        writer.add_histogram(k, v.cpu(), iteration)
+    writer.flush()
+    names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
+    per_class = per_class_ap(E, names)
+    write_json(run_dir / "eval_detail.json", {
+        "iteration": iteration, "stats": stats, "val_losses": val_losses, "ap_per_iou": ap_per_iou(E),
+        "per_class_ap": per_class, "eval_settings": eval_settings, **extra})
+    log.info("AP per class @ %d: %s", iteration,
+             ", ".join(f"{n} {'n/a' if v is None else f'{v:.4f}'}" for n, v in per_class.items()))
+    log.info("eval @ %d (%.1fs): AP %.4f AP50 %.4f AP75 %.4f  val loss %.4f", iteration, time.perf_counter() - t0,
+             stats["AP"] or 0, stats["AP50"] or 0, stats["AP75"] or 0, val_losses.get("loss", float("nan")))
+    return stats

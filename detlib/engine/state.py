@@ -1,0 +1,100 @@
+"""What a run is at an iteration: the training state and the metrics window, saved and restored whole.
+
+``TrainState`` holds the model, optimizer, LR scheduler, grad scaler, the iteration and the
+``MetricsWindow`` (loss terms accumulated since the last log step). ``state_dict()`` is what a
+checkpoint stores; ``load_state_dict()`` puts it back, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from detlib import distributed as dist
+from detlib.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(cfg: TrainerConfig):
+    """Linear warmup from ``warmup_factor``, then cosine to 0 or steps of ``gamma``."""
+    milestones = [int(s * cfg.max_iters) for s in cfg.steps]
+
+    def f(it: int) -> float:
+        warm = 1.0
+        if it < cfg.warmup_iters:
+            a = it / cfg.warmup_iters
+            warm = cfg.warmup_factor * (1 - a) + a
+        if cfg.schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(it / cfg.max_iters, 1.0)))
+        return warm * cfg.gamma ** sum(it >= m for m in milestones)
+
+    return f
+
+
+@dataclass
+class MetricsWindow:
+    """Loss terms summed on the device between log steps, read once per log period (the loop's only
+    host sync), averaged over the window and over ranks."""
+
+    accum: dict[str, Tensor] = field(default_factory=dict)
+    count: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+    it_start: int = 0
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        for k, v in losses.items():
+            self.accum[k] = self.accum.get(k, 0) + v.detach().float()
+        self.count += 1
+
+    def flush(self) -> dict[str, Tensor]:
+        """Means over the window and the ranks, as device tensors (every rank must call it)."""
+        means = dist.mean_over_ranks({k: v / self.count for k, v in self.accum.items()})
+        self.accum, self.count = {}, 0
+        return means
+
+    def rate(self, done: int) -> float:
+        """Iterations per second since this process started training."""
+        return (done - self.it_start) / max(time.perf_counter() - self.t_start, 1e-9)
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    iteration: int = 0
+    window: MetricsWindow = field(default_factory=MetricsWindow)
+
+    @classmethod
+    def create(cls, model: nn.Module, cfg: TrainerConfig, device: torch.device) -> TrainState:
+        """SGD with momentum on the trainable parameters, warmup + cosine/step LR, a scaler for fp16."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        return cls(model, optimizer, scheduler, scaler)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), iteration=self.iteration,
+                    log_accum={k: v.cpu() for k, v in self.window.accum.items()}, log_count=self.window.count)
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = state["iteration"]
+        self.window = MetricsWindow({k: v.to(device) for k, v in state["log_accum"].items()}, state["log_count"],
+                                    it_start=self.iteration)

@@ -1,0 +1,45 @@
+"""Box-regression diagnostics: what the trainer logs about the sampled RoIs, computed by the model.
+
+Shadow metrics: every regression loss measured on the same foreground RoIs, without backprop, so
+runs that train with different losses compare on one axis. The reference parameters are fixed
+(smooth L1 beta = 1/9 as torchvision, Huber delta = 1) so the numbers mean the same in every run.
+Everything is detached and stays on the device (no host sync); the trainer reads it on log steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from detlib import losses as L
+
+BETA, DELTA = 1 / 9, 1.0
+
+
+@torch.no_grad()
+def regression_diagnostics(pred: Tensor, target: Tensor, boxes: Tensor, gt: Tensor) -> dict[str, Tensor]:
+    """``pred``/``target``: ``(F, 4)`` encoded deltas of the F foreground RoIs; ``boxes``/``gt``: ``(F, 4)``
+    xyxy decoded predictions and their ground truth.
+
+    0-d means per foreground RoI (sum over the 4 coordinates): ``shadow/{smooth_l1,huber,l1,l2,giou}``,
+    ``shadow/{smooth_l1,huber}_quadratic_frac`` (fraction of residuals in the quadratic region) and
+    ``train/fg_iou``; 1-d for histograms: ``residuals/{dx,dy,dw,dh}`` and ``train/fg_iou_hist``.
+    """
+    n = max(pred.shape[0], 1)
+    residual = (pred - target).abs()
+    iou = box_iou(boxes, gt).diagonal() if pred.shape[0] else pred.new_zeros(0)
+    out = {
+        "shadow/smooth_l1": L.smooth_l1(pred, target, BETA, "sum") / n,
+        "shadow/huber": L.huber(pred, target, DELTA, "sum") / n,
+        "shadow/l1": L.l1(pred, target, "sum") / n,
+        "shadow/l2": L.l2(pred, target, "sum") / n,
+        "shadow/giou": L.giou_loss(boxes, gt, reduction="sum") / n,
+        "shadow/smooth_l1_quadratic_frac": (residual < BETA).float().sum() / max(residual.numel(), 1),
+        "shadow/huber_quadratic_frac": (residual <= DELTA).float().sum() / max(residual.numel(), 1),
+        "train/fg_iou": iou.sum() / n,
+    }
+    if pred.shape[0]:
+        out |= {f"residuals/{name}": (pred - target)[:, i] for i, name in enumerate(("dx", "dy", "dw", "dh"))}
+        out["train/fg_iou_hist"] = iou
+    return out
