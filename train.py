@@ -26,13 +26,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from detlib import distributed as dist
 from detlib.config import Config, check_ranges, register
 from detlib.data.build import build_datasets
 from detlib.engine import run_record
+from detlib.engine.build import build_losses, build_model
 from detlib.engine.checkpoint import CheckpointError
 from detlib.engine.guards import Interrupted
 from detlib.engine.trainer import train
@@ -130,13 +131,13 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     if typed.trainer.num_threads:
         torch.set_num_threads(typed.trainer.num_threads)
 
-    box_loss, rpn_box_loss = instantiate(cfg.loss), instantiate(cfg.rpn_loss)  # fail fast on bad parameters
+    box_loss, rpn_box_loss = build_losses(cfg)  # fail fast on bad parameters
     if not dist.is_main():
         dist.barrier()  # rank 0 builds the data once, then the others read it
     train_set, val_set = build_datasets(typed.data)
     if dist.is_main():
         dist.barrier()
-    model = instantiate(cfg.model, num_classes=train_set.num_classes, box_loss=box_loss, rpn_box_loss=rpn_box_loss)
+    model = build_model(cfg, train_set.num_classes, box_loss, rpn_box_loss)
     check_proposal_ids(model, train=train_set.ids, val=val_set.ids)  # Fast R-CNN with a proposals file
 
     record, eval_changes = record_for(cfg, typed, train_set, val_set, run_dir)
@@ -167,7 +168,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
 def record_for(cfg: DictConfig, typed: Config, train_set, val_set, run_dir: Path) -> tuple[dict, list[str]]:
     """This launch's record and its inference-only differences from the folder's record; refuses the
     launch if the folder holds a run of another identity, writes the record if the folder has none."""
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     config["data"]["root"] = typed.data.root
     ident = run_record.identity(
         config, world_size=dist.world_size(), num_classes=train_set.num_classes,

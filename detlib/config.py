@@ -1,19 +1,67 @@
 """Typed config schema, registered with Hydra's ConfigStore.
 
 ``configs/train.yaml`` starts its defaults list with ``detlib_schema``, so every yaml and every
-command-line override is merged onto these dataclasses: a misspelt key or a wrong type
-(``trainer.lr=abc``) fails at start-up with Hydra's own message. Ranges that a type can't say
-(lr > 0, beta >= 0, ...) are checked by ``check_ranges`` and by the loss constructors.
+command-line override is merged onto these dataclasses: a misspelt key, a wrong type
+(``trainer.lr=abc``) or a value outside a fixed set (``trainer.amp=fp32``: the key is an ``Enum``)
+fails at start-up with Hydra's own message. ``model``, ``loss`` and ``rpn_loss`` are ``_target_``
+trees (Hydra components); a key there is valid when its target's signature takes it. ``check_ranges``
+checks what neither can say: keys added with ``+`` (``+trainer.max_iter=10``, ``+model.rpn.nms=0.5``)
+and ranges (lr > 0, ...); the loss constructors check their own parameters.
 Library code receives these dataclasses (``OmegaConf.to_object``), never a ``DictConfig``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import inspect
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A key with a fixed set of values; OmegaConf refuses any other, naming the key and the options.
+
+    Also a ``str`` that prints, formats, hashes and json-dumps as its value, so library code compares it
+    with plain strings (``cfg.amp == "fp16"``). Member names equal their values.
+    """
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self, spec)
+
+
+class DataName(Choice):
+    synthetic = "synthetic"
+    coco = "coco"
+    voc = "voc"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    step = "step"
+
+
+class Amp(Choice):
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class OnNonFinite(Choice):
+    stop = "stop"
+    skip = "skip"
+
+
+class EvalBackend(Choice):
+    pycocotools = "pycocotools"
+    faster_coco_eval = "faster_coco_eval"  # same numbers, faster; needs the fast-eval extra
 
 
 @dataclass
@@ -46,7 +94,7 @@ class NoiseConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic | coco | voc
+    name: DataName = DataName.synthetic
     root: str = "~/.cache/detlib"  # synthetic: cache folder; coco: base for the relative paths below; voc: VOCdevkit
     train_ann: str = ""
     train_images: str = ""
@@ -72,7 +120,7 @@ class TrainerConfig:
     weight_decay: float = 1e-4
     warmup_iters: int = 100
     warmup_factor: float = 0.001
-    schedule: str = "cosine"  # cosine | step
+    schedule: Schedule = Schedule.cosine
     steps: list[float] = field(default_factory=lambda: [0.67, 0.89])  # step schedule, as fractions of max_iters
     gamma: float = 0.1
     eval_period: int = 0  # 0: evaluate at the end only
@@ -80,9 +128,9 @@ class TrainerConfig:
     checkpoint_period: int = 250
     keep_last: int = 3
     resume: str = "auto"  # auto: continue this run directory's last checkpoint if any (skip if finished) | "" (fresh) | PATH
-    amp: str = "off"  # off | bf16 | fp16
+    amp: Amp = Amp.off
     clip_grad_norm: float | None = None
-    on_nonfinite: str = "stop"  # stop | skip
+    on_nonfinite: OnNonFinite = OnNonFinite.stop
     max_nonfinite: int = 5  # with skip: stop after this many non-finite steps in a row
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     channels_last: bool = True  # CUDA only: backbone in channels_last memory format (faster convs with AMP)
@@ -94,7 +142,7 @@ class TrainerConfig:
 class EvalConfig:
     batch_size: int = 16
     max_dets: list[int] = field(default_factory=lambda: [1, 10, 100])
-    backend: str = "pycocotools"  # pycocotools | faster_coco_eval (same numbers, faster; extra fast-eval)
+    backend: EvalBackend = EvalBackend.pycocotools
 
 
 @dataclass
@@ -103,7 +151,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    model: Any = MISSING
+    model: Any = MISSING  # _target_ trees: configs/model (defaults in model/base/), loss, rpn_loss
     loss: Any = MISSING
     rpn_loss: Any = MISSING
 
@@ -158,7 +206,11 @@ def register() -> None:
 
 
 def check_ranges(cfg: Config) -> None:
-    """Range checks a type can't express; errors name the key and the value."""
+    """Unknown keys (``check_keys``), values of fixed sets (OmegaConf checks them too, but a ``Config`` can be
+    built in Python), then range checks a type can't express; errors name the key and the value."""
+    check_keys(cfg)
+    for key, options, value in _bad_choices(cfg, ""):
+        raise ValueError(f"config: {key} must be {options}, got {value!r}")
     t, d = cfg.trainer, cfg.data
     rules = [
         ("trainer.device", t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), t.device, "auto|cpu|cuda"),
@@ -168,18 +220,14 @@ def check_ranges(cfg: Config) -> None:
         ("trainer.weight_decay", t.weight_decay >= 0, t.weight_decay, ">= 0"),
         ("trainer.warmup_iters", t.warmup_iters >= 0, t.warmup_iters, ">= 0"),
         ("trainer.warmup_factor", 0 < t.warmup_factor <= 1, t.warmup_factor, "in (0, 1]"),
-        ("trainer.schedule", t.schedule in ("cosine", "step"), t.schedule, "cosine|step"),
         ("trainer.steps", all(0 < s < 1 for s in t.steps), list(t.steps), "fractions in (0, 1)"),
         ("trainer.eval_period", t.eval_period >= 0, t.eval_period, ">= 0"),
         ("trainer.log_period", t.log_period >= 1, t.log_period, ">= 1"),
         ("trainer.checkpoint_period", t.checkpoint_period >= 0, t.checkpoint_period, ">= 0"),
         ("trainer.keep_last", t.keep_last >= 1, t.keep_last, ">= 1"),
-        ("trainer.amp", t.amp in ("off", "bf16", "fp16"), t.amp, "off|bf16|fp16"),
         ("trainer.clip_grad_norm", t.clip_grad_norm is None or t.clip_grad_norm > 0, t.clip_grad_norm,
          "> 0 (or null to disable)"),
-        ("trainer.on_nonfinite", t.on_nonfinite in ("stop", "skip"), t.on_nonfinite, "stop|skip"),
         ("trainer.max_nonfinite", t.max_nonfinite >= 1, t.max_nonfinite, ">= 1"),
-        ("data.name", d.name in ("synthetic", "coco", "voc"), d.name, "synthetic|coco|voc"),
         ("data.noise.jitter", d.noise.jitter >= 0, d.noise.jitter, ">= 0"),
         ("data.noise.outliers", 0 <= d.noise.outliers <= 1, d.noise.outliers, "in [0, 1]"),
         ("data.batch_size", d.batch_size >= 1, d.batch_size, ">= 1"),
@@ -190,9 +238,85 @@ def check_ranges(cfg: Config) -> None:
         ("eval.max_dets", len(cfg.eval.max_dets) == 3 and cfg.eval.max_dets[0] >= 1
          and all(a < b for a, b in zip(cfg.eval.max_dets, cfg.eval.max_dets[1:])),
          list(cfg.eval.max_dets), "three strictly increasing positive numbers"),
-        ("eval.backend", cfg.eval.backend in ("pycocotools", "faster_coco_eval"), cfg.eval.backend,
-         "pycocotools|faster_coco_eval"),
     ]
     for key, ok, value, rule in rules:
         if not ok:
             raise ValueError(f"config: {key} must be {rule}, got {value!r}")
+
+
+# Keys Hydra's instantiate reads itself, valid in any _target_ node.
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
+# Arguments the code passes, and where from: ``instantiate(cfg.model, num_classes=..., box_loss=...,
+# rpn_box_loss=...)`` and build_faster_rcnn's calls of the rpn and roi_head partials. Not config keys:
+# set in the config, they would be silently replaced or clash.
+INJECTED = {
+    "model.": {"num_classes": "the data", "box_loss": "loss", "rpn_box_loss": "rpn_loss"},
+    "model.rpn.": {"in_channels": "the backbone", "box_loss": "rpn_loss"},
+    "model.roi_head.": {"in_channels": "the backbone", "num_classes": "the data", "box_loss": "loss"},
+}
+
+
+def check_keys(cfg: Config) -> None:
+    """Every key is one the schema or its ``_target_`` takes; an unknown one names the closest valid key.
+
+    Hydra's ``+key=value`` adds a key even to a typed node (``OmegaConf.to_object`` keeps it as an extra
+    attribute), so ``+trainer.max_iter=10``, as Hydra's own hint suggests after a typo, would be set
+    and never read. In the ``_target_`` trees a key is valid if the target's signature takes it.
+    """
+    problems = []
+    for key, valid in _unknown_keys(cfg, ""):
+        parent, _, name = key.rpartition(".")
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"valid: {', '.join(valid)}"
+        if name in INJECTED.get(parent + ".", {}):
+            hint = f"not a config key: it comes from {INJECTED[parent + '.'][name]}"
+        problems.append(f"unknown key {key} ({hint})")
+    if problems:
+        raise ValueError("config: " + "; ".join(problems))
+
+
+def _bad_choices(node: object, prefix: str) -> Iterator[tuple[str, str, object]]:
+    """``(dotted key, "a|b", value)`` for each ``Choice`` field of a dataclass whose value is not one of its set."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if isinstance(f.default, Choice):
+            options = [m.value for m in type(f.default)]
+            if value not in options:
+                yield f"{prefix}{f.name}", "|".join(options), value
+        elif is_dataclass(value):
+            yield from _bad_choices(value, f"{prefix}{f.name}.")
+
+
+def _unknown_keys(node: object, prefix: str) -> Iterator[tuple[str, list[str]]]:
+    """``(dotted key, valid names beside it)`` for each unknown key under a dataclass or a ``_target_`` tree."""
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _unknown_keys(v, f"{prefix}{i}.")
+        return
+    if is_dataclass(node):
+        valid, items = [f.name for f in fields(node)], vars(node).items()
+    elif isinstance(node, Mapping):
+        valid, items = _parameters(node.get("_target_")), node.items()
+        valid = None if valid is None else [p for p in valid if p not in INJECTED.get(prefix, {})]
+    else:
+        return
+    for k, v in items:
+        if valid is not None and k not in valid and k not in HYDRA_KEYS:
+            yield f"{prefix}{k}", valid
+        else:
+            yield from _unknown_keys(v, f"{prefix}{k}.")
+
+
+def _parameters(target: object) -> list[str] | None:
+    """The keyword arguments ``target`` (a dotted name) takes; None: any (``**kwargs``), or not a target here."""
+    from hydra.utils import get_object
+
+    if not isinstance(target, str):
+        return None
+    try:
+        params = inspect.signature(get_object(target)).parameters.values()
+    except Exception:  # a target that can't be found or inspected: instantiate reports it
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from hydra.utils import instantiate
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detlib.engine.build import build_model
 from detlib.modeling.backbone import VGG16, load_weights, mobilenet_v3_fpn, resnet_fpn
 
 from .conftest import compose_cfg
 
-SMALL = ["model.min_size=64", "model.max_size=96", "model.representation_size=64",
-         "model.box_batch_size_per_image=32", "model.rpn_post_nms_top_n_train=64", "model.rpn_pre_nms_top_n_train=256"]
+SMALL = ["model.min_size=64", "model.max_size=96", "model.roi_head.hidden=64", "model.roi_head.batch_size_per_image=32"]
+SMALL_RPN = ["model.rpn.post_nms_top_n_train=64", "model.rpn.pre_nms_top_n_train=256"]  # models with an RPN
 MODELS = [
     "small",
     "fast_rcnn",
@@ -39,9 +39,9 @@ def no_downloads(monkeypatch):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_one_training_step_on_cpu(name):
-    cfg = compose_cfg(f"model={name}", *SMALL)
+    cfg = compose_cfg(f"model={name}", *SMALL, *([] if name.startswith("fast_rcnn") else SMALL_RPN))
     torch.manual_seed(0)
-    model = instantiate(cfg.model, num_classes=3, box_loss=instantiate(cfg.loss), rpn_box_loss=instantiate(cfg.rpn_loss))
+    model = build_model(cfg, 3)
     images = [torch.rand(3, 64, 96), torch.rand(3, 96, 64)]
     targets = [{"boxes": torch.tensor([[10.0, 10, 50, 40]]), "labels": torch.tensor([1]), "image_id": 1},
                {"boxes": torch.tensor([[5.0, 30, 40, 90], [0, 0, 20, 20]]), "labels": torch.tensor([2, 1]), "image_id": 2}]

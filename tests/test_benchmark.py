@@ -1,29 +1,20 @@
-"""tools/benchmark.py runs end to end with tiny settings and writes the report it promises."""
+"""tools/benchmark.py (detlib.tools.benchmark) runs end to end with tiny settings and writes the report it promises."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from detlib.tools import benchmark
+
 HAS_FAST = importlib.util.find_spec("faster_coco_eval") is not None
 
 
-@pytest.fixture(scope="module")
-def tool():
-    """tools/benchmark.py as a module (imported once: importing torchvision and Hydra is the slow part)."""
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "tools" / "benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_help_lists_the_options(tool, capsys):
+def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as e:
-        tool.main(["--help"])
+        benchmark.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     for opt in ("--model", "--device", "--amp", "--channels-last", "--batch", "--iters", "--warmup",
@@ -31,9 +22,9 @@ def test_help_lists_the_options(tool, capsys):
         assert opt in out
 
 
-def test_tiny_cpu_run_writes_the_report(tool, tmp_path, data_root, capsys):
+def test_tiny_cpu_run_writes_the_report(tmp_path, data_root, capsys):
     out = tmp_path / "bench.json"
-    report = tool.main([
+    report = benchmark.run([
         "--device", "cpu", "--iters", "2", "--warmup", "1", "--windows", "2", "--batch", "2", "--image-size", "64",
         "--data-root", str(data_root), "--num-train", "64", "--num-val", "16", "--eval-images", "4",
         "--eval-repeats", "1", "--threads", "1", "--out", str(out)])

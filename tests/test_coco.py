@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from detlib.data.build import build_datasets
 from detlib.data.sampler import TrainBatchSampler
+from detlib.engine.build import build_model
 from detlib.engine.trainer import train
 
 from .conftest import compose_cfg
@@ -53,8 +53,7 @@ def test_coco_fixture_trains_and_evaluates_end_to_end(coco_root, tmp_path):
     train_set, val_set = build_datasets(typed.data)
     assert train_set.label_to_cat == {1: 3, 2: 7}
     torch.manual_seed(0)
-    model = instantiate(cfg.model, num_classes=train_set.num_classes, box_loss=instantiate(cfg.loss),
-                        rpn_box_loss=instantiate(cfg.rpn_loss))
+    model = build_model(cfg, train_set.num_classes)
     tcfg = dataclasses.replace(typed.trainer, max_iters=3, warmup_iters=1, log_period=1, progress=False, device="cpu")
     stats = train(model, train_set, val_set, tcfg, typed.eval, tmp_path, 2, 0, 0, {"seed": 0})
     assert set(stats) >= {"AP", "AP50"} and all(v is None or 0 <= v <= 1 for v in stats.values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from detlib.config import Config, check_ranges
+from detlib.engine.build import build_model
 from detlib.losses import BoxLoss
 
 from .conftest import CONFIGS, compose_cfg
@@ -43,8 +46,80 @@ def test_rpn_default_is_torchvision_smooth_l1():
 @pytest.mark.parametrize("name", MODELS)
 def test_every_model_config_instantiates(name):
     cfg = compose_cfg(f"model={name}")
-    model = instantiate(cfg.model, num_classes=5, box_loss=instantiate(cfg.loss), rpn_box_loss=instantiate(cfg.rpn_loss))
+    model = build_model(cfg, 5)
     assert model.roi_head.cls_score.out_features == 5
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_config_passes_the_key_check(name):
+    check_ranges(OmegaConf.to_object(compose_cfg(f"model={name}")))
+
+
+def test_model_family_shares_one_base():
+    """Each default is set once, in configs/model/base/faster_rcnn.yaml; a model states only what differs."""
+    r18, r50 = (OmegaConf.to_container(compose_cfg(f"model=faster_rcnn_r{d}_fpn").model) for d in (18, 50))
+    assert r18 == r50 | {"backbone": r50["backbone"] | {"depth": 18}}
+    base = OmegaConf.load(Path(CONFIGS, "model", "base", "faster_rcnn.yaml"))
+    for name in MODELS:
+        model = compose_cfg(f"model={name}").model
+        assert set(model) == set(base), name  # no key of a model's own, none left out
+        for part in ("rpn", "roi_head"):
+            assert model[part] is None or set(model[part]) == set(base[part]), (name, part)
+
+
+@pytest.mark.parametrize("overrides,unknown,suggestion", [
+    (["+trainer.max_iter=10"], "trainer.max_iter", "trainer.max_iters"),  # Hydra's own hint after a typo
+    (["+data.batchsize=2"], "data.batchsize", "data.batch_size"),
+    (["+seeds=1"], "seeds", "seed"),
+    (["+model.backbone.widht=16"], "model.backbone.widht", "model.backbone.width"),
+    (["+model.roi_head.scor_thresh=0.1"], "model.roi_head.scor_thresh", "model.roi_head.score_thresh"),
+    (["+model.roi_head.roi_align.sampling=1"], "model.roi_head.roi_align.sampling",
+     "model.roi_head.roi_align.sampling_ratio"),
+    (["model=fast_rcnn", "+model.proposals.topk=5"], "model.proposals.topk", "model.proposals.top_k"),
+])
+def test_unknown_keys_fail_at_start_naming_the_closest_valid_one(overrides, unknown, suggestion):
+    with pytest.raises(ValueError, match=rf"unknown key {re.escape(unknown)} \(did you mean {re.escape(suggestion)}\?\)"):
+        check_ranges(OmegaConf.to_object(compose_cfg(*overrides)))
+
+
+def test_unknown_keys_without_a_close_one_list_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown key model\.rpn\.foo \(valid: .*nms_thresh"):
+        check_ranges(OmegaConf.to_object(compose_cfg("+model.rpn.foo=1")))
+    with pytest.raises(ValueError, match=r"unknown key model\.num_classes \(not a config key: it comes from the data"):
+        check_ranges(OmegaConf.to_object(compose_cfg("+model.num_classes=3")))
+    with pytest.raises(ValueError, match=r"unknown key model\.rpn\.box_loss \(not a config key: it comes from rpn_loss"):
+        check_ranges(OmegaConf.to_object(compose_cfg("+model.rpn.box_loss=1")))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.amp=fp32", "trainer.amp"),
+    ("trainer.schedule=poly", "trainer.schedule"),
+    ("trainer.on_nonfinite=ignore", "trainer.on_nonfinite"),
+    ("data.name=kitti", "data.name"),
+    ("eval.backend=detectron2", "eval.backend"),
+])
+def test_fixed_value_sets_fail_at_compose_with_the_options(override, key):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(override)
+    cause = str(e.value.__cause__)
+    assert f"full_key: {key}" in cause and "expected one of [" in cause
+
+
+def test_fixed_value_sets_are_checked_in_configs_built_in_python():
+    cfg = Config()
+    cfg.trainer.amp = "fp32"
+    with pytest.raises(ValueError, match=r"config: trainer\.amp must be off\|bf16\|fp16, got 'fp32'"):
+        check_ranges(cfg)
+
+
+def test_fixed_value_sets_read_as_plain_strings():
+    cfg = compose_cfg("trainer.amp=bf16", "eval.backend=faster_coco_eval", "trainer.schedule=step")
+    typed = OmegaConf.to_object(cfg)
+    t = typed.trainer
+    assert t.amp == "bf16" and t.schedule != "cosine" and f"{t.amp}/{typed.eval.backend}" == "bf16/faster_coco_eval"
+    assert {"off": 0, "bf16": 1}[t.amp] == 1 and json.dumps([t.amp, typed.data.name]) == '["bf16", "synthetic"]'
+    recorded = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)["trainer"]["amp"]
+    assert type(recorded) is str and recorded == "bf16"
 
 
 @pytest.mark.parametrize("name", DATA)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
+from detlib.engine.build import build_model
 from detlib.modeling.detector import FasterRCNN
 
 from .conftest import compose_cfg
@@ -13,7 +13,7 @@ from .conftest import compose_cfg
 
 def _model(*overrides):
     cfg = compose_cfg(*overrides)
-    return instantiate(cfg.model, num_classes=3, box_loss=instantiate(cfg.loss), rpn_box_loss=instantiate(cfg.rpn_loss))
+    return build_model(cfg, 3)
 
 
 def test_multi_scale_training_sizes_and_the_last_size_for_eval():

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from detlib.data.build import build_datasets
+from detlib.engine.build import build_model
 from detlib.evaluation.inference import evaluate, shard_batches
 
 from .conftest import ROOT, compose_cfg
@@ -77,8 +77,7 @@ def _evaluate_checkpoint(data_root: str, ckpt: str):
     cfg = compose_cfg("experiment=smoke", f"data.root={data_root}", "eval.batch_size=3")
     typed = OmegaConf.to_object(cfg)
     _, val_set = build_datasets(typed.data)
-    model = instantiate(cfg.model, num_classes=val_set.num_classes, box_loss=instantiate(cfg.loss),
-                        rpn_box_loss=instantiate(cfg.rpn_loss))
+    model = build_model(cfg, val_set.num_classes)
     model.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
     return evaluate(model, val_set, torch.device("cpu"), batch_size=3)
 
@@ -133,7 +132,7 @@ def test_elastic_restart_resumes_and_reaches_the_same_metrics(tmp_path, data_roo
 def test_batch_without_foreground_under_ddp(tmp_path, data_root):
     """Empty-foreground batches everywhere (no ground truth at all): DDP raises no unused-parameter error."""
     run = tmp_path / "run"
-    proc = torchrun(*_smoke(data_root, "model.box_fg_iou_thresh=1.01", "model.box_bg_iou_thresh=1.01",
+    proc = torchrun(*_smoke(data_root, "model.roi_head.fg_iou_thresh=1.01", "model.roi_head.bg_iou_thresh=1.01",
                             "trainer.max_iters=2", f"hydra.run.dir={run}"),
                     timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

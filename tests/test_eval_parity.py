@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +24,7 @@ from pycocotools.cocoeval import COCOeval
 from detlib.config import Config, EvalConfig, check_ranges
 from detlib.data.coco import CocoDetection, coco_from_dict
 from detlib.evaluation.coco_eval import STAT_NAMES, evaluate_coco
-
-from .conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))  # the tools import tools/rundir.py by name, as scripts do
-
-
-def _load_evaluate_tool():
-    spec = importlib.util.spec_from_file_location("detlib_tool_evaluate_parity", ROOT / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load_evaluate_tool()
+from detlib.tools import evaluate  # noqa: E402
 
 W, H = 100, 80
 CATS = [{"id": 1, "name": "a"}, {"id": 4, "name": "b"}]

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torchvision.ops import box_iou
 
 from detlib.data.build import build_datasets
+from detlib.engine.build import build_model
 from detlib.engine.trainer import train
 from detlib.modeling.proposals import (
     FileProposals,
@@ -158,8 +158,7 @@ def test_no_targets_is_a_clear_error():
 
 def _model(cfg, num_classes: int = 3):
     torch.manual_seed(0)
-    return instantiate(cfg.model, num_classes=num_classes, box_loss=instantiate(cfg.loss),
-                       rpn_box_loss=instantiate(cfg.rpn_loss))
+    return build_model(cfg, num_classes)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

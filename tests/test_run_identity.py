@@ -44,9 +44,9 @@ def test_record_is_written_once_with_identity_config_and_data_fingerprints(finis
     ident = record["identity"]
     assert ident["loss._target_"] == "detlib.losses.SmoothL1" and ident["seed"] == 0 and ident["world_size"] == 1
     assert len(ident["data.fingerprint.train"]) == 64 and ident["data.fingerprint.train"] != ident["data.fingerprint.val"]
-    assert not any(k.startswith(("trainer.device", "trainer.progress", "data.root", "model.box_score_thresh"))
+    assert not any(k.startswith(("trainer.device", "trainer.progress", "data.root", "model.roi_head.score_thresh"))
                    for k in ident)
-    assert record["eval"]["model.box_score_thresh"] == 0.05
+    assert record["eval"]["model.roi_head.score_thresh"] == 0.05
     assert record["config"]["loss"]["_target_"] == "detlib.losses.SmoothL1"
     state = torch.load(finished / "checkpoints" / "last.pt", weights_only=False)
     assert state["meta"]["identity"] == ident  # every checkpoint carries it too
@@ -73,10 +73,10 @@ def test_relaunching_a_finished_run_with_another_setup_is_refused_and_its_files_
 @pytest.mark.slow
 def test_inference_only_changes_are_allowed_and_named(finished, data_root):
     before = _snapshot(finished)
-    proc = run_train(*_smoke(data_root, finished, "model.box_score_thresh=0.5", "eval.batch_size=2"))
+    proc = run_train(*_smoke(data_root, finished, "model.roi_head.score_thresh=0.5", "eval.batch_size=2"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
-    assert "skipping it" in out and "model.box_score_thresh: 0.05 -> 0.5" in out
+    assert "skipping it" in out and "model.roi_head.score_thresh: 0.05 -> 0.5" in out
     assert _snapshot(finished)["metrics.json"] == before["metrics.json"]
     assert _snapshot(finished)["run.json"] == before["run.json"]
 
@@ -215,13 +215,13 @@ def test_a_second_sigint_during_a_long_evaluation_aborts_at_once(tmp_path, data_
 
 def test_identity_drops_execution_keys_and_keeps_everything_else():
     config = {"seed": 1, "trainer": {"device": "cuda", "lr": 0.02, "progress": True, "log_period": 5},
-              "data": {"root": "/a", "noise": {"outliers": 0.1}}, "model": {"box_score_thresh": 0.05, "width": 32},
+              "data": {"root": "/a", "noise": {"outliers": 0.1}}, "model": {"roi_head": {"score_thresh": 0.05}, "width": 32},
               "loss": {"_target_": "detlib.losses.Huber", "delta": 1.0}}
     ident = run_record.identity(config, world_size=2, num_classes=4, data_fingerprints={"train": "f"})
     assert ident == {"seed": 1, "trainer.lr": 0.02, "data.noise.outliers": 0.1, "model.width": 32,
                      "loss._target_": "detlib.losses.Huber", "loss.delta": 1.0, "world_size": 2, "num_classes": 4,
                      "data.fingerprint.train": "f"}
-    assert run_record.eval_settings(config) == {"model.box_score_thresh": 0.05}
+    assert run_record.eval_settings(config) == {"model.roi_head.score_thresh": 0.05}
     assert run_record.diff(ident, ident | {"loss.delta": 0.5, "new": 1}) == ["loss.delta: 1.0 -> 0.5", "new: <unset> -> 1"]
     hp = run_record.hparams({"identity": ident, "choices": {"loss": "huber", "model": "small"}})
     assert hp["loss"] == "huber" and hp["loss.delta"] == 1.0 and hp["seed"] == 1 and hp["model"] == "small"

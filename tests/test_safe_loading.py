@@ -8,7 +8,6 @@ output file names never come from the data unsanitised.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pickle
@@ -17,34 +16,21 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
 from detlib.data.build import build_datasets
 from detlib.engine import checkpoint
+from detlib.engine.build import build_model
 from detlib.engine.trainer import train
 from detlib.modeling.proposals import FileProposals, ProposalError, build_proposal_source
+from detlib.tools import evaluate, rundir, visualize  # noqa: E402
 
 from .conftest import ROOT, compose_cfg
-
-sys.path.insert(0, str(ROOT / "tools"))  # the tools import their shared module (tools/rundir.py) by name
-
-
-def load_tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"detlib_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate, visualize = load_tool("evaluate"), load_tool("visualize")
 
 
 class RunsShellCommand:
@@ -139,8 +125,7 @@ def parts(data_root):
 def _train(parts, run_dir: Path, **trainer) -> dict | None:
     cfg, typed, train_set, val_set = parts
     torch.manual_seed(0)
-    model = instantiate(cfg.model, num_classes=train_set.num_classes, box_loss=instantiate(cfg.loss),
-                        rpn_box_loss=instantiate(cfg.rpn_loss))
+    model = build_model(cfg, train_set.num_classes)
     tcfg = dataclasses.replace(typed.trainer, **trainer)
     meta = {"identity": {"seed": typed.seed, "loss": "l1", "tags": ["a", None, 1.5]}, "eval": {"period": 0}}
     return train(model, train_set, val_set, tcfg, typed.eval, run_dir, typed.data.batch_size, 0, typed.seed, meta)
@@ -317,8 +302,6 @@ def test_visualize_writes_one_file_per_image_inside_out(tmp_path, capsys):
 
 def test_a_run_config_naming_a_foreign_target_is_refused_without_running_code(tmp_path):
     """A run folder is data: the tools instantiate only detlib/torch/torchvision classes from it."""
-    import rundir
-
     marker = tmp_path / "MARKER"
     cfg = OmegaConf.create({"model": {"_target_": "detlib.modeling.detector.build_faster_rcnn",
                                       "backbone": {"_target_": "builtins.open", "_args_": [str(marker), "w"]}},

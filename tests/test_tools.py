@@ -1,4 +1,5 @@
-"""The user tools in tools/: evaluate, compare_runs, plot_losses, visualize. Real pycocotools, Hydra, TensorBoard.
+"""The user tools (detlib.tools, run as tools/*.py): evaluate, compare_runs, plot_losses, visualize. Real
+pycocotools, Hydra, TensorBoard.
 
 One smoke run (module fixture) serves the checkpoint-mode tests; everything else uses small files
 written here with known numbers.
@@ -8,45 +9,37 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import math
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from detlib.engine.sweep_callbacks import CompareRuns
 from detlib.evaluation.coco_eval import STAT_NAMES
+from detlib.tools import compare_runs, evaluate, plot_losses, visualize
+from detlib.tools import stats as ttest
+from detlib.tools.compare_plots import plot_against
+from detlib.tools.groups import group_runs
+from detlib.tools.rundir import load_run_config
+from detlib.tools.runs import find_runs, load_run
 
 from .conftest import ROOT, run_train
 
 TOOLS = ROOT / "tools"
-sys.path.insert(0, str(TOOLS))  # the tools import their shared module (tools/rundir.py) by name, as scripts do
-
-
-def load_tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"detlib_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = load_tool("evaluate")
-compare_runs = load_tool("compare_runs")
-plot_losses = load_tool("plot_losses")
-visualize = load_tool("visualize")
-ttest = load_tool("ttest")
 ALL = {"evaluate": evaluate, "compare_runs": compare_runs, "plot_losses": plot_losses, "visualize": visualize}
 
 
@@ -114,6 +107,19 @@ def test_help_exits_zero(name, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: {name}.py") and f"uv run tools/{name}.py" in out  # with the examples
+
+
+def test_every_script_is_a_thin_entry_point_and_a_console_script():
+    """tools/NAME.py only calls detlib.tools.NAME.main, which pyproject also installs as a detlib-* command."""
+    scripts = {ep.value: ep.name for ep in entry_points(group="console_scripts") if ep.value.startswith("detlib.")}
+    names = sorted(p.stem for p in TOOLS.glob("*.py") if p.stem != "rundir")  # rundir.py: a shim for old imports
+    assert names == sorted([*ALL, "benchmark"])
+    for name in names:
+        assert f"detlib.tools.{name}:main" in scripts, name
+        assert f"from detlib.tools.{name} import main" in (TOOLS / f"{name}.py").read_text()
+    command = Path(sys.executable).with_name(scripts["detlib.tools.compare_runs:main"])
+    proc = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: detlib-compare"), proc.stderr[-2000:]
 
 
 def test_script_runs_from_the_command_line_and_fails_cleanly(coco_files, tmp_path):
@@ -217,6 +223,13 @@ def test_evaluate_checkpoint_reproduces_the_runs_metrics(smoke_run, smoke_eval, 
     assert json.loads(again.read_text()) == ours
 
 
+def test_evaluate_writes_the_trainers_eval_detail_layout(smoke_run, smoke_eval):
+    detail, run_detail = (json.loads(p.read_text()) for p in (smoke_eval[0] / "eval_detail.json",
+                                                              smoke_run / "eval_detail.json"))
+    assert list(detail) == list(run_detail)  # one writer: detlib.evaluation.report
+    assert detail["eval_settings"] == run_detail["eval_settings"] and detail["eval_settings"]
+
+
 def test_evaluate_another_checkpoint_and_a_missing_one(smoke_run, smoke_eval, tmp_path, capsys):
     out = tmp_path / "m3.json"
     assert evaluate.main(["--run", str(smoke_run), "--checkpoint", str(smoke_run / "checkpoints" / "model_0000003.pt"),
@@ -228,9 +241,9 @@ def test_evaluate_another_checkpoint_and_a_missing_one(smoke_run, smoke_eval, tm
 
 
 def test_run_config_overrides(smoke_run):
-    cfg = evaluate.load_run_config(smoke_run, ["data.synthetic.num_val=8"])
+    cfg = load_run_config(smoke_run, ["data.synthetic.num_val=8"])
     assert cfg.data.synthetic.num_val == 8 and cfg.data.synthetic.num_train == 64  # the rest is the run's
-    cfg = evaluate.load_run_config(smoke_run, ["data=coco", "data.root=/data/coco", "data.val_ann=v.json"])
+    cfg = load_run_config(smoke_run, ["data=coco", "data.root=/data/coco", "data.val_ann=v.json"])
     assert (cfg.data.name, cfg.data.root, cfg.data.val_ann, cfg.data.batch_size) == ("coco", "/data/coco", "v.json", 2)
     assert cfg.trainer.max_iters == 6 and cfg.loss._target_ == "detlib.losses.SmoothL1"
 
@@ -343,9 +356,9 @@ def test_compare_runs_groups_by_config_values(tmp_path):
     cfg["loss"]["beta"] = 1.0
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     fake_run(tmp_path / "2", "smooth_l1", 1, 0.7, overrides=["loss=smooth_l1", "seed=1"])  # beta 0.111: group 0
-    runs = [compare_runs.load_run(p) for p in compare_runs.find_runs([tmp_path])]
+    runs = [load_run(p) for p in find_runs([tmp_path])]
     assert runs[0].identity["trainer.lr"] == 0.02  # filled from detlib.config's schema
-    groups = compare_runs.group_runs(runs)
+    groups = group_runs(runs)
     assert [(g.name, [r.path.name for r in g.runs]) for g in groups] == [
         ("loss.beta=0.111", ["0", "2"]), ("loss.beta=1.0", ["1"])]
 
@@ -361,7 +374,7 @@ def test_compare_runs_names_runs_of_different_sweeps_alike(tmp_path):
                  data={"noise": {"outliers": 0.2}})
     (c / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
         {"hydra": {"runtime": {"choices": {"loss": "huber", "data": "synthetic", "hydra/launcher": "basic"}}}}))
-    groups = compare_runs.group_runs([compare_runs.load_run(p) for p in compare_runs.find_runs([tmp_path])])
+    groups = group_runs([load_run(p) for p in find_runs([tmp_path])])
     assert [g.name for g in groups] == [
         "loss=smooth_l1,data.noise.outliers=0.0", "loss=l1,data.noise.outliers=0.2",
         "loss=huber,data.noise.outliers=0.2"]
@@ -373,22 +386,36 @@ def test_compare_runs_names_runs_of_different_sweeps_alike(tmp_path):
 
 def test_compare_runs_reads_ap_per_iou_written_later_by_evaluate(tmp_path):
     run = fake_run(tmp_path / "old", "l1", 0, 0.4, curve=False)  # older than eval_detail.json
-    assert compare_runs.load_run(run).ap_per_iou is None
+    assert load_run(run).ap_per_iou is None
     assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     assert not (tmp_path / "report" / "ap_per_iou.png").exists()
     assert "AP-per-IoU figure (no eval_detail.json): loss=l1;" in (tmp_path / "report" / "comparison.md").read_text()
     curve = {"0.50": 0.6, "0.95": 0.1}
     (run / "eval").mkdir()
     (run / "eval" / "eval_detail.json").write_text(json.dumps({"stats": {"AP": 0.3}, "ap_per_iou": curve}))
-    assert compare_runs.load_run(run).ap_per_iou is None  # another evaluation (say, another dataset): not used
+    assert load_run(run).ap_per_iou is None  # another evaluation (say, another dataset): not used
     (run / "eval" / "eval_detail.json").write_text(json.dumps({"stats": {"AP": 0.4}, "ap_per_iou": curve}))
-    assert compare_runs.load_run(run).ap_per_iou == curve
+    assert load_run(run).ap_per_iou == curve
 
 
 def test_compare_runs_without_finished_runs(tmp_path, capsys):
     fake_run(tmp_path / "0", "l1", 0, None)
     assert compare_runs.main([str(tmp_path)]) == 1
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_sweep_callback_compares_in_process_and_never_fails_the_sweep(sweeps, caplog):
+    def end(folder: Path, *args: str) -> None:
+        CompareRuns(list(args)).on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}}}))
+
+    end(sweeps / "s1", "--baseline", "loss=smooth_l1")
+    assert "| loss=smooth_l1 | 1 |" in (sweeps / "s1" / "comparison.md").read_text()
+    (sweeps / "empty").mkdir()
+    end(sweeps / "empty")  # no finished runs: logged with the command that re-runs it, not raised
+    end(sweeps / "s1", "--metric", "nope")  # argparse's exit is caught too
+    failures = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failures) == 2 and "no finished runs" in failures[0]
+    assert f"detlib-compare {sweeps / 'empty'}" in failures[0] and "uv run tools/compare_runs.py" in failures[0]
 
 
 def test_t_pvalue_against_closed_forms_and_tables():
@@ -442,11 +469,10 @@ def test_plot_losses_box_space_loss_is_drawn_against_a_shift(tmp_path):
         {"seed": 0, "loss": {"_target_": "detlib.losses.GIoULoss", "weight": 10.0}}))
     fig = plot_losses.run_figure(run, 3.0)
     assert "shifted along x" in fig._suptitle.get_text()
-    loss = plot_losses.instantiate(plot_losses.load_run_config(run).loss)
+    loss = instantiate(load_run_config(run).loss)
     # shift 0: IoU 1; shift 0.5: IoU 1/3, enclosing box = union; shift 1: IoU 0, enclosing box = union.
     v = plot_losses.shifted_box(loss)(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
     assert v.tolist() == pytest.approx([0.0, 10 * 2 / 3, 10.0], abs=1e-5)
-    plot_losses.plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,8 +523,8 @@ def test_compare_runs_plots_the_metric_against_a_config_key(tmp_path, capsys):
         for seed, v in enumerate(aps):
             fake_run(tmp_path / f"{k}_{seed}", loss, seed, v, data={"noise": {"outliers": p}},
                      overrides=[f"loss={loss}", f"data.noise.outliers={p}", f"seed={seed}"])
-    groups = compare_runs.group_runs([compare_runs.load_run(p) for p in compare_runs.find_runs([tmp_path])])
-    points = compare_runs.plot_against(groups, "data.noise.outliers", "AP", tmp_path / "f.png")
+    groups = group_runs([load_run(p) for p in find_runs([tmp_path])])
+    points = plot_against(groups, "data.noise.outliers", "AP", tmp_path / "f.png")
     assert set(points) == {"loss=l1", "loss=huber"}
     assert [x for x, _ in points["loss=huber"]] == [0.0, 0.4]
     assert [m for _, m in points["loss=huber"]] == pytest.approx([0.56, 0.42])

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from detlib.data.build import build_datasets
 from detlib.data.sampler import TrainBatchSampler
 from detlib.engine import checkpoint
+from detlib.engine.build import build_model
 from detlib.engine.trainer import NonFiniteLossError, optimizer_step, train
 from detlib.losses import L1
 
@@ -29,8 +30,7 @@ def parts(data_root):
 
 def _model(cfg, num_classes, box_loss=None):
     torch.manual_seed(0)
-    return instantiate(cfg.model, num_classes=num_classes, box_loss=box_loss or instantiate(cfg.loss),
-                       rpn_box_loss=instantiate(cfg.rpn_loss))
+    return build_model(cfg, num_classes, box_loss)
 
 
 class NaNOnCall(L1):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from detlib.data.coco import CocoDetection
 from detlib.data.validation import AnnotationError, validate_coco
+from detlib.engine.build import build_losses, build_model
 
 
 def coco(anns, images=None, cats=None, info=True) -> dict:
@@ -70,7 +71,6 @@ def _write_dataset(tmp_path, anns, images=None):
 
 
 def test_image_without_annotations_gives_zero_box_loss_with_gradient(tmp_path):
-    from hydra.utils import instantiate
 
     from .conftest import compose_cfg
 
@@ -81,8 +81,7 @@ def test_image_without_annotations_gives_zero_box_loss_with_gradient(tmp_path):
     cfg = compose_cfg("model.min_size=64", "model.max_size=128")
     for loss in ("smooth_l1", "giou"):
         c = compose_cfg(f"loss={loss}")
-        model = instantiate(cfg.model, num_classes=ds.num_classes, box_loss=instantiate(c.loss),
-                            rpn_box_loss=instantiate(c.rpn_loss))
+        model = build_model(cfg, ds.num_classes, *build_losses(c))
         out = model([image], [target])
         for k in ("loss_box_reg", "loss_rpn_box_reg"):
             assert out["losses"][k].item() == 0.0 and torch.isfinite(out["losses"][k])
@@ -155,12 +154,11 @@ def test_crowd_is_never_a_training_foreground(tmp_path):
 @pytest.mark.parametrize("model_name", ["small", "fast_rcnn"])
 def test_batch_without_any_foreground_trains(model_name):
     """No GT in the whole batch (also without an RPN): finite losses, box losses exactly 0, gradients present."""
-    from hydra.utils import instantiate
 
     from .conftest import compose_cfg
 
     cfg = compose_cfg(f"model={model_name}", "model.min_size=64", "model.max_size=96")
-    model = instantiate(cfg.model, num_classes=3, box_loss=instantiate(cfg.loss), rpn_box_loss=instantiate(cfg.rpn_loss))
+    model = build_model(cfg, 3)
     empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "image_id": i, "aug_seed": i}
              for i in (1, 2)]
     out = model([torch.rand(3, 64, 96), torch.rand(3, 96, 64)], empty)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -14,6 +13,7 @@ from detlib.data.build import build_datasets
 from detlib.data.coco import coco_from_dict
 from detlib.data.validation import AnnotationError
 from detlib.data.voc import VOC_CLASSES, parse_voc_xml, voc_folder, voc_to_coco
+from detlib.engine.build import build_model
 from detlib.evaluation.inference import predict
 from detlib.evaluation.voc_eval import ap_from_pr, voc07_ap50
 
@@ -180,8 +180,7 @@ def test_voc_trains_and_evaluates_end_to_end_through_train_py(devkit, tmp_path):
     # The VOC07 AP50 of the trained checkpoint on the converted test split.
     cfg = compose_cfg("data=voc", f"data.root={devkit}", "model.min_size=64", "model.max_size=96")
     _, val = build_datasets(OmegaConf.to_object(cfg).data)
-    model = instantiate(cfg.model, num_classes=val.num_classes, box_loss=instantiate(cfg.loss),
-                        rpn_box_loss=instantiate(cfg.rpn_loss))
+    model = build_model(cfg, val.num_classes)
     model.load_state_dict(torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"])
     results, _ = predict(model, val, torch.device("cpu"), batch_size=4)
     voc = voc07_ap50(results, val.coco)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -19,19 +18,14 @@ from torch import Tensor
 
 from detlib.data.image import ImageDecodeError, check_image, read_image
 from detlib.data.validation import AnnotationError, validate_coco_views
+from detlib.jsonio import read_json
 
 log = logging.getLogger(__name__)
 
 
 def load_coco_json(path: str | Path) -> dict:
     """Read an annotation file, with errors that name it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AnnotationError(f"{path}: not valid JSON ({e})") from e
+    return read_json(path, "annotation file", AnnotationError)
 
 
 def coco_from_dict(data: dict) -> COCO:

@@ -18,12 +18,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from detlib.config import SyntheticConfig
 from detlib.data.validation import AnnotationError
 
 log = logging.getLogger(__name__)
@@ -33,18 +34,10 @@ CATEGORY_IDS = (10, 20, 30, 40)
 FORMAT_VERSION = 2  # bump when the generator changes, so caches rebuild
 
 
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """Parameters of the generated dataset; any change gives a new cache folder."""
-
-    num_train: int = 3000
-    num_val: int = 300
-    image_size: int = 128
-    min_objects: int = 1
-    max_objects: int = 6
-    min_size: int = 12  # object side in pixels
-    max_size: int = 64
-    seed: int = 0
+class SyntheticSpec(SyntheticConfig):
+    """Parameters of the generated dataset: ``data.synthetic``'s fields and defaults
+    (``detlib.config.SyntheticConfig``, the one list of them), plus the cache key; any change gives a new
+    cache folder."""
 
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "version": FORMAT_VERSION}, sort_keys=True)

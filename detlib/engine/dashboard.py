@@ -23,6 +23,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid  # noqa: E402
 
 from detlib.data.coco import CocoDetection  # noqa: E402
 from detlib.evaluation.coco_eval import per_class_ap  # noqa: E402
+from detlib.evaluation.report import category_names  # noqa: E402
 
 NUM_IMAGES = 4  # val images drawn at every evaluation (always the same ones)
 TILE = 256  # longest side of each drawn image, in pixels
@@ -30,7 +31,7 @@ TILE = 256  # longest side of each drawn image, in pixels
 
 def log_eval(writer: SummaryWriter, step: int, E: COCOeval, val_set: CocoDetection, model: nn.Module,
              device: torch.device, score_thresh: float = 0.5) -> None:
-    names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
+    names = category_names(val_set.coco)
     per_class = per_class_ap(E, names)
     rows = ["| class | AP |", "|---|---|"] + [
         f"| {n} | {'n/a' if v is None else f'{v:.4f}'} |" for n, v in per_class.items()]

@@ -6,9 +6,7 @@ plus whatever the dataset asks for (``detlib.evaluation.evaluators``).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -20,18 +18,11 @@ from detlib import distributed as dist
 from detlib.config import EvalConfig
 from detlib.data.coco import CocoDetection
 from detlib.engine import dashboard
-from detlib.evaluation.coco_eval import ap_per_iou, per_class_ap
 from detlib.evaluation.evaluators import extra_metrics
 from detlib.evaluation.inference import evaluate
+from detlib.evaluation.report import EVAL_DETAIL, category_names, write_eval_detail
 
 log = logging.getLogger(__name__)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` as JSON through a temp file and ``os.replace``: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate_and_log(
@@ -57,11 +48,9 @@ def evaluate_and_log(
     for k, v in (histograms or {}).items():
         writer.add_histogram(k, v.cpu(), iteration)
     writer.flush()
-    names = {c: val_set.coco.cats[c]["name"] for c in val_set.cat_ids}
-    per_class = per_class_ap(E, names)
-    write_json(run_dir / "eval_detail.json", {
-        "iteration": iteration, "stats": stats, "val_losses": val_losses, "ap_per_iou": ap_per_iou(E),
-        "per_class_ap": per_class, "eval_settings": eval_settings, **extra})
+    detail = write_eval_detail(run_dir / EVAL_DETAIL, iteration, stats, E, category_names(val_set.coco),
+                               val_losses, eval_settings, **extra)
+    per_class = detail["per_class_ap"]
     log.info("AP per class @ %d: %s", iteration,
              ", ".join(f"{n} {'n/a' if v is None else f'{v:.4f}'}" for n, v in per_class.items()))
     log.info("eval @ %d (%.1fs): AP %.4f AP50 %.4f AP75 %.4f  val loss %.4f", iteration, time.perf_counter() - t0,

@@ -39,8 +39,8 @@ IGNORED = (
 )
 # Keys that change the evaluation only (inference thresholds): may differ on resume, and are named.
 EVAL_ONLY = (
-    "eval.max_dets", "eval.batch_size", "model.box_score_thresh", "model.box_nms_thresh",
-    "model.box_detections_per_img", "model.rpn_pre_nms_top_n_test", "model.rpn_post_nms_top_n_test",
+    "eval.max_dets", "eval.batch_size", "model.roi_head.score_thresh", "model.roi_head.nms_thresh",
+    "model.roi_head.detections_per_img", "model.rpn.pre_nms_top_n_test", "model.rpn.post_nms_top_n_test",
 )
 
 

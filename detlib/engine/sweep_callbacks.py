@@ -1,34 +1,36 @@
-"""Hydra callbacks for sweeps: ``CompareRuns`` runs ``tools/compare_runs.py`` on the sweep folder when
-a multirun ends, so ``experiment=loss_study`` ends with its comparison table and figures."""
+"""Hydra callbacks for sweeps: ``CompareRuns`` compares the runs of the sweep folder when a multirun ends
+(``detlib.tools.compare_runs``, in this process), so ``experiment=loss_study`` ends with its comparison
+table and figures."""
 
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
+import shlex
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
+from detlib.tools import compare_runs
 
-COMPARE = Path(__file__).resolve().parents[2] / "tools" / "compare_runs.py"
+log = logging.getLogger(__name__)
 
 
 class CompareRuns(Callback):
-    """``hydra.callbacks.compare: {_target_: detlib.engine.sweep_callbacks.CompareRuns, args: [...]}``."""
+    """``hydra.callbacks.compare: {_target_: detlib.engine.sweep_callbacks.CompareRuns, args: [...]}``;
+    ``args``: ``compare_runs.py``'s options (``--baseline loss=smooth_l1``)."""
 
     def __init__(self, args: list[str] | None = None) -> None:
         self.args = [str(a) for a in args or []]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        cmd = [sys.executable, str(COMPARE), str(sweep_dir), *self.args]
-        log.info("comparing the sweep: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, text=True, capture_output=True)
-        print(proc.stdout, end="")
-        if proc.returncode != 0:  # the runs are safe on disk; say how to redo the comparison
-            log.error("compare_runs failed (exit %d): %s\nre-run: %s", proc.returncode, proc.stderr[-2000:],
-                      " ".join(cmd))
+        argv = [str(Path(config.hydra.sweep.dir).resolve()), *self.args]
+        args = " ".join(shlex.quote(a) for a in argv)
+        rerun = f"detlib-compare {args}   (in a checkout: uv run tools/compare_runs.py {args})"
+        log.info("comparing the runs under %s", argv[0])
+        try:
+            compare_runs.run(argv)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the runs are safe on disk; the sweep must not fail
+            log.error("the comparison failed (%s: %s); the runs are kept. Re-run it with:\n  %s",
+                      type(e).__name__, e, rerun)

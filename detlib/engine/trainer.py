@@ -30,10 +30,13 @@ from detlib.data.coco import CocoDetection, collate
 from detlib.data.image import ImageDecodeError
 from detlib.data.sampler import TrainBatchSampler
 from detlib.engine import checkpoint, dashboard, run_record
-from detlib.engine.evaluation import evaluate_and_log, write_json
+from detlib.engine.device import autocast, autocast_dtype, resolve_device, to_device  # noqa: F401 - re-exported
+from detlib.engine.evaluation import evaluate_and_log
 from detlib.engine.guards import Interrupted, NonFiniteGuard, NonFiniteLossError, SignalGuard  # noqa: F401
 from detlib.engine.state import TrainState, lr_lambda  # noqa: F401 - lr_lambda: part of the trainer's API
-from detlib.evaluation.coco_eval import STAT_NAMES, format_table
+from detlib.evaluation.coco_eval import format_table
+from detlib.evaluation.report import METRICS, metrics
+from detlib.jsonio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def train(
     """
     run_dir, meta, main = Path(run_dir), dict(meta or {}), dist.is_main()
     device = resolve_device(cfg.device)
-    amp_dtype = _autocast_dtype(cfg.amp)
+    amp_dtype = autocast_dtype(cfg.amp)
     state = TrainState.create(_prepare(model, device, cfg), cfg, device)
     resumed = resume(state, cfg.resume, run_dir / "checkpoints", meta, device)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
@@ -69,7 +72,7 @@ def train(
     try:
         with SignalGuard(state.iteration) as signals, logging_redirect_tqdm():
             for images, targets in loader:
-                images, targets = _to(device, images, targets)
+                images, targets = to_device(device, images, targets)
                 log_now = (state.iteration + 1) % cfg.log_period == 0 or state.iteration + 1 == cfg.max_iters
                 result = step(state, net, images, targets, cfg, amp_dtype, guard, signals.signum is not None, log_now)
                 bar.update(1)
@@ -117,7 +120,7 @@ def step(state: TrainState, net: nn.Module, images: list, targets: list, cfg: Tr
          amp_dtype: torch.dtype | None, guard: NonFiniteGuard, stop_asked: bool, log_now: bool) -> StepResult:
     """One iteration: forward (diagnostics on log steps), non-finite guard, backward, optimizer, LR step."""
     device = images[0].device
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(device, amp_dtype):
         out = net(images, targets, diagnostics=log_now)
     loss = sum(out["losses"].values())
     bad_here, bad, stopping = guard.check(loss, stop_asked, device)
@@ -176,7 +179,7 @@ def _finish(run_dir: Path, writer: SummaryWriter, hparams: dict | None, stats: d
             num_val: int, rate: float) -> None:
     if hparams:
         dashboard.log_hparams(writer, hparams, stats, max_iters)
-    write_json(run_dir / "metrics.json", {k: stats[k] for k in STAT_NAMES})
+    write_json(run_dir / METRICS, metrics(stats))
     world = dist.world_size()
     log.info("\n%s", format_table(stats, f"COCO box evaluation on {num_val} val images after {max_iters} "
                                          f"iterations ({rate:.2f} it/s, {world} process{'es' if world > 1 else ''})"))
@@ -263,25 +266,3 @@ def _prepare(model: nn.Module, device: torch.device, cfg: TrainerConfig) -> nn.M
         if cfg.channels_last:
             model.backbone.to(memory_format=torch.channels_last)
     return model
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when present. Under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"config: trainer.device={name} but CUDA is not available (use trainer.device=auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.world_size() > 1:
-        return torch.device("cuda", dist.local_rank())
-    return torch.device(name)
-
-
-def _autocast_dtype(amp: str) -> torch.dtype | None:
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def _to(device: torch.device, images: list, targets: list) -> tuple[list, list]:
-    images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-               for t in targets]
-    return images, targets

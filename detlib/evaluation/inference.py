@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from detlib import distributed as dist
 from detlib.data.coco import CocoDetection, collate
+from detlib.engine.device import autocast, to_device
 from detlib.evaluation.coco_eval import evaluate_coco, to_coco_results
 
 
@@ -47,9 +48,8 @@ def predict(
     batches = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for images, targets in loader:
-            images = [im.to(device, non_blocking=True) for im in images]
-            tgts = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            images, tgts = to_device(device, images, targets)
+            with autocast(device, autocast_dtype):
                 out = model(images, tgts if with_losses else None, detect=True)
             results += to_coco_results(out["detections"], [t["image_id"] for t in targets], dataset.label_to_cat)
             for k, v in out.get("losses", {}).items():

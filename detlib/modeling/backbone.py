@@ -60,11 +60,12 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 class SmallConvFPN(nn.Module):
     """A small conv net for the built-in data on CPU, with torchvision's FPN on top.
 
-    Four stages of two 3x3 convs (strides 2, 4, 8, 16); the FPN gives maps ``"0", "1", "2"`` at
-    strides 4, 8, 16 with ``out_channels`` channels each.
+    Four stages of two 3x3 convs (strides 2, 4, 8, 16; ``width``, 2, 4 and 6 times that many channels);
+    the FPN gives maps ``"0", "1", "2"`` at strides 4, 8, 16 with ``out_channels`` channels each. The
+    sizes are set in ``configs/model/small.yaml``.
     """
 
-    def __init__(self, width: int = 32, out_channels: int = 96, weights: str | None = None) -> None:
+    def __init__(self, width: int, out_channels: int, weights: str | None = None) -> None:
         super().__init__()
         w = width
         self.stages = nn.ModuleList([

@@ -10,15 +10,14 @@ the RPN; the losses then simply have no ``loss_rpn_*`` terms.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
 
-from detlib.losses import BoxLoss, SmoothL1
+from detlib.losses import BoxLoss
 from detlib.modeling.box_head import RoIBoxHead
 from detlib.modeling.rpn import RPN
 
@@ -86,73 +85,63 @@ class FasterRCNN(nn.Module):
 
 
 def build_faster_rcnn(
-    backbone: nn.Module,
     num_classes: int,
     box_loss: BoxLoss,
-    rpn_box_loss: BoxLoss | None = None,
-    min_size: int | Sequence[int] = 128,
-    max_size: int = 128,
-    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
-    image_std: Sequence[float] = (0.229, 0.224, 0.225),
-    anchor_sizes: Sequence[Sequence[int]] = ((16,), (32,), (64,)),
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    rpn_pre_nms_top_n_train: int = 1000,
-    rpn_pre_nms_top_n_test: int = 500,
-    rpn_post_nms_top_n_train: int = 300,
-    rpn_post_nms_top_n_test: int = 150,
-    rpn_nms_thresh: float = 0.7,
-    rpn_fg_iou_thresh: float = 0.7,
-    rpn_bg_iou_thresh: float = 0.3,
-    rpn_batch_size_per_image: int = 256,
-    rpn_positive_fraction: float = 0.5,
-    roi_featmap_names: Sequence[str] = ("0", "1", "2"),
-    roi_output_size: int = 7,
-    roi_sampling_ratio: int = 2,
-    roi_canonical_scale: int = 224,
-    roi_canonical_level: int = 4,
-    representation_size: int = 256,
-    box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-    box_batch_size_per_image: int = 512,
-    box_positive_fraction: float = 0.25,
-    box_fg_iou_thresh: float = 0.5,
-    box_bg_iou_thresh: float = 0.5,
-    box_score_thresh: float = 0.05,
-    box_nms_thresh: float = 0.5,
-    box_detections_per_img: int = 100,
+    rpn_box_loss: BoxLoss | None,
+    *,
+    backbone: nn.Module,
+    rpn: Callable[..., RPN] | None,
+    roi_head: Callable[..., RoIBoxHead],
+    min_size: int | Sequence[int],
+    max_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
     proposals: nn.Module | None = None,
 ) -> FasterRCNN:
-    """Assemble a Faster R-CNN from a backbone (with ``out_channels`` and named feature maps).
+    """Assemble a Faster R-CNN from its configured parts (``configs/model/``, defaults in ``base/faster_rcnn.yaml``).
 
-    ``num_classes`` includes background and comes from the dataset, never from the model config.
-    Defaults follow torchvision's ``FasterRCNN`` except the sizes, which suit the built-in data.
-    ``min_size``: one size, or several for multi-scale training (a random one per image, as
-    torchvision; evaluation uses the last). ``proposals``: a proposal source instead of the RPN
-    (Fast R-CNN mode; the ``rpn_*`` and anchor arguments are then unused).
+    ``num_classes`` (with background) comes from the dataset and the two box losses from ``loss`` and
+    ``rpn_loss``, never from the model config: ``instantiate(cfg.model, num_classes=..., box_loss=...,
+    rpn_box_loss=...)``. ``backbone`` is built (it has ``out_channels`` and named feature maps); ``rpn``
+    (``build_rpn``) and ``roi_head`` (``RoIBoxHead``) are partials (``_partial_: true``) that get the
+    backbone's channels, the classes and their box loss here. ``min_size``: one size, or several for
+    multi-scale training (a random one per image, as torchvision; evaluation uses the last).
+    ``proposals``: a proposal source instead of the RPN (Fast R-CNN mode, ``rpn: null``).
     """
-    rpn = None if proposals is not None else _build_rpn(
-        backbone.out_channels, anchor_sizes, aspect_ratios, rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, rpn_nms_thresh, rpn_fg_iou_thresh, rpn_bg_iou_thresh,
-        rpn_batch_size_per_image, rpn_positive_fraction, rpn_box_loss)
-    roi_align = MultiScaleRoIAlign(
-        list(roi_featmap_names), roi_output_size, roi_sampling_ratio,
-        canonical_scale=roi_canonical_scale, canonical_level=roi_canonical_level)
-    roi_head = RoIBoxHead(
-        roi_align, backbone.out_channels, num_classes, box_loss, representation_size, tuple(box_coder_weights),
-        box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction,
-        box_score_thresh, box_nms_thresh, box_detections_per_img)
+    if rpn is not None and rpn_box_loss is None:
+        raise ValueError("build_faster_rcnn: the RPN needs rpn_box_loss (configs/rpn_loss)")
     sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
-    transform = GeneralizedRCNNTransform(sizes, max_size, list(image_mean), list(image_std))
-    return FasterRCNN(transform, backbone, rpn, roi_head, proposals)
+    return FasterRCNN(
+        GeneralizedRCNNTransform(sizes, max_size, list(image_mean), list(image_std)),
+        backbone,
+        None if rpn is None else rpn(in_channels=backbone.out_channels, box_loss=rpn_box_loss),
+        roi_head(in_channels=backbone.out_channels, num_classes=num_classes, box_loss=box_loss),
+        proposals,
+    )
 
 
-def _build_rpn(
-    in_channels: int, anchor_sizes, aspect_ratios, pre_train, pre_test, post_train, post_test, nms_thresh,
-    fg_iou_thresh, bg_iou_thresh, batch_size_per_image, positive_fraction, box_loss: BoxLoss | None,
+def build_rpn(
+    in_channels: int,
+    box_loss: BoxLoss,
+    *,
+    anchor_sizes: Sequence[Sequence[int]],
+    aspect_ratios: Sequence[float],
+    pre_nms_top_n_train: int,
+    pre_nms_top_n_test: int,
+    post_nms_top_n_train: int,
+    post_nms_top_n_test: int,
+    nms_thresh: float,
+    fg_iou_thresh: float,
+    bg_iou_thresh: float,
+    batch_size_per_image: int,
+    positive_fraction: float,
 ) -> RPN:
+    """The RPN (``model.rpn``): ``anchor_sizes`` per feature map, the same ``aspect_ratios`` on every map."""
     anchor_gen = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
     return RPN(
         anchor_gen, RPNHead(in_channels, anchor_gen.num_anchors_per_location()[0]),
         fg_iou_thresh, bg_iou_thresh, batch_size_per_image, positive_fraction,
-        dict(training=pre_train, testing=pre_test), dict(training=post_train, testing=post_test), nms_thresh,
-        box_loss=box_loss if box_loss is not None else SmoothL1(beta=1 / 9),
+        dict(training=pre_nms_top_n_train, testing=pre_nms_top_n_test),
+        dict(training=post_nms_top_n_train, testing=post_nms_top_n_test), nms_thresh,
+        box_loss=box_loss,
     )

@@ -1,0 +1,30 @@
+"""Reading and writing JSON files with errors that name the file; writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_json(path: str | Path, what: str = "file", invalid: type[Exception] = ValueError) -> object:
+    """Parse a JSON file. A missing file is a ``FileNotFoundError`` ("WHAT not found: PATH"), a malformed
+    one an ``invalid`` ("PATH: not valid JSON (...)")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise invalid(f"{path}: not valid JSON ({e})") from e
+
+
+def write_json(path: str | Path, obj: object) -> Path:
+    """Write ``obj`` as indented JSON through a temp file and ``os.replace`` (readers never see half a
+    file), creating the parent folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,169 @@
+"""Benchmark detlib's training step against torchvision's own FasterRCNN, and the two COCO backends.
+
+    uv run tools/benchmark.py --device cpu --iters 30 --warmup 5          # small model, CPU
+    uv run tools/benchmark.py --device cuda --model faster_rcnn_r50_fpn --image-size 800 --batch 8 \\
+        --amp bf16 --channels-last                                          # vs torchvision in fp32
+
+One process, the same data for both. "ours" is ``configs/model/*.yaml`` composed with Hydra and
+trained through ``detlib.engine.trainer.optimizer_step``, as ``train.py`` does. "torchvision" is
+``torchvision.models.detection.FasterRCNN`` built from copies of our backbone, anchor generator,
+RPN head, RoIAlign and box head (same types, same weights), with the same sizes, proposal counts
+and sampling, and its default RoIHeads loss (smooth L1, beta = 1/9, as our default loss); it is
+trained the way torchvision's detection reference does (SGD with momentum, ``loss.item()`` finite
+check and per-term ``.item()`` logging every step). Timed windows of the two alternate, so a busy
+machine slows both alike: compare the ratios, not the absolute numbers.
+
+Reports images/s (median over windows), the ours / torchvision step-time ratio (median of the
+ratios of neighbouring windows), the step split into data / forward / backward / optimizer
+(on GPU from extra steps with ``torch.cuda.synchronize`` between phases; the windows have none),
+peak memory, and the wall time of ``evaluate_coco`` with pycocotools and faster-coco-eval on the
+same detections (and whether their 12 stats agree). Writes ``--out`` (JSON) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from detlib.config import DataConfig
+from detlib.data.build import build_datasets
+from detlib.data.coco import collate
+from detlib.data.sampler import TrainBatchSampler
+from detlib.engine.device import AMP_DTYPES, resolve_device
+from detlib.jsonio import write_json
+from detlib.tools.bench_eval import detections, time_eval
+from detlib.tools.bench_models import RandomDetection, build_ours, build_torchvision
+from detlib.tools.bench_timing import PHASES, Side, measure, ratios
+from detlib.tools.cli import cli, prog_name
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog_name("benchmark.py"), description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", choices=("small", "faster_rcnn_r50_fpn"), default=None,
+                   help="configs/model/NAME.yaml (default: small on CPU, faster_rcnn_r50_fpn on GPU)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast for ours")
+    p.add_argument("--baseline-amp", choices=("off", "same"), default="off",
+                   help="torchvision's precision: off (fp32, the reference default) or the same as --amp")
+    p.add_argument("--channels-last", action="store_true", help="channels_last backbone for ours")
+    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--iters", type=int, default=30, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per model first")
+    p.add_argument("--windows", type=int, default=10, help="timed windows per model (images/s is their median)")
+    p.add_argument("--image-size", type=int, default=None, help="min_size = max_size of the transform (default: the model's)")
+    p.add_argument("--data", choices=("auto", "synthetic", "random"), default="auto",
+                   help="built-in synthetic images, or random ones (auto: random above 256 px)")
+    p.add_argument("--eval-images", type=int, default=300, help="val images whose detections are evaluated (0: skip)")
+    p.add_argument("--eval-repeats", type=int, default=3, help="evaluate_coco runs per backend (median)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--data-root", default=DataConfig().root, help="the synthetic data's cache folder")
+    p.add_argument("--num-train", type=int, default=DataConfig().synthetic.num_train, help="synthetic train images")
+    p.add_argument("--num-val", type=int, default=DataConfig().synthetic.num_val, help="synthetic val images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default="", help="a line about the machine (e.g. 'shared with other jobs')")
+    p.add_argument("--out", default="bench.json", help="JSON report")
+    return p.parse_args(argv)
+
+
+def table(report: dict) -> str:
+    """The report as markdown."""
+    o, t, r = report["ours"], report["torchvision"], report["ratio"]
+    s = report["settings"]
+    ms = lambda x: f"{1000 * x:.1f}"  # noqa: E731
+    rows = [
+        f"**{s['model']}**, {s['image_size']} px, batch {s['batch']}, {s['device_name']}, "
+        f"ours {s['amp']}{' + channels_last' if s['channels_last'] else ''} vs torchvision {s['baseline_amp']}; "
+        f"{s['iters']} timed steps in {s['windows']} windows after {s['warmup']} warm-up. {s['note']}".strip(),
+        "",
+        "| | ours (detlib) | torchvision | ours / torchvision |",
+        "|---|---:|---:|---:|",
+        f"| images/s (median of windows) | {o['images_per_s']:.2f} | {t['images_per_s']:.2f} | {r['images_per_s']:.3f} |",
+        f"| step time, ms (median window) | {ms(o['step_s'])} | {ms(t['step_s'])} | {r['step_time_of_medians']:.3f} |",
+        f"| step time, window-by-window ratio (median) | | | **{r['step_time']:.3f}** |",
+    ]
+    for k in PHASES:
+        a, b = o["phases_s"][k], t["phases_s"][k]
+        rows.append(f"| &nbsp; {k}, ms (median step) | {ms(a)} | {ms(b)} | {a / b if b else float('nan'):.3f} |")
+    rows.append(f"| peak memory, MiB | {o['peak_memory_mib']:.0f} | {t['peak_memory_mib']:.0f} | "
+                f"{o['peak_memory_mib'] / max(t['peak_memory_mib'], 1e-9):.3f} |")
+    rows.append(f"\nMemory: {o['memory_method']}.")
+    e = report.get("eval")
+    if e:
+        rows += ["", f"COCO evaluation of the same {e['num_detections']} detections on {e['num_images']} images "
+                 f"(median of {s['eval_repeats']}):", "",
+                 "| backend | wall time, s | vs pycocotools | 12 stats identical |", "|---|---:|---:|---|",
+                 f"| pycocotools | {e['pycocotools_s']:.3f} | 1.000 | |",
+                 f"| faster_coco_eval | {e['faster_coco_eval_s']:.3f} | {e['ratio']:.3f} | "
+                 f"{'yes' if e['identical'] else 'NO'} (max diff {e['max_abs_diff']:.1e}) |"
+                 if e["ratio"] is not None else "| faster_coco_eval | not installed | | |"]
+    return "\n".join(rows)
+
+
+def settings(args: argparse.Namespace, argv: Sequence[str] | None, model: str, device: torch.device, size: int,
+             data: str) -> dict:
+    """The report's ``settings``: what was measured, where, with which versions."""
+    return {
+        "model": model, "device": str(device), "image_size": size, "batch": args.batch, "amp": args.amp,
+        "baseline_amp": args.amp if args.baseline_amp == "same" else "off", "channels_last": args.channels_last,
+        "iters": args.iters, "warmup": args.warmup, "windows": max(1, min(args.windows, args.iters)),
+        "data": data, "eval_repeats": args.eval_repeats, "note": args.note,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "python": sys.version.split()[0],
+        "command": sys.argv[1:] if argv is None else list(argv),
+    }
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Build both models on the same data, time them, time the evaluation; write ``--out``, print the table,
+    return the report."""
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model_name = args.model or ("small" if device.type == "cpu" else "faster_rcnn_r50_fpn")
+    dcfg = DataConfig(root=args.data_root)
+    dcfg.synthetic.num_train, dcfg.synthetic.num_val = args.num_train, args.num_val
+    train_set, val_set = build_datasets(dcfg)
+    ours = build_ours(model_name, train_set.num_classes, args.image_size)
+    size = int(ours.transform.min_size[0])
+    kind = args.data if args.data != "auto" else ("random" if size > 256 else "synthetic")
+    data = train_set if kind == "synthetic" else RandomDetection(size, num_classes=train_set.num_classes)
+    tv = build_torchvision(ours, train_set.num_classes)
+    if args.channels_last:
+        ours.backbone.to(memory_format=torch.channels_last)
+    total = args.warmup + args.iters + 10
+
+    def loader() -> DataLoader:  # the same batches, in the same order, for both
+        return DataLoader(data, batch_sampler=TrainBatchSampler(len(data), args.batch, args.seed, 0, total),
+                          collate_fn=collate, pin_memory=device.type == "cuda")
+
+    sides = [Side("ours", ours, loader(), device, args.amp, total),
+             Side("torchvision", tv, loader(), device, args.amp if args.baseline_amp == "same" else "off", total)]
+    res = measure(sides, args, device)
+    report = {"settings": settings(args, argv, model_name, device, size, kind), **res, "ratio": ratios(res)}
+    if args.eval_images > 0:
+        results, gt = detections(ours, val_set, min(args.eval_images, len(val_set)), device, 8)
+        report["eval"] = time_eval(results, gt, args.eval_repeats)
+    write_json(args.out, report)
+    print(table(report))
+    return report
+
+
+def _run_quiet(argv: Sequence[str] | None) -> int:
+    run(argv)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(_run_quiet, argv, "benchmark.py")

@@ -1,0 +1,38 @@
+"""What every tool's ``main`` shares: user errors as one line on stderr, and the program's name."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from omegaconf.errors import OmegaConfBaseException
+
+from detlib.data.validation import AnnotationError
+from detlib.engine.checkpoint import CheckpointError
+
+
+class ToolError(ValueError):
+    """Bad input to a tool; the message names the file, the field and the value."""
+
+
+# Errors a user can cause with a bad path or file: reported as one line, no traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError, RuntimeError, CheckpointError,
+               AnnotationError, OmegaConfBaseException)
+
+
+def prog_name(script: str) -> str:
+    """``script`` (``evaluate.py``, as ``tools/evaluate.py`` is called), or the console script's own name
+    (``detlib-evaluate``) when that is what runs."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("detlib-") else script
+
+
+def cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None, script: str) -> int:
+    """Call ``run(argv)``; a user error becomes ``prog: error: message`` on stderr and exit status 1."""
+    try:
+        return run(argv)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog_name(script)}: error: {msg}", file=sys.stderr)
+        return 1

@@ -1,0 +1,178 @@
+"""Compare finished runs: mean ± std over seeds, difference from a baseline with a paired t-test, AP vs IoU.
+
+    uv run tools/compare_runs.py multirun/2026-01-01/12-00-00                 # one sweep
+    uv run tools/compare_runs.py /work/sweeps --baseline loss=smooth_l1 --out report/
+    uv run tools/compare_runs.py SWEEP_A SWEEP_B --x data.noise.outliers   # + AP against the outlier fraction
+
+Every folder under the DIRs with a ``run.json`` (or, made by older detlib, ``.hydra/config.yaml``) is
+a run (a multirun folder, a single run, or a folder of sweeps all work). A run's set-up is read from
+its ``run.json``, written once when it started, never from Hydra's ``.hydra`` files (a later launch
+in the folder rewrites those). Runs whose identity (``detlib.engine.run_record``: the config minus
+the keys that don't change results, plus world size and a fingerprint of the annotation files) is
+equal except for the seed form a group, so runs on different data never share one;
+named by the overrides that tell the groups apart (``loss=huber``); a key overridden in one sweep
+and left at its default in another is named in both (``loss=l2,data.noise.outliers=0.0``), so
+sweeps run at different times combine. Runs made by older code still
+match newer ones: keys added to ``detlib.config`` since take their defaults, and a key that only
+some runs have, with one value wherever it appears, is left out. A run without ``metrics.json``
+is listed as unfinished. Differences from the baseline are tested by a paired t-test on the runs
+matched by seed (runs of one seed in one group are averaged first).
+
+Writes ``comparison.md``, ``comparison.csv``, ``ap_per_iou.png`` and ``ap_bar.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from detlib.tools.cli import ToolError, cli, prog_name
+from detlib.tools.compare_plots import plot_against, plot_ap_per_iou, plot_bar
+from detlib.tools.groups import Group, group_runs, legacy_warnings, seed_warnings
+from detlib.tools.runs import Run, find_runs, load_run
+from detlib.tools.stats import mean_std, paired_t
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def compare(groups: Sequence[Group], baseline: Group) -> list[dict]:
+    """One row per group: n, seeds, mean/std per metric, difference from baseline, paired p-value, pairs."""
+    rows = []
+    for g in groups:
+        row: dict = {"group": g.name, "n": len(g.runs), "seeds": sorted({r.seed for r in g.runs})}
+        for m in METRICS:
+            mean, std = mean_std(g.values(m))
+            base_mean, _ = mean_std(baseline.values(m))
+            a, b = g.by_seed(m), baseline.by_seed(m)
+            common = sorted(set(a) & set(b))
+            row[m] = mean
+            row[f"{m}_std"] = std
+            row[f"{m}_diff"] = None if mean is None or base_mean is None else mean - base_mean
+            row[f"{m}_p"] = None if g is baseline else paired_t([a[s] for s in common], [b[s] for s in common])
+            row[f"{m}_pairs"] = len(common)
+        rows.append(row)
+    return rows
+
+
+def _pct(v: float | None, sign: bool = False) -> str:
+    return "n/a" if v is None else (f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}")
+
+
+def _p(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def table(rows: list[dict], metric: str, baseline: str) -> list[list[str]]:
+    """Header and formatted cells (AP in %, mean ± std)."""
+    head = ["group", "n"] + list(METRICS) + [f"Δ{metric} vs {baseline}", "p (paired t)", "pairs"]
+    body = [head]
+    for r in rows:
+        cells = [r["group"], str(r["n"])]
+        for m in METRICS:
+            std = r[f"{m}_std"]
+            cells.append(_pct(r[m]) + ("" if std is None else f" ± {_pct(std)}"))
+        is_base = r["group"] == baseline
+        cells += ["baseline" if is_base else _pct(r[f"{metric}_diff"], sign=True),
+                  "" if is_base else _p(r[f"{metric}_p"]), "" if is_base else str(r[f"{metric}_pairs"])]
+        body.append(cells)
+    return body
+
+
+def format_text(body: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in body) for i in range(len(body[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(row) + " |" for row in body]
+    lines.insert(1, "|" + "|".join("---" for _ in body[0]) + "|")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    cols = ["group", "n", "seeds"] + [f"{m}{s}" for m in METRICS for s in ("", "_std", "_diff", "_p", "_pairs")]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(["" if r[c] is None else (" ".join(map(str, r[c])) if c == "seeds" else r[c]) for c in cols])
+
+
+def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], metric: str, dirs: Sequence[Path],
+                   drawn: list[str], groups: Sequence[Group]) -> None:
+    parts = [f"# Run comparison\n\nRuns under: {', '.join(map(str, dirs))}\n",
+             f"Metrics in %, mean ± sample std over runs; Δ and the paired t-test on {metric}, runs matched by "
+             "seed.\n", format_markdown(body), "", f"![{metric} per group](ap_bar.png)"]
+    if drawn:
+        parts.append("![AP at each IoU threshold](ap_per_iou.png)")
+    missing = [g.name for g in groups if g.name not in drawn]
+    if missing:
+        parts += ["", f"Not in the AP-per-IoU figure (no eval_detail.json): {', '.join(missing)}; "
+                  "`tools/evaluate.py --run RUN` writes one to RUN/eval/."]
+    if unfinished:
+        parts += ["", "## Unfinished or unreadable runs", ""] + [f"- `{r.path}`: {r.problem}" for r in unfinished]
+    path.write_text("\n".join(parts) + "\n")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog_name("compare_runs.py"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run, multirun folder, or folder of them")
+    p.add_argument("--baseline", help="group to compare against (default: loss=smooth_l1 if present, else the first)")
+    p.add_argument("--metric", default="AP", choices=METRICS, help="metric for the difference and the test")
+    p.add_argument("--out", type=Path, help="folder for comparison.md/.csv and the figures (default: first DIR)")
+    p.add_argument("--x", metavar="KEY", help="also plot the metric against this config key, one line per other "
+                   "setting (e.g. --x data.noise.outliers: AP against outlier fraction, per loss)")
+    return p.parse_args(argv)
+
+
+def _groups_and_baseline(dirs: Sequence[Path], wanted: str | None) -> tuple[list[Group], Group, list[Run]]:
+    """The finished runs' groups, the baseline group and the unfinished runs; warnings go to stderr."""
+    runs = [load_run(p) for p in find_runs(dirs)]
+    done, unfinished = [r for r in runs if r.metrics], [r for r in runs if not r.metrics]
+    if not done:
+        raise ToolError(f"no finished runs (with metrics.json) under {', '.join(map(str, dirs))}"
+                        f" ({len(unfinished)} unfinished)")
+    groups = group_runs(done)
+    for warning in seed_warnings(groups) + legacy_warnings(done):
+        print(f"{prog_name('compare_runs.py')}: warning: {warning}", file=sys.stderr)
+    names = [g.name for g in groups]
+    wanted = wanted or ("loss=smooth_l1" if "loss=smooth_l1" in names else names[0])
+    if wanted not in names:
+        raise ToolError(f"--baseline {wanted!r} is not a group; groups: {names}")
+    return groups, groups[names.index(wanted)], unfinished
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The comparison of the runs under ``argv``'s DIRs: print the table, write the report files.
+    Raises ``ToolError`` (and the other ``cli.USER_ERRORS``) on bad input."""
+    args = parse_args(argv)
+    groups, baseline, unfinished = _groups_and_baseline(args.dirs, args.baseline)
+    rows = compare(groups, baseline)
+    body = table(rows, args.metric, baseline.name)
+    out = args.out or args.dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "comparison.csv")
+    drawn = plot_ap_per_iou(groups, out / "ap_per_iou.png")
+    plot_bar(rows, args.metric, baseline.name, out / "ap_bar.png")
+    write_markdown(out / "comparison.md", body, unfinished, args.metric, args.dirs, drawn, groups)
+    if args.x:
+        figure = out / f"{args.metric}_vs_{args.x.replace('.', '_')}.png"
+        plot_against(groups, args.x, args.metric, figure)
+        with (out / "comparison.md").open("a") as f:
+            f.write(f"\n![{args.metric} against {args.x}]({figure.name})\n")
+        print(f"wrote {figure}")
+    print(format_text(body))
+    for r in unfinished:
+        print(f"unfinished: {r.path}: {r.problem}")
+    print(f"\nwrote {out / 'comparison.md'}, comparison.csv, ap_bar.png" + (", ap_per_iou.png" if drawn else ""))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(run, argv, "compare_runs.py")

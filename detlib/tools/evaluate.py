@@ -1,0 +1,128 @@
+"""COCO box AP of a trained run's checkpoint, or of a COCO-results file against its ground truth.
+
+    uv run tools/evaluate.py --run RUN_DIR                              # checkpoints/last.pt on the run's val set
+    uv run tools/evaluate.py --run RUN_DIR --checkpoint RUN_DIR/checkpoints/model_0000500.pt --device cpu
+    uv run tools/evaluate.py --run RUN_DIR --config-overrides data=coco data.root=/data/coco ...
+    uv run tools/evaluate.py --gt instances_val.json --dt detections.json --out metrics.json
+
+Both modes write the 12 COCO stats with the keys of a run's ``metrics.json`` (``--out``) and print
+them as a table, followed by AP per class. Checkpoint mode also writes the detections as a
+COCO-results file (``--dets``), which file mode and ``tools/visualize.py`` read back.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from detlib.data.coco import coco_from_dict, load_coco_json
+from detlib.data.validation import evaluation_ground_truth
+from detlib.engine import run_record
+from detlib.engine.device import autocast_dtype, resolve_device
+from detlib.evaluation.coco_eval import evaluate_coco, format_table
+from detlib.evaluation.inference import evaluate
+from detlib.evaluation.report import EVAL_DETAIL, category_names, eval_detail, metrics
+from detlib.jsonio import write_json
+from detlib.tools.cli import ToolError, cli, prog_name
+from detlib.tools.results import check_results_file, read_results
+from detlib.tools.rundir import build_from_run, load_run_config, load_weights
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog_name("evaluate.py"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("checkpoint mode")
+    src.add_argument("--run", type=Path, help="run directory made by train.py")
+    src.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (default: RUN/checkpoints/last.pt)")
+    src.add_argument("--config-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="changes to the run's config, e.g. data=coco data.root=/data/coco ...")
+    src.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    src.add_argument("--dets", type=Path, help="where to write the detections (default: next to --out)")
+    files = p.add_argument_group("file mode")
+    files.add_argument("--gt", type=Path, help="COCO ground-truth annotation file")
+    files.add_argument("--dt", type=Path, help="COCO results file (list of image_id, category_id, bbox, score)")
+    p.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"],
+                   help="COCO evaluation backend (default: the run's eval.backend, else pycocotools)")
+    p.add_argument("--out", type=Path, help="metrics JSON to write (default: RUN/eval/metrics.json in checkpoint "
+                                            "mode, none in file mode)")
+    args = p.parse_args(argv)
+    if (args.run is None) == (args.gt is None):
+        p.error("give either --run RUN_DIR (checkpoint mode) or --gt GT.json --dt DT.json (file mode)")
+    if args.gt is not None and args.dt is None:
+        p.error("file mode needs --dt DT.json as well as --gt")
+    return args
+
+
+def class_table(ap: dict[str, float | None]) -> str:
+    """AP@[.50:.95] per class as a small text table."""
+    width = max([len(k) for k in ap] + [5])
+    lines = ["AP per class", "-" * (width + 8)]
+    lines += [f"{name:<{width}}  " + ("   n/a" if v is None else f"{v:6.3f}") for name, v in ap.items()]
+    return "\n".join(lines)
+
+
+def report(detail: dict, out: Path | None, title: str) -> None:
+    """Print the stats and the per-class table; write ``out`` (``metrics.json``'s layout) and, next to it,
+    ``detail`` as ``eval_detail.json``, the file the trainer writes, so ``compare_runs.py`` reads a run
+    evaluated afterwards (``RUN/eval/eval_detail.json``) as it reads the trainer's own."""
+    print(format_table(detail["stats"], title))
+    if detail["per_class_ap"]:
+        print("\n" + class_table(detail["per_class_ap"]))
+    if out is not None:
+        write_json(out, metrics(detail["stats"]))
+        write_json(out.with_name(EVAL_DETAIL), detail)
+        print(f"\nmetrics written to {out} (AP per IoU and per class: {out.with_name(EVAL_DETAIL)})")
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
+    cfg = load_run_config(args.run, args.config_overrides)
+    ckpt = args.checkpoint or args.run / "checkpoints" / "last.pt"
+    model, val_set = build_from_run(cfg)
+    state = load_weights(model, ckpt)
+    device = resolve_device(args.device)
+    model.to(device)
+    backend = args.backend or OmegaConf.select(cfg, "eval.backend", default="pycocotools")
+    amp = autocast_dtype(cfg.trainer.amp) if device.type == "cuda" else None
+    stats, losses, results, E = evaluate(model, val_set, device, cfg.eval.batch_size, tuple(cfg.eval.max_dets),
+                                          amp, backend)
+    out = args.out or args.run / "eval" / "metrics.json"
+    dets = args.dets or out.with_name("detections.json")
+    write_json(dets, results)
+    settings = run_record.eval_settings(OmegaConf.to_container(cfg, resolve=False))
+    detail = eval_detail(state["iteration"], stats, E, category_names(val_set.coco), losses, settings)
+    report(detail, out, f"{ckpt} (iteration {state['iteration']}) on {len(val_set)} images of {val_set.ann_file}")
+    print(f"detections written to {dets}")
+    return stats
+
+
+def evaluate_files(args: argparse.Namespace) -> dict:
+    """Evaluate a COCO-results file against a COCO ground-truth file, with detlib's checks.
+
+    The ground truth is scored as given, as pycocotools scores the file: boxes past the image edge
+    stay as they are (no training-time clipping). Only what pycocotools would mis-score is changed,
+    and logged (see ``evaluation_ground_truth``), or refused with an error naming file, entry and value.
+    """
+    data, _ = evaluation_ground_truth(load_coco_json(args.gt), args.gt)
+    gt = coco_from_dict(data)
+    results = read_results(args.dt)
+    check_results_file(args.dt, results, set(gt.getImgIds()), set(gt.getCatIds()))
+    stats, E = evaluate_coco(gt, results, backend=args.backend or "pycocotools")
+    report(eval_detail(None, stats, E if results else None, category_names(gt)), args.out,
+           f"{args.dt} against {args.gt}")
+    return stats
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run is not None and not args.run.is_dir():
+        raise ToolError(f"run directory not found: {args.run}")
+    evaluate_checkpoint(args) if args.run is not None else evaluate_files(args)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(run, argv, "evaluate.py")

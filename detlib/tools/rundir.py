@@ -1,0 +1,119 @@
+"""Read a run directory: its config, its model and val set rebuilt, its checkpoint's weights.
+
+A run directory is what ``train.py`` writes (``run.json``, ``.hydra/config.yaml``, ``checkpoints/last.pt``,
+``metrics.json``, ``eval_detail.json``, ``tb/``). The model is rebuilt from the run's own resolved config
+the way ``train.py`` builds it (``detlib.engine.build.build_model``), so evaluating a checkpoint gives the
+numbers the run itself reported. A run folder is data: its config may only name trusted classes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from detlib.config import Config, check_ranges, register
+from detlib.data.build import build_datasets
+from detlib.data.coco import CocoDetection
+from detlib.engine.build import build_model
+from detlib.engine.checkpoint import CheckpointError
+from detlib.engine.checkpoint import load as load_checkpoint
+from detlib.jsonio import read_json
+from detlib.modeling.proposals import check_proposal_ids
+from detlib.tools.cli import ToolError
+from detlib.tools.configs import compose_train, is_group
+
+TRUSTED_TARGETS = ("detlib.", "torch.", "torchvision.")
+
+
+def _parse_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``key=value`` overrides into config-group choices (``data=coco``) and dotted keys."""
+    groups, keys = [], []
+    for o in overrides:
+        if "=" not in o:
+            raise ToolError(f"config override must be key=value, got {o!r}")
+        (groups if is_group(o.split("=", 1)[0]) else keys).append(o)
+    return groups, keys
+
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The run's resolved config (its ``run.json``; ``.hydra/config.yaml`` for older runs), with optional
+    overrides on top.
+
+    A group choice (``data=coco``) replaces that whole node with the group's yaml, composed by
+    Hydra from ``configs/``; a dotted key (``data.root=/x``) changes one value of the saved config.
+    """
+    record = Path(run_dir) / "run.json"
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if record.is_file():  # the config the run started with; .hydra/ is rewritten by every launch in the folder
+        data = read_json(record, "run record", ToolError)
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise ToolError(f"{record}: not a detlib run record (no 'config' object)")
+        cfg = OmegaConf.create(data["config"])
+    elif path.is_file():
+        cfg = OmegaConf.load(path)
+    else:
+        raise ToolError(f"not a run directory (no run.json or .hydra/config.yaml): {run_dir}")
+    groups, keys = _parse_overrides(overrides)
+    if groups:
+        composed = compose_train(groups)
+        for o in groups:
+            key = o.split("=", 1)[0].lstrip("+~")
+            cfg[key] = composed[key]
+    cfg.merge_with_dotlist(keys)
+    return cfg
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """A run folder is data: its config may only instantiate detlib, torch and torchvision classes.
+
+    Hydra's ``instantiate`` calls whatever ``_target_`` names, so a crafted ``run.json`` could otherwise
+    run code (``builtins.open``, ...). Extensions of your own: ``DETLIB_TRUSTED_TARGETS=mypkg.,other.``.
+    """
+    extra = tuple(p for p in os.environ.get("DETLIB_TRUSTED_TARGETS", "").split(",") if p)
+    for section in ("model", "loss", "rpn_loss"):
+        node = OmegaConf.to_container(cfg.get(section), resolve=False) if cfg.get(section) is not None else {}
+        for key, value in flatten_targets(node, section):
+            if not isinstance(value, str) or not value.startswith(TRUSTED_TARGETS + extra):
+                raise ToolError(f"run config: {key} = {value!r} is not a detlib, torch or torchvision class; "
+                                "refusing to instantiate it (set DETLIB_TRUSTED_TARGETS=PREFIX. if it is yours)")
+
+
+def flatten_targets(node: object, prefix: str) -> list[tuple[str, object]]:
+    """Every ``_target_`` under ``node``, with its dotted key."""
+    if isinstance(node, dict):
+        out = [(f"{prefix}._target_", node["_target_"])] if "_target_" in node else []
+        return out + [t for k, v in node.items() for t in flatten_targets(v, f"{prefix}.{k}")]
+    if isinstance(node, list):
+        return [t for i, v in enumerate(node) for t in flatten_targets(v, f"{prefix}.{i}")]
+    return []
+
+
+def build_from_run(cfg: DictConfig) -> tuple[nn.Module, CocoDetection]:
+    """``(model, val_set)`` as ``train.py`` builds them; the model has fresh weights.
+
+    Both splits are built (``build_datasets``), as in training: the class count comes from the data.
+    A relative ``data.root`` is taken from the current folder (``train.py`` took it from where it was
+    launched); pass ``--config-overrides data.root=...`` if that differs.
+    """
+    register()
+    check_targets(cfg)
+    typed: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    check_ranges(typed)
+    train_set, val_set = build_datasets(typed.data)
+    model = build_model(cfg, train_set.num_classes)
+    check_proposal_ids(model, val=val_set.ids)  # Fast R-CNN with a proposals file must cover the val images
+    return model, val_set
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict:
+    """Load a checkpoint's ``model`` state into ``model``; returns the checkpoint (iteration, meta, ...)."""
+    state = load_checkpoint(path)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit the run's model: {str(e).splitlines()[0]}") from e
+    return state

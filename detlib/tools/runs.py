@@ -1,0 +1,157 @@
+"""Find finished runs under folders and read each one's set-up, seed, metrics and AP per IoU.
+
+A run is a folder with a ``run.json`` (or, made by older detlib, ``.hydra/config.yaml``). Its set-up is
+read from ``run.json``, written once when it started, never from Hydra's ``.hydra`` files (a later
+launch in the folder rewrites those); for older runs the ``.hydra`` files are all there is, and keys
+added to ``detlib.config`` since take their defaults so old and new runs compare.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from detlib.config import Config
+from detlib.engine import run_record
+from detlib.evaluation.report import EVAL_DETAIL, METRICS
+from detlib.tools.cli import ToolError
+
+# Keys that say how a run was executed, not what was trained: left out of a group's identity.
+IGNORED = ("seed", "trainer.progress", "trainer.device", "trainer.resume", "trainer.num_threads",
+           "trainer.log_period", "trainer.checkpoint_period", "trainer.keep_last", "data.root",
+           "data.num_workers", "hydra", "experiment")
+
+
+@dataclass
+class Run:
+    path: Path
+    seed: int
+    identity: dict[str, object]  # flattened config minus IGNORED
+    overrides: list[str]  # overrides.yaml minus IGNORED
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option (hydra.runtime.choices)
+    metrics: dict | None = None  # None: unfinished
+    ap_per_iou: dict[str, float | None] | None = None
+    problem: str = ""
+    legacy: bool = False  # no run.json: set-up read from Hydra's rewritable .hydra files
+
+
+def _natural(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+
+def find_runs(dirs: Sequence[Path]) -> list[Path]:
+    """Every folder under ``dirs`` holding ``run.json`` or ``.hydra/config.yaml`` (not looking inside a run)."""
+    found = []
+    for d in dirs:
+        if not d.is_dir():
+            raise ToolError(f"not a folder: {d}")
+        for root, subdirs, _ in os.walk(d):
+            if (Path(root) / run_record.RECORD).is_file() or (Path(root) / ".hydra" / "config.yaml").is_file():
+                found.append(Path(root))
+                subdirs.clear()
+            else:
+                subdirs[:] = [s for s in subdirs if not s.startswith(".")]
+    return sorted(set(found), key=_natural)
+
+
+def ignored(key: str) -> bool:
+    """Is ``key`` (``trainer.device``, or an override's ``+key``) one of the execution-only ``IGNORED`` keys?"""
+    key = key.lstrip("+~")
+    return any(key == k or key.startswith(k + ".") for k in IGNORED)
+
+
+def flatten(node: object, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are kept as JSON strings."""
+    if not isinstance(node, dict):
+        return {prefix: json.dumps(node) if isinstance(node, list) else node}
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _read_json(path: Path) -> object | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def load_run(path: Path) -> Run:
+    """Read a run's record, metrics and AP per IoU; missing results leave ``metrics`` None."""
+    run = _from_record(path) if (path / run_record.RECORD).is_file() else _from_hydra_files(path)
+    return run if run.problem else _with_metrics(run)
+
+
+def _from_record(path: Path) -> Run:
+    try:
+        record = run_record.read_record(path)
+    except run_record.RunIdentityError as e:
+        return Run(path, -1, {}, [], problem=str(e))
+    identity = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in record["identity"].items()
+                if k != "seed"}
+    overrides = [o for o in record.get("overrides", []) if not ignored(o.split("=", 1)[0])]
+    return Run(path, int(record["identity"].get("seed", 0)), identity, overrides,
+               {k: str(v) for k, v in (record.get("choices") or {}).items()})
+
+
+def _from_hydra_files(path: Path) -> Run:
+    """A run made before ``run.json`` existed: its set-up as its ``.hydra`` files say (a later launch in its
+    folder may have rewritten them)."""
+    try:
+        cfg = OmegaConf.to_container(_with_schema_defaults(OmegaConf.load(path / ".hydra" / "config.yaml")),
+                                     resolve=False)
+        ov_file = path / ".hydra" / "overrides.yaml"
+        overrides = [str(o) for o in OmegaConf.load(ov_file)] if ov_file.is_file() else []
+        hydra_file = path / ".hydra" / "hydra.yaml"
+        hydra = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False) if hydra_file.is_file() else {}
+    except Exception as e:  # noqa: BLE001 - yaml and OmegaConf raise many types; one bad run must not stop the rest
+        return Run(path, -1, {}, [], problem=f"unreadable .hydra files ({type(e).__name__})")
+    overrides = [o for o in overrides if not ignored(o.split("=", 1)[0])]
+    identity = {k: v for k, v in flatten(cfg).items() if not ignored(k)}
+    choices = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    return Run(path, int(cfg.get("seed", 0)), identity, overrides,
+               {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra/")},
+               legacy=True)
+
+
+def _with_metrics(run: Run) -> Run:
+    metrics_file = run.path / METRICS
+    if not metrics_file.is_file():
+        run.problem = f"no {METRICS} (unfinished)"
+        return run
+    metrics = _read_json(metrics_file)
+    if not isinstance(metrics, dict) or "AP" not in metrics:
+        run.problem = f"{METRICS} unreadable or without AP"
+        return run
+    run.metrics = metrics
+    run.ap_per_iou = _ap_per_iou(run.path, metrics["AP"])
+    return run
+
+
+def _with_schema_defaults(cfg: DictConfig) -> DictConfig:
+    """Keys added to ``detlib.config`` since the run was made get their defaults, so old and new runs compare."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except OmegaConfBaseException:  # a key since removed or retyped: compare the config as saved
+        return cfg
+
+
+def _ap_per_iou(path: Path, ap: float | None) -> dict | None:
+    """AP per IoU from the trainer's ``eval_detail.json``, else from one ``tools/evaluate.py`` wrote
+    afterwards (``RUN/eval/``, for runs older than that file) if it evaluated the same thing (same AP)."""
+    own, later = _read_json(path / EVAL_DETAIL), _read_json(path / "eval" / EVAL_DETAIL)
+    if isinstance(own, dict) and own.get("ap_per_iou"):
+        return own["ap_per_iou"]
+    if isinstance(later, dict) and later.get("ap_per_iou") and ap is not None:
+        if abs((later.get("stats") or {}).get("AP", math.nan) - ap) < 1e-9:
+            return later["ap_per_iou"]
+    return None
