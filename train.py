@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -107,12 +108,20 @@ def main(cfg: DictConfig) -> float | None:
         elif not isinstance(e, SystemExit):
             _to_log_file(f"run failed: {type(e).__name__}: {e}")
         if isinstance(e, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            print(f"train.py: error: {e}", file=sys.stderr)  # one clear line; HYDRA_FULL_ERROR=1: the traceback
+            print(f"train.py: error: {_one_line(e)}", file=sys.stderr)  # HYDRA_FULL_ERROR=1: the traceback
             sys.exit(1)
         raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; a constructor's refusal (``loss.delta=-1``) as ``KEY (TARGET): reason``."""
+    if isinstance(e, InstantiationException) and e.__cause__ is not None:
+        key, target = re.search(r"full_key: (\S+)", str(e)), re.search(r"target '([^']+)'", str(e))
+        return f"{key.group(1) if key else 'config'} ({target.group(1) if target else '?'}): {e.__cause__}"
+    return str(e)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:

@@ -151,45 +151,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    model: Any = MISSING  # _target_ trees: configs/model (defaults in model/base/), loss, rpn_loss
+    model: Any = MISSING  # _target_ trees: configs/model (defaults in model/base/), configs/loss (also as rpn_loss)
     loss: Any = MISSING
     rpn_loss: Any = MISSING
-
-
-# Loss schemas: configs/loss/*.yaml extend these (defaults: /schema/loss/NAME@_here_), so a typo in
-# a loss parameter or a wrong type fails like any other key.
-@dataclass
-class _Loss:
-    _target_: str = MISSING
-    weight: float = 1.0
-
-
-@dataclass
-class SmoothL1Config(_Loss):
-    beta: float = 1.0
-
-
-@dataclass
-class HuberConfig(_Loss):
-    delta: float = 1.0
-
-
-@dataclass
-class BalancedL1Config(_Loss):
-    alpha: float = 0.5
-    gamma: float = 1.5
-    beta: float = 1.0
-
-
-@dataclass
-class IoUConfig(_Loss):
-    mode: str = "linear"
-
-
-LOSS_SCHEMAS = {
-    "smooth_l1": SmoothL1Config, "huber": HuberConfig, "l1": _Loss, "l2": _Loss,
-    "balanced_l1": BalancedL1Config, "iou": IoUConfig, "giou": _Loss, "diou": _Loss, "ciou": _Loss, "eiou": _Loss,
-}
 
 
 def register() -> None:
@@ -201,8 +165,6 @@ def register() -> None:
     OmegaConf.register_new_resolver("detlib_run_dir", run_stamp, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="detlib_schema", node=Config)
-    for name, node in LOSS_SCHEMAS.items():
-        cs.store(group="schema/loss", name=name, node=node)
 
 
 def check_ranges(cfg: Config) -> None:
@@ -242,6 +204,10 @@ def check_ranges(cfg: Config) -> None:
     for key, ok, value, rule in rules:
         if not ok:
             raise ValueError(f"config: {key} must be {rule}, got {value!r}")
+    for key, choose in (("loss", "loss=NAME"), ("rpn_loss", "loss@rpn_loss=NAME")):
+        node = getattr(cfg, key)
+        if node != MISSING and not (isinstance(node, Mapping) and "_target_" in node):  # e.g. rpn_loss=l1 sets a string
+            raise ValueError(f"config: {key} must be a loss from configs/loss, chosen with {choose}, got {node!r}")
 
 
 # Keys Hydra's instantiate reads itself, valid in any _target_ node.

@@ -1,27 +1,33 @@
-"""Box-regression losses, in torch.nn.functional's style, and the small modules Hydra instantiates.
+"""Box-regression losses: functions in torch.nn.functional's style, and the modules configs instantiate.
 
-Two kinds of loss live here:
+Functions, two kinds:
 
-* elementwise losses on encoded deltas ``(N, 4)`` (dx, dy, dw, dh): ``smooth_l1``, ``huber``,
-  ``l1``, ``l2``, ``balanced_l1``; the loss is summed over the 4 coordinates per box, then reduced;
-* IoU-family losses on decoded boxes ``(N, 4)`` xyxy: ``iou_loss``, ``giou_loss``, ``diou_loss``,
-  ``ciou_loss``, ``eiou_loss``; one value per box, then reduced.
+* elementwise losses on encoded deltas ``(N, 4)`` (dx, dy, dw, dh): ``smooth_l1``, ``huber``, ``l1``,
+  ``l2`` (torch.nn.functional's), ``balanced_l1``, ``cauchy``;
+* IoU-family losses on decoded boxes ``(N, 4)`` xyxy: ``giou_loss``, ``diou_loss`` (torchvision.ops'),
+  ``iou_loss``, ``ciou_loss``, ``eiou_loss``; one value per box.
 
-Every function takes ``reduction`` in ``none | sum | mean``. ``mean`` of an empty input is 0 with a
-gradient (torch gives NaN there), so an image without foreground never poisons a batch.
+Every function takes ``reduction`` in ``none | sum | mean`` and adds what torch's lack: float32 under
+autocast (half inputs are upcast), and ``mean`` of an empty input is 0 with a gradient (torch gives
+NaN), so an image without foreground never poisons a batch.
 
-Each module declares ``space = "deltas"`` or ``"boxes"``: the box head decodes the predicted deltas
-against their proposals by itself when a box-space loss is chosen, so no user-facing flag
-(mmdetection's ``reg_decoded_bbox``) can be forgotten.
+Modules (``configs/loss/*.yaml`` name them with ``_target_``; the constructor's signature is the config's
+schema): the box head and the RPN call every one the same way, ``loss(deltas, anchors, gt_boxes,
+box_coder)``, and the loss decides its own space: it encodes the ground truth (``on_deltas``) or decodes
+the prediction (``on_boxes``). No head knows which, so no flag (mmdetection's ``reg_decoded_bbox``) can be
+forgotten.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+import torchvision.ops
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
 
 Reduction = str  # "none" | "sum" | "mean"
 
@@ -42,23 +48,25 @@ def _at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _residual(input: Tensor, target: Tensor) -> Tensor:
+def _pair(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Both in at least float32, after checking their shapes match (torch would broadcast)."""
     if input.shape != target.shape:
         raise ValueError(f"input and target shapes differ: {tuple(input.shape)} vs {tuple(target.shape)}")
-    return _at_least_fp32(input) - _at_least_fp32(target)
+    return _at_least_fp32(input), _at_least_fp32(target)
 
 
-def smooth_l1(input: Tensor, target: Tensor, beta: float = 1.0, reduction: Reduction = "mean") -> Tensor:
+def _residual(input: Tensor, target: Tensor) -> Tensor:
+    x, t = _pair(input, target)
+    return x - t
+
+
+def smooth_l1(input: Tensor, target: Tensor, beta: float = 1 / 9, reduction: Reduction = "mean") -> Tensor:
     """Smooth L1 (Fast R-CNN): ``0.5 x^2 / beta`` if ``|x| < beta`` else ``|x| - 0.5 beta``.
 
-    Gradient magnitude is bounded by 1. ``beta = 0`` is exactly L1.
+    Gradient magnitude is bounded by 1. ``beta = 0`` is exactly L1. Default 1/9: torchvision's.
     """
-    x = _residual(input, target).abs()
-    if beta < 1e-5:  # as torch does: avoid 0/0 in the quadratic branch
-        loss = x
-    else:
-        loss = torch.where(x < beta, 0.5 * x * x / beta, x - 0.5 * beta)
-    return _reduce(loss, reduction)
+    x, t = _pair(input, target)
+    return _reduce(F.smooth_l1_loss(x, t, reduction="none", beta=beta), reduction)
 
 
 def huber(input: Tensor, target: Tensor, delta: float = 1.0, reduction: Reduction = "mean") -> Tensor:
@@ -66,20 +74,18 @@ def huber(input: Tensor, target: Tensor, delta: float = 1.0, reduction: Reductio
 
     Gradient magnitude is bounded by ``delta``; ``huber(delta) == delta * smooth_l1(beta=delta)``.
     """
-    x = _residual(input, target).abs()
-    loss = torch.where(x <= delta, 0.5 * x * x, delta * (x - 0.5 * delta))
-    return _reduce(loss, reduction)
+    x, t = _pair(input, target)
+    return _reduce(F.huber_loss(x, t, reduction="none", delta=delta), reduction)
 
 
 def l1(input: Tensor, target: Tensor, reduction: Reduction = "mean") -> Tensor:
     """L1 (MAE): ``|x|``. Constant gradient magnitude, a kink at 0."""
-    return _reduce(_residual(input, target).abs(), reduction)
+    return _reduce(F.l1_loss(*_pair(input, target), reduction="none"), reduction)
 
 
 def l2(input: Tensor, target: Tensor, reduction: Reduction = "mean") -> Tensor:
     """L2 (MSE): ``x^2``. Smooth, but the gradient ``2x`` grows with the error: outliers dominate."""
-    x = _residual(input, target)
-    return _reduce(x * x, reduction)
+    return _reduce(F.mse_loss(*_pair(input, target), reduction="none"), reduction)
 
 
 def balanced_l1(
@@ -106,11 +112,15 @@ def balanced_l1(
 # IoU family, on decoded boxes (N, 4) xyxy. Computed in at least float32 (also under autocast).
 
 
-def _box_terms(pred: Tensor, target: Tensor, eps: float) -> dict[str, Tensor]:
-    """Shared geometry of two aligned box sets: IoU, enclosing box, centres, widths and heights."""
+def _box_pair(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     if pred.shape != target.shape or pred.shape[-1:] != (4,):
         raise ValueError(f"expected matching (N, 4) xyxy boxes, got {tuple(pred.shape)} and {tuple(target.shape)}")
-    pred, target = _at_least_fp32(pred), _at_least_fp32(target)
+    return _at_least_fp32(pred), _at_least_fp32(target)
+
+
+def _box_terms(pred: Tensor, target: Tensor, eps: float) -> dict[str, Tensor]:
+    """Shared geometry of two aligned box sets: IoU, enclosing box, centres, widths and heights."""
+    pred, target = _box_pair(pred, target)
     x1, y1, x2, y2 = pred.unbind(-1)
     x1g, y1g, x2g, y2g = target.unbind(-1)
     # Inverted predictions count as zero-area (clamp) so that every term stays finite.
@@ -142,21 +152,23 @@ def iou_loss(
 
 
 def giou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduction = "mean") -> Tensor:
-    """GIoU loss (Rezatofighi 2019): ``1 - IoU + |C - (A u B)| / |C|``, C the enclosing box."""
-    t = _box_terms(input, target, eps)
-    area_c = t["cw"] * t["ch"]
-    return _reduce(1 - t["iou"] + (area_c - t["union"]) / (area_c + eps), reduction)
+    """GIoU loss (Rezatofighi 2019): ``1 - IoU + |C - (A u B)| / |C|``, C the enclosing box (torchvision's)."""
+    p, t = _box_pair(input, target)
+    return _reduce(torchvision.ops.generalized_box_iou_loss(p, t, reduction="none", eps=eps), reduction)
 
 
 def diou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduction = "mean") -> Tensor:
-    """DIoU loss (Zheng 2020): ``1 - IoU + rho^2 / c^2``, c the enclosing box's diagonal."""
-    t = _box_terms(input, target, eps)
-    c2 = t["cw"] ** 2 + t["ch"] ** 2 + eps
-    return _reduce(1 - t["iou"] + t["rho2"] / c2, reduction)
+    """DIoU loss (Zheng 2020): ``1 - IoU + rho^2 / c^2``, c the enclosing box's diagonal (torchvision's)."""
+    p, t = _box_pair(input, target)
+    return _reduce(torchvision.ops.distance_box_iou_loss(p, t, reduction="none", eps=eps), reduction)
 
 
 def ciou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduction = "mean") -> Tensor:
-    """CIoU loss (Zheng 2020): DIoU plus ``alpha v``, v the aspect-ratio consistency term."""
+    """CIoU loss (Zheng 2020): DIoU plus ``alpha v``, v the aspect-ratio consistency term.
+
+    Not torchvision's ``complete_box_iou_loss``: it divides by the predicted height, so a decoded box whose
+    size underflows to 0 (a very negative dh) gives NaN; here widths and heights get an ``eps``.
+    """
     t = _box_terms(input, target, eps)
     c2 = t["cw"] ** 2 + t["ch"] ** 2 + eps
     v = (4 / math.pi**2) * (torch.atan(t["wg"] / (t["hg"] + eps)) - torch.atan(t["wp"] / (t["hp"] + eps))) ** 2
@@ -175,8 +187,21 @@ def eiou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduc
 
 
 # ---------------------------------------------------------------------------------------------
-# Modules that configs instantiate (configs/loss/*.yaml). Each holds its parameters and weight,
-# checks them at construction (start-up), and says which space it works in.
+# Modules that configs instantiate (configs/loss/*.yaml, for the box head and, as ``loss@rpn_loss``,
+# the RPN). Each checks its parameters at construction (start-up) and picks its space in ``per_box``.
+
+def on_deltas(fn: Callable[..., Tensor], deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, box_coder: BoxCoder,
+              **params: float | str) -> Tensor:
+    """``(N,)``: an elementwise ``fn`` of the predicted ``deltas`` and the encoded ground truth, summed over the
+    4 coordinates. Encoding is exact; no gradient flows through it."""
+    target = box_coder.encode_single(gt_boxes, anchors)
+    return fn(deltas, target, reduction="none", **params).sum(-1)
+
+
+def on_boxes(fn: Callable[..., Tensor], deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, box_coder: BoxCoder,
+             **params: float | str) -> Tensor:
+    """``(N,)``: a box ``fn`` of the predicted boxes (``deltas`` decoded against ``anchors``) and ``gt_boxes``."""
+    return fn(box_coder.decode_single(deltas, anchors), gt_boxes, reduction="none", **params)
 
 
 def _check(name: str, value: float, ok: bool, rule: str) -> float:
@@ -185,56 +210,69 @@ def _check(name: str, value: float, ok: bool, rule: str) -> float:
     return float(value)
 
 
+def _num(x: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 class BoxLoss(nn.Module):
-    """A weighted box-regression loss: ``weight * fn(input, target, **params)``.
+    """A weighted box-regression loss, called the same way by the box head and the RPN.
 
-    ``forward(input, target, reduction="sum")``: ``(N, 4)`` deltas or xyxy boxes, per ``space``.
+    ``forward(deltas, anchors, gt_boxes, box_coder, reduction="sum")``: ``deltas (N, 4)`` predicted offsets
+    from ``anchors (N, 4)`` xyxy (the head's proposals or the RPN's anchors), ``gt_boxes (N, 4)`` xyxy their
+    matched ground truth, ``box_coder`` torchvision's ``BoxCoder``. Returns ``weight`` times the reduced
+    per-box loss (``(N,)`` with ``"none"``). A subclass sets its parameters in ``__init__`` (its signature
+    is the config schema) and says its space in ``per_box`` with ``on_deltas`` or ``on_boxes``.
     """
-
-    space: ClassVar[str] = "deltas"
-    fn: ClassVar = staticmethod(l1)
 
     def __init__(self, weight: float = 1.0, **params: float | str) -> None:
         super().__init__()
-        self.weight = _check("weight", weight, isinstance(weight, (int, float)) and weight >= 0, "must be >= 0")
+        self.weight = _check("weight", weight, _num(weight) and weight >= 0, "must be >= 0")
         self.params = params
 
-    def forward(self, input: Tensor, target: Tensor, reduction: Reduction = "sum") -> Tensor:
-        return self.weight * type(self).fn(input, target, reduction=reduction, **self.params)
+    def per_box(self, deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, box_coder: BoxCoder) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, box_coder: BoxCoder,
+                reduction: Reduction = "sum") -> Tensor:
+        return self.weight * _reduce(self.per_box(deltas, anchors, gt_boxes, box_coder), reduction)
 
     def extra_repr(self) -> str:
         return ", ".join([f"weight={self.weight}"] + [f"{k}={v}" for k, v in self.params.items()])
 
 
-def _num(x: float) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 class SmoothL1(BoxLoss):
-    fn = staticmethod(smooth_l1)
-
-    def __init__(self, beta: float = 1.0, weight: float = 1.0) -> None:
+    def __init__(self, beta: float = 1 / 9, weight: float = 1.0) -> None:
         super().__init__(weight, beta=_check("beta", beta, _num(beta) and beta >= 0, "must be >= 0"))
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_deltas(smooth_l1, *args, **self.params)
 
 
 class Huber(BoxLoss):
-    fn = staticmethod(huber)
-
     def __init__(self, delta: float = 1.0, weight: float = 1.0) -> None:
         super().__init__(weight, delta=_check("delta", delta, _num(delta) and delta > 0, "must be > 0"))
 
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_deltas(huber, *args, **self.params)
+
 
 class L1(BoxLoss):
-    fn = staticmethod(l1)
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__(weight)
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_deltas(l1, *args)
 
 
 class L2(BoxLoss):
-    fn = staticmethod(l2)
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__(weight)
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_deltas(l2, *args)
 
 
 class BalancedL1(BoxLoss):
-    fn = staticmethod(balanced_l1)
-
     def __init__(self, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0, weight: float = 1.0) -> None:
         super().__init__(
             weight,
@@ -243,32 +281,47 @@ class BalancedL1(BoxLoss):
             beta=_check("beta", beta, _num(beta) and beta > 0, "must be > 0"),
         )
 
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_deltas(balanced_l1, *args, **self.params)
+
 
 class IoULoss(BoxLoss):
-    space = "boxes"
-    fn = staticmethod(iou_loss)
-
-    def __init__(self, mode: str = "linear", weight: float = 1.0) -> None:
+    def __init__(self, mode: str = "linear", weight: float = 10.0) -> None:
         if mode not in ("linear", "log"):
             raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
         super().__init__(weight, mode=mode)
 
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_boxes(iou_loss, *args, **self.params)
+
 
 class GIoULoss(BoxLoss):
-    space = "boxes"
-    fn = staticmethod(giou_loss)
+    def __init__(self, weight: float = 10.0) -> None:  # 10: the weight GIoU's authors and mmdetection use
+        super().__init__(weight)
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_boxes(giou_loss, *args)
 
 
 class DIoULoss(BoxLoss):
-    space = "boxes"
-    fn = staticmethod(diou_loss)
+    def __init__(self, weight: float = 10.0) -> None:
+        super().__init__(weight)
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_boxes(diou_loss, *args)
 
 
 class CIoULoss(BoxLoss):
-    space = "boxes"
-    fn = staticmethod(ciou_loss)
+    def __init__(self, weight: float = 12.0) -> None:  # 12: mmdetection's Faster R-CNN CIoU config
+        super().__init__(weight)
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_boxes(ciou_loss, *args)
 
 
 class EIoULoss(BoxLoss):
-    space = "boxes"
-    fn = staticmethod(eiou_loss)
+    def __init__(self, weight: float = 12.0) -> None:
+        super().__init__(weight)
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_boxes(eiou_loss, *args)

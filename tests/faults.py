@@ -20,9 +20,9 @@ class NaNOnRank(L1):
 
     calls = 0
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, **kwargs: str) -> torch.Tensor:
         NaNOnRank.calls += 1
-        out = super().forward(input, target, reduction)
+        out = super().forward(*args, **kwargs)
         bad = _rank() == int(os.environ["DETLIB_FAULT_RANK"]) and self.calls == int(os.environ["DETLIB_FAULT_CALL"])
         return out * float("nan") if bad else out
 
@@ -33,9 +33,9 @@ class CrashOnce(L1):
 
     calls = 0
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, **kwargs: str) -> torch.Tensor:
         CrashOnce.calls += 1
         if (os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and _rank() == int(os.environ["DETLIB_FAULT_RANK"])
                 and self.calls == int(os.environ["DETLIB_FAULT_CALL"])):
             os._exit(17)
-        return super().forward(input, target, reduction)
+        return super().forward(*args, **kwargs)

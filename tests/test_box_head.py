@@ -45,7 +45,11 @@ def test_delta_loss_covers_foreground_of_gt_class_divided_by_all_sampled(loss):
     losses = head.losses(torch.randn(4, 3), deltas, s)
     fg = [0, 1]
     pred = torch.stack([deltas.view(4, 3, 4)[i, s.labels[i]] for i in fg])
-    expected = loss(pred, target[fg]) / 4  # normaliser: all 4 sampled RoIs, not the 2 foregrounds
+    expected = loss.weight * loss.per_box(pred, s.proposals[fg], s.gt_boxes[fg], head.box_coder).sum() / 4
+    # normaliser: all 4 sampled RoIs, not the 2 foregrounds; the loss saw deltas against the encoded targets
+    fn = {"SmoothL1": L.smooth_l1, "L1": L.l1, "L2": L.l2, "Huber": L.huber, "BalancedL1": L.balanced_l1}
+    by_hand = fn[type(loss).__name__](pred, target[fg], reduction="sum", **loss.params) / 4
+    torch.testing.assert_close(expected, by_hand)
     torch.testing.assert_close(losses["loss_box_reg"], expected)
 
 

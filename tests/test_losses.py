@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torchvision.models.detection._utils import BoxCoder
 
 from detlib import losses as L
 
@@ -267,7 +271,44 @@ def test_half_precision_inputs_compute_in_float32():
     assert L.giou_loss(_boxes(3, 0).half(), _boxes(3, 1).half()).dtype == torch.float32
 
 
+CODER = BoxCoder((10.0, 10.0, 5.0, 5.0))
+
+
+def _anchored(n=16, seed=5):
+    """Deltas, anchors and ground truth as a head passes them to its loss."""
+    anchors, gt = _boxes(n, seed), _boxes(n, seed + 1)
+    deltas = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return deltas.requires_grad_(), anchors, gt
+
+
 def test_modules_weight_and_space():
-    x, y = _pair()
-    assert L.Huber(delta=0.5, weight=2.0)(x, y).item() == pytest.approx(2 * L.huber(x, y, 0.5, "sum").item())
-    assert L.SmoothL1.space == "deltas" and L.GIoULoss.space == "boxes" and L.IoULoss.space == "boxes"
+    deltas, anchors, gt = _anchored()
+    target, boxes = CODER.encode_single(gt, anchors), CODER.decode_single(deltas, anchors)
+    loss = L.Huber(delta=0.5, weight=2.0)(deltas, anchors, gt, CODER)
+    assert loss.item() == pytest.approx(2 * L.huber(deltas, target, 0.5, "sum").item())  # encodes the targets
+    loss = L.GIoULoss(weight=3.0)(deltas, anchors, gt, CODER)
+    assert loss.item() == pytest.approx(3 * L.giou_loss(boxes, gt, reduction="sum").item())  # decodes the deltas
+    per_box = L.IoULoss(mode="log")(deltas, anchors, gt, CODER, reduction="none")
+    torch.testing.assert_close(per_box, 10 * L.iou_loss(boxes, gt, mode="log", reduction="none"))
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("configs", "loss").glob("*.yaml")))
+def test_each_loss_yaml_holds_its_constructors_defaults(path):
+    """The constructor's signature is the schema and holds the defaults; the yaml lists them so that
+    ``loss.beta=...`` is an override, and must not drift from them."""
+    node = yaml.safe_load(path.read_text())
+    cls = getattr(L, node.pop("_target_").rpartition(".")[2])
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    assert node == defaults, path.name
+
+
+@pytest.mark.parametrize("cls", [L.SmoothL1, L.Huber, L.L1, L.L2, L.BalancedL1, L.IoULoss, L.GIoULoss,
+                                 L.DIoULoss, L.CIoULoss, L.EIoULoss])
+def test_perfect_prediction_gives_zero_and_empty_gives_zero_with_gradient(cls):
+    deltas, anchors, gt = _anchored()
+    perfect = CODER.encode_single(gt, anchors)
+    assert cls()(perfect, anchors, gt, CODER).item() == pytest.approx(0.0, abs=1e-5)
+    empty = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    out = cls()(empty, empty.detach(), empty.detach(), CODER, reduction="mean")
+    out.backward()
+    assert out.item() == 0.0 and empty.grad is not None

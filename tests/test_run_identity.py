@@ -54,7 +54,7 @@ def test_record_is_written_once_with_identity_config_and_data_fingerprints(finis
 
 @pytest.mark.slow
 @pytest.mark.parametrize("override,expected", [
-    ("rpn_loss=l1", "rpn_loss._target_: detlib.losses.SmoothL1 -> detlib.losses.L1"),
+    ("loss@rpn_loss=l1", "rpn_loss._target_: detlib.losses.SmoothL1 -> detlib.losses.L1"),
     ("data.noise.outliers=0.4", "data.noise.outliers: 0.0 -> 0.4"),
     ("trainer.momentum=0.5", "trainer.momentum: 0.9 -> 0.5"),
 ])

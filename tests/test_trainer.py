@@ -40,9 +40,9 @@ class NaNOnCall(L1):
         super().__init__()
         self.bad, self.calls = bad, 0
 
-    def forward(self, input, target, reduction="sum"):
+    def forward(self, *args, **kwargs):
         self.calls += 1
-        out = super().forward(input, target, reduction)
+        out = super().forward(*args, **kwargs)
         return out * float("nan") if self.calls in self.bad else out
 
 

@@ -119,12 +119,11 @@ class RoIBoxHead(nn.Module):
         x = self.mlp(self.roi_align(features, proposals, image_sizes))
         return self.cls_score(x), self.bbox_pred(x)
 
-    def fg_predictions(self, deltas: Tensor, sampled: Sampled) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """For foreground RoIs: predicted and target deltas (float32), and their proposals and GT boxes."""
+    def fg_predictions(self, deltas: Tensor, sampled: Sampled) -> tuple[Tensor, Tensor, Tensor]:
+        """For foreground RoIs: predicted deltas of their ground-truth class (float32), proposals and GT boxes."""
         fg = torch.where(sampled.labels > 0)[0]
         pred = deltas.view(deltas.shape[0], -1, 4)[fg, sampled.labels[fg]].float()
-        props, gt = sampled.proposals[fg], sampled.gt_boxes[fg]
-        return pred, self.box_coder.encode_single(gt, props), props, gt
+        return pred, sampled.proposals[fg], sampled.gt_boxes[fg]
 
     @torch.no_grad()
     def diagnostics(self, deltas: Tensor, sampled: Sampled, full: bool = False) -> dict[str, Tensor]:
@@ -134,8 +133,7 @@ class RoIBoxHead(nn.Module):
         out = {"dump/proposals": sampled.proposals.detach(), "dump/labels": sampled.labels.detach(),
                "dump/deltas": deltas.detach()}
         if full:
-            pred, target, props, gt = self.fg_predictions(deltas.detach(), sampled)
-            out |= regression_diagnostics(pred, target, self.box_coder.decode_single(pred, props), gt)
+            out |= regression_diagnostics(*self.fg_predictions(deltas.detach(), sampled), self.box_coder)
         return out
 
     def losses(self, logits: Tensor, deltas: Tensor, sampled: Sampled) -> dict[str, Tensor]:
@@ -144,15 +142,10 @@ class RoIBoxHead(nn.Module):
         The regression loss covers foreground RoIs only, on their ground-truth class's deltas, and
         is divided by the number of *all* sampled RoIs (Fast R-CNN, torchvision, detectron2), which
         gives each foreground example equal influence whatever the batch's fg fraction.
-        Box-space losses (``box_loss.space == "boxes"``) see deltas decoded against the proposals.
         """
         num_sampled = max(sampled.labels.numel(), 1)
         loss_cls = F.cross_entropy(logits.float(), sampled.labels, reduction="sum") / num_sampled
-        pred, target, props, gt = self.fg_predictions(deltas, sampled)
-        if self.box_loss.space == "boxes":
-            loss_box = self.box_loss(self.box_coder.decode_single(pred, props), gt)
-        else:
-            loss_box = self.box_loss(pred, target)
+        loss_box = self.box_loss(*self.fg_predictions(deltas, sampled), self.box_coder)
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box / num_sampled}
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
 from detlib import losses as L
@@ -18,14 +19,15 @@ BETA, DELTA = 1 / 9, 1.0
 
 
 @torch.no_grad()
-def regression_diagnostics(pred: Tensor, target: Tensor, boxes: Tensor, gt: Tensor) -> dict[str, Tensor]:
-    """``pred``/``target``: ``(F, 4)`` encoded deltas of the F foreground RoIs; ``boxes``/``gt``: ``(F, 4)``
-    xyxy decoded predictions and their ground truth.
+def regression_diagnostics(pred: Tensor, proposals: Tensor, gt: Tensor, box_coder: BoxCoder) -> dict[str, Tensor]:
+    """``pred``: ``(F, 4)`` predicted deltas of the F foreground RoIs, ``proposals``/``gt``: ``(F, 4)`` xyxy
+    their proposals and ground truth, ``box_coder`` the head's.
 
     0-d means per foreground RoI (sum over the 4 coordinates): ``shadow/{smooth_l1,huber,l1,l2,giou}``,
     ``shadow/{smooth_l1,huber}_quadratic_frac`` (fraction of residuals in the quadratic region) and
     ``train/fg_iou``; 1-d for histograms: ``residuals/{dx,dy,dw,dh}`` and ``train/fg_iou_hist``.
     """
+    target, boxes = box_coder.encode_single(gt, proposals), box_coder.decode_single(pred, proposals)
     n = max(pred.shape[0], 1)
     residual = (pred - target).abs()
     iou = box_iou(boxes, gt).diagonal() if pred.shape[0] else pred.new_zeros(0)

@@ -58,12 +58,7 @@ class RPN(RegionProposalNetwork):
         labels_all = torch.cat(labels)
         num_sampled = max(sampled.numel(), 1)
         anchors_all, gt_all = torch.cat(anchors), torch.cat(matched_gt)
-        pred = deltas[pos].float()
-        if self.box_loss.space == "boxes":
-            loss_box = self.box_loss(self.box_coder.decode_single(pred, anchors_all[pos]), gt_all[pos])
-        else:
-            target = self.box_coder.encode_single(gt_all[pos], anchors_all[pos])
-            loss_box = self.box_loss(pred, target)
+        loss_box = self.box_loss(deltas[pos].float(), anchors_all[pos], gt_all[pos], self.box_coder)
         loss_cls = F.binary_cross_entropy_with_logits(
             objectness.flatten()[sampled].float(), labels_all[sampled], reduction="sum") / num_sampled
         return {"loss_rpn_cls": loss_cls, "loss_rpn_box_reg": loss_box / num_sampled}

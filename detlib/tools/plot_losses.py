@@ -7,9 +7,9 @@
                                                       # RUN/loss_shape.png and TensorBoard "loss/shape"
 
 Left panel: the loss of one coordinate against the residual x = prediction - target; right panel:
-dloss/dx. Delta-space losses take the residual in encoded-delta units. IoU-family losses act on
-boxes, so for them the x axis is a horizontal shift of a unit box (in box widths) and the title
-says so.
+dloss/dx. A run's loss is called as the heads call it, on a unit box predicted x widths to the right of its
+ground truth: a delta-space loss sees the residual dx = x (unit coder weights), an IoU-family loss
+the shifted box.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.models.detection._utils import BoxCoder
 
 from detlib import losses
 from detlib.losses import BoxLoss
@@ -38,13 +39,16 @@ def elementwise(fn: Callable, **params: float) -> Callable[[Tensor], Tensor]:
     return lambda x: fn(x, torch.zeros_like(x), reduction="none", **params)
 
 
+UNIT_CODER = BoxCoder((1.0, 1.0, 1.0, 1.0))  # unit weights: a prediction dx = x is a shift of x box widths
+
+
 def shifted_box(loss: BoxLoss) -> Callable[[Tensor], Tensor]:
-    """A box-space loss of a unit box shifted by ``x`` box widths against the unit box."""
+    """Any box loss, called as the heads call it, of a unit box predicted ``x`` box widths to the right of its
+    ground truth (its anchor): a delta-space loss sees the residual ``dx = x``, a box-space loss the shift."""
     def f(x: Tensor) -> Tensor:
-        zero, one = torch.zeros_like(x), torch.ones_like(x)
-        pred = torch.stack([x, zero, x + 1, one], dim=1)
-        target = torch.stack([zero, zero, one, one], dim=1)
-        return loss(pred, target, reduction="none")
+        zero = torch.zeros_like(x)
+        unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=x.dtype).expand(x.shape[0], 4)
+        return loss(torch.stack([x, zero, zero, zero], dim=1), unit, unit, UNIT_CODER, reduction="none")
     return f
 
 
@@ -117,13 +121,10 @@ def run_figure(run_dir: Path, r: float) -> Figure:
     check_targets(cfg)  # a run folder is data: instantiate only trusted classes from it
     loss: BoxLoss = instantiate(cfg.loss)
     ref: list[Curve] = [("L1", elementwise(losses.l1), None), ("L2", elementwise(losses.l2), None)]
-    if loss.space == "boxes":
-        return figure([(repr(loss), shifted_box(loss), None)] + ref,
-                      f"{run_dir.name}\nbox loss {loss!r} vs a unit box shifted along x (L1/L2 of the shift)",
-                      r, xlabel="x shift of a unit box (fraction of box width)")
     kink = loss.params.get("beta", loss.params.get("delta"))
-    return figure([(repr(loss), lambda x: loss(x, torch.zeros_like(x), reduction="none"), kink)] + ref,
-                  f"{run_dir.name}\nbox loss {loss!r} (per encoded-delta coordinate)", r)
+    return figure([(repr(loss), shifted_box(loss), kink if isinstance(kink, float) else None)] + ref,
+                  f"{run_dir.name}\nbox loss {loss!r} of a unit box shifted along x by x widths "
+                  "(= the residual of one encoded coordinate)", r, xlabel="x: shift in box widths = residual dx")
 
 
 def save(fig: Figure, path: Path) -> Path:
