@@ -108,6 +108,17 @@ def balanced_l1(
     return _reduce(torch.where(x < beta, inner, outer), reduction)
 
 
+def cauchy(input: Tensor, target: Tensor, scale: float = 1.0, reduction: Reduction = "mean") -> Tensor:
+    """Cauchy (Lorentzian) robust loss: ``c^2/2 ln(1 + (x/c)^2)``, c = ``scale``.
+
+    ``x^2/2`` near 0 (as smooth L1 with beta 1), but the gradient ``x / (1 + (x/c)^2)`` peaks at ``c/2`` for
+    ``|x| = c`` and falls back to 0 beyond: gross errors are down-weighted, not merely capped as by smooth L1
+    and Huber (a redescending M-estimator; scipy's ``least_squares(loss="cauchy", f_scale=c)`` cost).
+    """
+    c = scale
+    return _reduce(0.5 * c * c * torch.log1p((_residual(input, target) / c) ** 2), reduction)
+
+
 # ---------------------------------------------------------------------------------------------
 # IoU family, on decoded boxes (N, 4) xyxy. Computed in at least float32 (also under autocast).
 
@@ -325,3 +336,11 @@ class EIoULoss(BoxLoss):
 
     def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
         return on_boxes(eiou_loss, *args)
+
+
+class Cauchy(BoxLoss):
+    def __init__(self, scale: float = 1.0, weight: float = 1.0) -> None:
+        super().__init__(weight, scale=_check("scale", scale, _num(scale) and scale > 0, "must be > 0"))
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_deltas(cauchy, *args, **self.params)

@@ -81,7 +81,7 @@ def test_beta_zero_is_exactly_l1_with_finite_gradients():
 
 
 BOX_LOSSES = [L.iou_loss, L.giou_loss, L.diou_loss, L.ciou_loss, L.eiou_loss]
-ALL = [L.smooth_l1, L.huber, L.l1, L.l2, L.balanced_l1] + BOX_LOSSES
+ALL = [L.smooth_l1, L.huber, L.l1, L.l2, L.balanced_l1, L.cauchy] + BOX_LOSSES
 
 
 @pytest.mark.parametrize("fn", ALL)
@@ -302,7 +302,7 @@ def test_each_loss_yaml_holds_its_constructors_defaults(path):
     assert node == defaults, path.name
 
 
-@pytest.mark.parametrize("cls", [L.SmoothL1, L.Huber, L.L1, L.L2, L.BalancedL1, L.IoULoss, L.GIoULoss,
+@pytest.mark.parametrize("cls", [L.SmoothL1, L.Huber, L.L1, L.L2, L.BalancedL1, L.Cauchy, L.IoULoss, L.GIoULoss,
                                  L.DIoULoss, L.CIoULoss, L.EIoULoss])
 def test_perfect_prediction_gives_zero_and_empty_gives_zero_with_gradient(cls):
     deltas, anchors, gt = _anchored()
@@ -312,3 +312,22 @@ def test_perfect_prediction_gives_zero_and_empty_gives_zero_with_gradient(cls):
     out = cls()(empty, empty.detach(), empty.detach(), CODER, reduction="mean")
     out.backward()
     assert out.item() == 0.0 and empty.grad is not None
+
+
+def test_cauchy_by_hand_and_its_redescending_gradient():
+    c = 0.5
+    x = torch.tensor([0.0, 0.5, 1.5, 5.0], dtype=torch.float64)
+    z = torch.zeros(4, dtype=torch.float64)
+    expected = [0.5 * c * c * math.log(1 + (v / c) ** 2) for v in x.tolist()]
+    assert L.cauchy(x, z, scale=c, reduction="none").tolist() == pytest.approx(expected)
+    _, g = _value_and_grad(L.cauchy, x, z, scale=c, reduction="none")
+    assert g.tolist() == pytest.approx([v / (1 + (v / c) ** 2) for v in x.tolist()])
+    assert g[1] == pytest.approx(c / 2) and g[3] < g[2] < g[1]  # peaks at |x| = c, then falls
+    small = torch.tensor([1e-3], dtype=torch.float64)  # ~ x^2 / 2 near 0, as smooth L1 with beta 1
+    assert L.cauchy(small, small * 0, reduction="sum").item() == pytest.approx(L.smooth_l1(small, small * 0, beta=1.0,
+                                                                                           reduction="sum").item())
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        L.Cauchy(scale=0.0)
+    deltas, anchors, gt = _anchored()
+    loss = L.Cauchy(scale=c, weight=2.0)(deltas, anchors, gt, CODER)
+    assert loss.item() == pytest.approx(2 * L.cauchy(deltas, CODER.encode_single(gt, anchors), c, "sum").item())
