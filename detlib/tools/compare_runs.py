@@ -1,4 +1,5 @@
-"""Compare finished runs: mean ± std over seeds, difference from a baseline with a paired t-test, AP vs IoU.
+"""Compare finished runs: mean ± std over seeds; against a baseline, the paired difference with its 95 % CI,
+p-value and the smallest difference the study could detect; AP vs IoU.
 
     uv run tools/compare_runs.py multirun/2026-01-01/12-00-00                 # one sweep
     uv run tools/compare_runs.py /work/sweeps --baseline loss=smooth_l1 --out report/
@@ -16,7 +17,10 @@ sweeps run at different times combine. Runs made by older code still
 match newer ones: keys added to ``detlib.config`` since take their defaults, and a key that only
 some runs have, with one value wherever it appears, is left out. A run without ``metrics.json``
 is listed as unfinished. Differences from the baseline are tested by a paired t-test on the runs
-matched by seed (runs of one seed in one group are averaged first).
+matched by seed (runs of one seed in one group are averaged first; seed k of every group shares initial
+weights and batch order): mean difference, its 95 % confidence interval, the p-value, and the
+minimum detectable difference (MDE: the true difference this test finds with 80 % power at that n
+and the observed spread), so "not significant" reads "no difference larger than the MDE".
 
 Writes ``comparison.md``, ``comparison.csv``, ``ap_per_iou.png`` and ``ap_bar.png`` into ``--out``.
 """
@@ -33,7 +37,7 @@ from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.compare_plots import plot_against, plot_ap_per_iou, plot_bar
 from detlib.tools.groups import Group, group_runs, legacy_warnings, seed_warnings
 from detlib.tools.runs import Run, find_runs, load_run
-from detlib.tools.stats import mean_std, paired_t
+from detlib.tools.stats import mean_std, paired
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -51,7 +55,10 @@ def compare(groups: Sequence[Group], baseline: Group) -> list[dict]:
             row[m] = mean
             row[f"{m}_std"] = std
             row[f"{m}_diff"] = None if mean is None or base_mean is None else mean - base_mean
-            row[f"{m}_p"] = None if g is baseline else paired_t([a[s] for s in common], [b[s] for s in common])
+            test = None if g is baseline else paired([a[s] for s in common], [b[s] for s in common])
+            row[f"{m}_p"] = None if test is None else test.p
+            row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = (None, None) if test is None else (test.lo, test.hi)
+            row[f"{m}_mde"] = None if test is None else test.mde
             row[f"{m}_pairs"] = len(common)
         rows.append(row)
     return rows
@@ -67,7 +74,8 @@ def _p(v: float | None) -> str:
 
 def table(rows: list[dict], metric: str, baseline: str) -> list[list[str]]:
     """Header and formatted cells (AP in %, mean ± std)."""
-    head = ["group", "n"] + list(METRICS) + [f"Δ{metric} vs {baseline}", "p (paired t)", "pairs"]
+    head = ["group", "n"] + list(METRICS) + [f"Δ{metric} vs {baseline}", "p (paired t)", "pairs", "95% CI",
+                                            "detectable (80% power)"]
     body = [head]
     for r in rows:
         cells = [r["group"], str(r["n"])]
@@ -75,8 +83,11 @@ def table(rows: list[dict], metric: str, baseline: str) -> list[list[str]]:
             std = r[f"{m}_std"]
             cells.append(_pct(r[m]) + ("" if std is None else f" ± {_pct(std)}"))
         is_base = r["group"] == baseline
+        lo, hi, mde = r[f"{metric}_ci_lo"], r[f"{metric}_ci_hi"], r[f"{metric}_mde"]
+        ci = "n/a" if lo is None else f"[{_pct(lo, sign=True)}, {_pct(hi, sign=True)}]"
         cells += ["baseline" if is_base else _pct(r[f"{metric}_diff"], sign=True),
-                  "" if is_base else _p(r[f"{metric}_p"]), "" if is_base else str(r[f"{metric}_pairs"])]
+                  "" if is_base else _p(r[f"{metric}_p"]), "" if is_base else str(r[f"{metric}_pairs"]),
+                  "" if is_base else ci, "" if is_base else ("n/a" if mde is None else f"±{_pct(mde)}")]
         body.append(cells)
     return body
 
@@ -95,7 +106,8 @@ def format_markdown(body: list[list[str]]) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    cols = ["group", "n", "seeds"] + [f"{m}{s}" for m in METRICS for s in ("", "_std", "_diff", "_p", "_pairs")]
+    cols = ["group", "n", "seeds"] + [f"{m}{s}" for m in METRICS
+                                      for s in ("", "_std", "_diff", "_ci_lo", "_ci_hi", "_p", "_mde", "_pairs")]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -106,8 +118,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], metric: str, dirs: Sequence[Path],
                    drawn: list[str], groups: Sequence[Group]) -> None:
     parts = [f"# Run comparison\n\nRuns under: {', '.join(map(str, dirs))}\n",
-             f"Metrics in %, mean ± sample std over runs; Δ and the paired t-test on {metric}, runs matched by "
-             "seed.\n", format_markdown(body), "", f"![{metric} per group](ap_bar.png)"]
+             f"Metrics in %, mean ± sample std over runs. Against the baseline, on {metric}, runs matched by seed: "
+             "Δ (difference of the means), the 95 % confidence interval of the mean paired difference, the paired "
+             "t-test's p, and the smallest true difference the test detects with 80 % power at this n and spread "
+             "(a non-significant Δ means: no difference larger than that, at 80 % power).\n", format_markdown(body), "", f"![{metric} per group](ap_bar.png)"]
     if drawn:
         parts.append("![AP at each IoU threshold](ap_per_iou.png)")
     missing = [g.name for g in groups if g.name not in drawn]

@@ -1,9 +1,18 @@
-"""Mean, sample std and the paired t-test, without scipy: Student's t through the regularised incomplete beta."""
+"""Statistics of paired seed comparisons, by scipy.stats: mean ± std, the paired t-test, the confidence
+interval of the mean difference, and the smallest difference a study of that size could have detected.
+
+Seed k of every group shares initial weights and batch order, so group A's seed-k run and the baseline's are a
+pair; the test is on the per-seed differences (``scipy.stats.ttest_rel``).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, stats
 
 
 def mean_std(x: Sequence[float]) -> tuple[float | None, float | None]:
@@ -16,48 +25,58 @@ def mean_std(x: Sequence[float]) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes 6.4)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1, a - 1
-    c, d = 1.0, 1 - qab * x / qap
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((qam + 2 * m) * (a + 2 * m)),
-                    -(a + m) * (qab + m) * x / ((a + 2 * m) * (qap + 2 * m))):
-            d = 1 + num * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta ``I_x(a, b)`` for ``0 <= x <= 1``."""
-    if x <= 0 or x >= 1:
-        return 0.0 if x <= 0 else 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1) / (a + b + 2):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1 - math.exp(log_front) * _betacf(b, a, 1 - x) / b
-
-
 def t_pvalue(t: float, df: int) -> float:
     """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
-    if math.isinf(t):
+    return float(2 * stats.t.sf(abs(t), df))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``x - y`` over ``n`` pairs: mean ``diff``, its confidence interval ``[lo, hi]``, the two-sided paired t-test's
+    ``p``, and ``mde``: the smallest true mean difference this test detects with the given power at this n and
+    the observed spread of the differences ("no significant difference" reads "none larger than mde")."""
+
+    n: int
+    diff: float
+    lo: float
+    hi: float
+    p: float
+    mde: float
+
+
+def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The true mean difference a two-sided paired t-test at level ``alpha`` rejects with probability ``power``,
+    for ``n`` pairs whose differences have standard deviation ``sd`` (exact, by the noncentral t)."""
+    if sd < 1e-12:
         return 0.0
-    return betainc(df / 2, 0.5, df / (df + t * t))
+    df, crit = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
+
+    def shortfall(delta: float) -> float:
+        nc = delta * math.sqrt(n) / sd
+        lower = stats.nct.cdf(-crit, df, nc)  # the far tail: scipy gives NaN where it underflows
+        return stats.nct.sf(crit, df, nc) + (lower if np.isfinite(lower) else 0.0) - power
+
+    hi = sd
+    while shortfall(hi) < 0:
+        hi *= 2
+    return float(optimize.brentq(shortfall, 0.0, hi, xtol=1e-12 * sd))
+
+
+def paired(x: Sequence[float], y: Sequence[float], confidence: float = 0.95, power: float = 0.8) -> Paired | None:
+    """The paired comparison of ``x`` and ``y`` (same order: same seed); None for fewer than 2 pairs."""
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    if d.size < 2:
+        return None
+    m, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd < 1e-12:  # every pair differs by the same amount (to rounding): no spread to test against
+        return Paired(d.size, m, m, m, 1.0 if m == 0 else 0.0, 0.0)
+    res = stats.ttest_rel(x, y)
+    ci = res.confidence_interval(confidence)
+    return Paired(d.size, m, float(ci.low), float(ci.high), float(res.pvalue),
+                  detectable_difference(sd, d.size, 1 - confidence, power))
 
 
 def paired_t(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Two-sided p-value of the paired t-test of ``x - y``; None for fewer than 2 pairs."""
-    d = [a - b for a, b in zip(x, y)]
-    m, s = mean_std(d)
-    if s is None:
-        return None
-    if s == 0:
-        return 1.0 if m == 0 else 0.0
-    return t_pvalue(m / (s / math.sqrt(len(d))), len(d) - 1)
+    r = paired(x, y)
+    return None if r is None else r.p
