@@ -560,3 +560,30 @@ def test_compare_runs_reads_the_record_not_hydra_files_and_keeps_different_data_
     assert sizes == [1, 2, 2], rows  # L1 on data a, L1 on data c, L2: never L1 on both data in one group
     assert not any("huber" in r["group"] for r in rows)  # the .hydra files are not read
     assert "runs share seed 0" in err and "4_c" in err
+
+
+def test_compare_runs_reports_tide_errors_and_tp_iou_per_group_with_ci(tmp_path, capsys):
+    from scipy import stats as sps
+
+    from detlib.evaluation.tide import ERRORS
+    from detlib.tools.compare_errors import error_rows
+
+    loc = {"smooth_l1": [0.020, 0.024, 0.022], "l1": [0.030, 0.036, 0.033]}
+    for loss, values in loc.items():
+        for seed, v in enumerate(values):
+            run = fake_run(tmp_path / f"{loss}_{seed}", loss, seed, 0.5 + v, curve=False)
+            hist = [0] * 19 + [10] if loss == "smooth_l1" else [10] + [0] * 19
+            detail = {"stats": {"AP": 0.5 + v}, "tide": {"dAP": dict.fromkeys(ERRORS, 0.01) | {"Loc": v}},
+                      "tp_iou": {"mean": 0.9 if loss == "smooth_l1" else 0.6, "hist": hist}}
+            (run / "eval_detail.json").write_text(json.dumps(detail))
+    groups = group_runs([load_run(p) for p in find_runs([tmp_path])])
+    rows = {r["group"]: r for r in error_rows(groups)}
+    mean, half = rows["loss=l1"]["dAP Loc"]
+    assert mean == pytest.approx(0.033)
+    assert half == pytest.approx(sps.t.ppf(0.975, 2) * np.std(loc["l1"], ddof=1) / np.sqrt(3))
+    assert rows["loss=smooth_l1"]["TP IoU mean"] == (pytest.approx(0.9), 0.0)
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "comparison.md").read_text()
+    assert "## Which errors (TIDE" in md and "| loss=l1 | 3 | 1.00 ± 0.00 | 3.30 ± 0.75 |" in md
+    for name in ("tide.png", "tp_iou.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 5000

@@ -50,6 +50,11 @@ def evaluate_and_log(
     writer.flush()
     detail = write_eval_detail(run_dir / EVAL_DETAIL, iteration, stats, E, category_names(val_set.coco),
                                val_losses, eval_settings, **extra)
+    for k, v in ((detail["tide"] or {}).get("dAP") or {}).items():
+        writer.add_scalar(f"tide/dAP_{k}", v, iteration)
+    if detail["tp_iou"]:
+        writer.add_scalar("val/tp_iou_mean", detail["tp_iou"]["mean"], iteration)
+    writer.flush()
     per_class = detail["per_class_ap"]
     log.info("AP per class @ %d: %s", iteration,
              ", ".join(f"{n} {'n/a' if v is None else f'{v:.4f}'}" for n, v in per_class.items()))

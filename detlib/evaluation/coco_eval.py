@@ -215,3 +215,22 @@ def format_table(stats: dict[str, float | None], title: str = "COCO box evaluati
         v = stats.get(k)
         lines.append(f"{labels[k]:<16}{k:>6}  " + ("   n/a" if v is None else f"{v:6.3f}"))
     return "\n".join(lines)
+
+
+def true_positive_ious(E: Any, iou_thr: float = 0.5) -> np.ndarray | None:
+    """IoU of every true positive with the ground truth pycocotools matched it to, at the IoU threshold
+    ``iou_thr`` (area all, largest maxDets): a loss that localises better moves this distribution right.
+    None where the evaluator keeps no per-image matches (another backend)."""
+    evals, ious = getattr(E, "evalImgs", None), getattr(E, "ious", None)
+    if not isinstance(evals, list) or not isinstance(ious, dict):
+        return None
+    t = int(np.argmin(np.abs(np.asarray(E.params.iouThrs) - iou_thr)))
+    area_all, out = list(E.params.areaRng[0]), []
+    for e in evals:
+        if e is None or list(e["aRng"]) != area_all or not len(e["dtIds"]):
+            continue
+        matches, ignored = e["dtMatches"][t], e["dtIgnore"][t]
+        iou = ious[e["image_id"], e["category_id"]]  # (detections by score, ground truth in _gts order)
+        gt_ids = [g["id"] for g in E._gts[e["image_id"], e["category_id"]]]
+        out += [iou[d, gt_ids.index(int(g))] for d, g in enumerate(matches) if g > 0 and not ignored[d]]
+    return np.asarray(out, dtype=float)

@@ -1,8 +1,9 @@
 """The files an evaluation leaves, written the same way by the trainer and ``tools/evaluate.py``.
 
 * ``metrics.json``: the 12 COCO stats, keys ``STAT_NAMES`` in order (``metrics``).
-* ``eval_detail.json``: ``{iteration, stats, val_losses, ap_per_iou, per_class_ap, eval_settings, **extra}``
-  (``eval_detail``); ``compare_runs.py`` reads its ``ap_per_iou`` and ``stats``.
+* ``eval_detail.json``: ``{iteration, stats, val_losses, ap_per_iou, per_class_ap, tide, tp_iou, eval_settings,
+  **extra}`` (``eval_detail``): ``tide`` the TIDE error decomposition (``detlib.evaluation.tide``), ``tp_iou``
+  the true positives' IoU distribution; ``compare_runs.py`` reads ``ap_per_iou``, ``stats``, ``tide``, ``tp_iou``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pycocotools.coco import COCO
 
-from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, per_class_ap
+from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, per_class_ap, true_positive_ious
+from detlib.evaluation.tide import tide_errors
 from detlib.jsonio import write_json
 
 METRICS = "metrics.json"
 EVAL_DETAIL = "eval_detail.json"
+TP_IOU_BINS = np.linspace(0.5, 1.0, 21)  # 0.025 wide, from the match threshold up
 
 
 def category_names(coco: COCO) -> dict[int, str]:
@@ -36,7 +40,19 @@ def eval_detail(iteration: int | None, stats: dict, E: Any, names: dict[int, str
     return {"iteration": iteration, "stats": stats, "val_losses": val_losses or {},
             "ap_per_iou": ap_per_iou(E) if E is not None else {},
             "per_class_ap": per_class_ap(E, names) if E is not None else {},
+            "tide": tide_errors(E) if E is not None else None, "tp_iou": tp_iou_summary(E),
             "eval_settings": eval_settings or {}, **extra}
+
+
+def tp_iou_summary(E: Any) -> dict | None:
+    """The true positives' IoU with their ground truth at IoU 0.5: n, mean, quartiles and a histogram
+    (``TP_IOU_BINS``, counts), so runs compare without their detections."""
+    ious = true_positive_ious(E) if E is not None else None
+    if ious is None or not ious.size:
+        return None
+    q = np.quantile(ious, [0.25, 0.5, 0.75])
+    return {"n": int(ious.size), "mean": float(ious.mean()), "q25": float(q[0]), "median": float(q[1]),
+            "q75": float(q[2]), "hist": np.histogram(ious, bins=TP_IOU_BINS)[0].tolist()}
 
 
 def write_eval_detail(path: str | Path, iteration: int | None, stats: dict, E: Any, names: dict[int, str],

@@ -22,7 +22,9 @@ weights and batch order): mean difference, its 95 % confidence interval, the p-v
 minimum detectable difference (MDE: the true difference this test finds with 80 % power at that n
 and the observed spread), so "not significant" reads "no difference larger than the MDE".
 
-Writes ``comparison.md``, ``comparison.csv``, ``ap_per_iou.png`` and ``ap_bar.png`` into ``--out``.
+Writes ``comparison.md``, ``comparison.csv``, ``ap_per_iou.png`` and ``ap_bar.png`` into ``--out``; with
+TIDE data in the runs' ``eval_detail.json``, also the error decomposition per group (``tide.png``,
+``tp_iou.png``; ``detlib.tools.compare_errors``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from detlib.tools.cli import ToolError, cli, prog_name
+from detlib.tools.compare_errors import error_rows, error_table, errors_section
 from detlib.tools.compare_plots import plot_against, plot_ap_per_iou, plot_bar
 from detlib.tools.groups import Group, group_runs, legacy_warnings, seed_warnings
 from detlib.tools.runs import Run, find_runs, load_run
@@ -175,6 +178,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     drawn = plot_ap_per_iou(groups, out / "ap_per_iou.png")
     plot_bar(rows, args.metric, baseline.name, out / "ap_bar.png")
     write_markdown(out / "comparison.md", body, unfinished, args.metric, args.dirs, drawn, groups)
+    errors = errors_section(groups, out, format_markdown)
+    if errors:
+        with (out / "comparison.md").open("a") as f:
+            f.write(errors)
     if args.x:
         figure = out / f"{args.metric}_vs_{args.x.replace('.', '_')}.png"
         plot_against(groups, args.x, args.metric, figure)
@@ -182,6 +189,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             f.write(f"\n![{args.metric} against {args.x}]({figure.name})\n")
         print(f"wrote {figure}")
     print(format_text(body))
+    if errors:
+        print("\nTIDE (AP points lost to each error type; TP IoU in %), mean ± 95% CI:")
+        print(format_text(error_table(error_rows(groups))))
     for r in unfinished:
         print(f"unfinished: {r.path}: {r.problem}")
     print(f"\nwrote {out / 'comparison.md'}, comparison.csv, ap_bar.png" + (", ap_per_iou.png" if drawn else ""))

@@ -39,6 +39,8 @@ class Run:
     choices: dict[str, str] = field(default_factory=dict)  # config group -> option (hydra.runtime.choices)
     metrics: dict | None = None  # None: unfinished
     ap_per_iou: dict[str, float | None] | None = None
+    tide: dict | None = None  # eval_detail.json's "tide": TIDE's dAP per error type
+    tp_iou: dict | None = None  # eval_detail.json's "tp_iou": the true positives' IoU distribution
     problem: str = ""
     legacy: bool = False  # no run.json: set-up read from Hydra's rewritable .hydra files
 
@@ -133,8 +135,21 @@ def _with_metrics(run: Run) -> Run:
         run.problem = f"{METRICS} unreadable or without AP"
         return run
     run.metrics = metrics
-    run.ap_per_iou = _ap_per_iou(run.path, metrics["AP"])
+    run.ap_per_iou, run.tide, run.tp_iou = (_from_eval_detail(run.path, metrics["AP"], k)
+                                            for k in ("ap_per_iou", "tide", "tp_iou"))
     return run
+
+
+def _from_eval_detail(path: Path, ap: float | None, key: str) -> dict | None:
+    """``key`` of the trainer's ``eval_detail.json``, else of one ``tools/evaluate.py`` wrote afterwards
+    (``RUN/eval/``, for runs older than the key) if it evaluated the same thing (same AP)."""
+    own, later = _read_json(path / EVAL_DETAIL), _read_json(path / "eval" / EVAL_DETAIL)
+    if isinstance(own, dict) and own.get(key):
+        return own[key]
+    if isinstance(later, dict) and later.get(key) and ap is not None:
+        if abs((later.get("stats") or {}).get("AP", math.nan) - ap) < 1e-9:
+            return later[key]
+    return None
 
 
 def _with_schema_defaults(cfg: DictConfig) -> DictConfig:
@@ -143,15 +158,3 @@ def _with_schema_defaults(cfg: DictConfig) -> DictConfig:
         return OmegaConf.merge(OmegaConf.structured(Config), cfg)
     except OmegaConfBaseException:  # a key since removed or retyped: compare the config as saved
         return cfg
-
-
-def _ap_per_iou(path: Path, ap: float | None) -> dict | None:
-    """AP per IoU from the trainer's ``eval_detail.json``, else from one ``tools/evaluate.py`` wrote
-    afterwards (``RUN/eval/``, for runs older than that file) if it evaluated the same thing (same AP)."""
-    own, later = _read_json(path / EVAL_DETAIL), _read_json(path / "eval" / EVAL_DETAIL)
-    if isinstance(own, dict) and own.get("ap_per_iou"):
-        return own["ap_per_iou"]
-    if isinstance(later, dict) and later.get("ap_per_iou") and ap is not None:
-        if abs((later.get("stats") or {}).get("AP", math.nan) - ap) < 1e-9:
-            return later["ap_per_iou"]
-    return None
