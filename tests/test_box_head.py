@@ -10,7 +10,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import MultiScaleRoIAlign
 
 from detlib import losses as L
-from detlib.modeling.box_head import RoIBoxHead, Sampled
+from detlib.modeling.box_head import RoIBoxHead, Sampled, corrupt_targets
 
 
 def test_box_coder_round_trip():
@@ -94,3 +94,42 @@ def test_sample_matches_and_samples():
     assert (s.labels[fg] == 2).all() and fg.sum() >= 2  # the GT itself is added as a proposal
     empty = head.sample(props, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
     assert (empty.labels == 0).all()
+
+
+def test_corrupt_targets_makes_gross_errors_at_the_given_rate():
+    from torchvision.ops import box_iou
+
+    torch.manual_seed(0)
+    xy = torch.rand(20000, 2) * 100
+    gt = torch.cat([xy, xy + torch.rand(20000, 2) * 50 + 5], 1)
+    assert torch.equal(corrupt_targets(gt, 0.0), gt)
+    out = corrupt_targets(gt, 0.3)
+    changed = (out != gt).any(1)
+    assert changed.float().mean().item() == pytest.approx(0.3, abs=0.01)
+    iou = box_iou(out[changed], gt[changed]).diagonal()
+    assert iou.max().item() <= 1 / 9 + 1e-5  # every corrupted target is a gross error
+    assert ((out[:, 2:] - out[:, :2]) > 0).all()
+
+
+def test_target_outliers_change_the_regression_target_only():
+    """Matching, sampling and classification see the clean box; only loss_box_reg moves, and only in training."""
+    torch.manual_seed(0)
+    props = [torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 9, 11], [50, 50, 60, 60], [2, 0, 12, 10]])]
+    targets = [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([2])}]
+    logits, deltas = torch.randn(6, 3), torch.randn(6, 12) * 0.1
+    clean, noisy = _head(L.SmoothL1()), _head(L.SmoothL1())
+    noisy.target_outliers = 1.0
+    out = {}
+    for name, head in (("clean", clean), ("noisy", noisy)):
+        torch.manual_seed(1)
+        s = head.sample(props, targets)
+        out[name] = (s, head.losses(logits[: s.labels.numel()], deltas[: s.labels.numel()], s))
+    (s0, l0), (s1, l1) = out["clean"], out["noisy"]
+    assert torch.equal(s0.labels, s1.labels) and torch.equal(s0.gt_boxes, s1.gt_boxes)
+    assert torch.equal(s0.proposals, s1.proposals)
+    assert l1["loss_cls"] == l0["loss_cls"] and l1["loss_box_reg"] > 2 * l0["loss_box_reg"]
+    noisy.eval()  # validation loss stays clean
+    n = s0.labels.numel()
+    assert noisy.losses(logits[:n], deltas[:n], s0)["loss_box_reg"] == l0["loss_box_reg"]
+    with pytest.raises(ValueError, match="target_outliers must be in"):
+        RoIBoxHead(MultiScaleRoIAlign(["0"], 7, 2), 8, 3, L.L1(), target_outliers=1.5)

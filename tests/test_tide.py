@@ -70,3 +70,8 @@ def test_true_positive_ious_are_those_of_pycocotools_matches():
     want = sorted([iou(dets[0][1], gt["annotations"][0]["bbox"]), iou(dets[2][1], gt["annotations"][1]["bbox"]),
                    iou(dets[4][1], gt["annotations"][2]["bbox"])])
     assert got == pytest.approx(want) and want[0] == pytest.approx(0.8)
+
+
+def test_no_detections_leave_tide_out_without_failing():
+    _, E = evaluate_coco(coco_from_dict(GT), [])
+    assert tide_errors(E) is None or tide_errors(E)["AP50"] == 0.0

@@ -60,6 +60,9 @@ def test_smoke_run_tensorboard_tags(smoke_run):
     assert {"val/loss", "val/loss_box_reg", "val/loss_cls"} <= tags
     assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6]
     assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("train/loss"))
+    p50, p90 = ea.Scalars("train/abs_residual_p50"), ea.Scalars("train/abs_residual_p90")
+    assert all(0 <= a.value <= b.value for a, b in zip(p50, p90)) and len(p50) == 3
+    assert {"tide/dAP_Loc", "tide/dAP_Miss", "val/tp_iou_mean"} <= tags
 
 
 def test_smoke_run_dashboards(smoke_run):

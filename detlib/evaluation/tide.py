@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 ERRORS = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
 
 
-def tide_errors(E: Any) -> dict[str, dict[str, float]]:
+def tide_errors(E: Any) -> dict | None:
     """TIDE's decomposition of an evaluated ``COCOeval`` ``E`` (its ground truth and detections, not its
     settings): ``{"AP50": TIDE's AP50, "dAP": {type: dAP}, "special": {FalsePos, FalseNeg}, "count": {type: n}}``,
-    AP values as fractions in [0, 1] like the COCO stats."""
+    AP values as fractions in [0, 1] like the COCO stats; None where tidecv cannot compute it."""
     from tidecv import TIDE
     from tidecv.data import Data
 
@@ -36,12 +39,17 @@ def tide_errors(E: Any) -> dict[str, dict[str, float]]:
         gt.add_class(cat["id"], cat["name"])
     for a in E.cocoGt.dataset["annotations"]:
         (gt.add_ignore_region if a.get("iscrowd") else gt.add_ground_truth)(a["image_id"], a["category_id"], a["bbox"])
-    for d in E.cocoDt.dataset.get("annotations", []):
+    dt_anns = E.cocoDt.dataset.get("annotations", [])
+    for d in dt_anns:
         dt.add_detection(d["image_id"], d["category_id"], d["score"], d["bbox"])
     tide = TIDE()
-    with contextlib.redirect_stdout(io.StringIO()):
-        tide.evaluate(gt, dt, mode=TIDE.BOX, name="run")
-        main, special = tide.get_main_errors()["run"], tide.get_special_errors()["run"]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            tide.evaluate(gt, dt, mode=TIDE.BOX, name="run")
+            main, special = tide.get_main_errors()["run"], tide.get_special_errors()["run"]
+    except ZeroDivisionError:  # tidecv's mAP of an empty fixed set (e.g. no detections of any class)
+        log.warning("TIDE is undefined for these detections (%d of them): left out", len(dt_anns))
+        return None
     counts = {e.short_name: n for e, n in tide.runs["run"].count_errors().items()}
     return {"AP50": tide.runs["run"].ap / 100, "dAP": {k: main[k] / 100 for k in ERRORS},
             "special": {k: v / 100 for k, v in special.items()}, "count": {k: counts.get(k, 0) for k in ERRORS}}

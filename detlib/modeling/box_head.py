@@ -69,6 +69,7 @@ class RoIBoxHead(nn.Module):
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
+        target_outliers: float = 0.0,
     ) -> None:
         super().__init__()
         self.roi_align = roi_align
@@ -88,6 +89,9 @@ class RoIBoxHead(nn.Module):
         self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        if not 0 <= target_outliers <= 1:
+            raise ValueError(f"target_outliers must be in [0, 1], got {target_outliers!r}")
+        self.target_outliers = target_outliers  # a study knob: see corrupt_targets
 
     def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> Sampled:
         """Add ground truth to the proposals, match by IoU, sample fg/bg RoIs per image."""
@@ -145,7 +149,10 @@ class RoIBoxHead(nn.Module):
         """
         num_sampled = max(sampled.labels.numel(), 1)
         loss_cls = F.cross_entropy(logits.float(), sampled.labels, reduction="sum") / num_sampled
-        loss_box = self.box_loss(*self.fg_predictions(deltas, sampled), self.box_coder)
+        pred, props, gt = self.fg_predictions(deltas, sampled)
+        if self.training and self.target_outliers > 0:  # the regression target only: matching is done
+            gt = corrupt_targets(gt, self.target_outliers)
+        loss_box = self.box_loss(pred, props, gt, self.box_coder)
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box / num_sampled}
 
     @torch.no_grad()
@@ -168,3 +175,22 @@ class RoIBoxHead(nn.Module):
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
+
+
+def corrupt_targets(gt: Tensor, p: float) -> Tensor:
+    """``gt (F, 4)`` xyxy with each box, with probability ``p``, replaced by a gross error: shifted by 1-2 box
+    sizes along x, y or both, or scaled x3 or /3 about its centre (IoU with the original 0 or 1/9), as
+    ``data.noise.outliers`` corrupts annotations. Drawn from torch's global RNG, which checkpoints save."""
+    n = gt.shape[0]
+    if n == 0:
+        return gt
+    hit = torch.rand(n, device=gt.device) < p
+    kind = torch.randint(3, (n,), device=gt.device)  # 0 shift, 1 grow, 2 shrink
+    axes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], device=gt.device)[torch.randint(3, (n,), device=gt.device)]
+    sign = torch.randint(2, (n, 2), device=gt.device) * 2 - 1
+    wh, centre = gt[:, 2:] - gt[:, :2], (gt[:, :2] + gt[:, 2:]) / 2
+    shift = axes * sign * (1 + torch.rand(n, 2, device=gt.device)) * wh
+    scale = torch.where(kind == 1, 3.0, 1 / 3).to(gt.dtype)[:, None]
+    scaled = torch.cat([centre - scale * wh / 2, centre + scale * wh / 2], 1)
+    bad = torch.where((kind == 0)[:, None], gt + shift.repeat(1, 2), scaled)
+    return torch.where(hit[:, None], bad, gt)

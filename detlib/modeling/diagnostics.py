@@ -25,7 +25,8 @@ def regression_diagnostics(pred: Tensor, proposals: Tensor, gt: Tensor, box_code
 
     0-d means per foreground RoI (sum over the 4 coordinates): ``shadow/{smooth_l1,huber,l1,l2,giou}``,
     ``shadow/{smooth_l1,huber}_quadratic_frac`` (fraction of residuals in the quadratic region) and
-    ``train/fg_iou``; 1-d for histograms: ``residuals/{dx,dy,dw,dh}`` and ``train/fg_iou_hist``.
+    ``train/fg_iou``, ``train/abs_residual_{p50,p90}`` (quantiles of ``|pred - target|`` over the 4F coordinates);
+    1-d for histograms: ``residuals/{dx,dy,dw,dh}`` and ``train/fg_iou_hist``.
     """
     target, boxes = box_coder.encode_single(gt, proposals), box_coder.decode_single(pred, proposals)
     n = max(pred.shape[0], 1)
@@ -41,6 +42,9 @@ def regression_diagnostics(pred: Tensor, proposals: Tensor, gt: Tensor, box_code
         "shadow/huber_quadratic_frac": (residual <= DELTA).float().sum() / max(residual.numel(), 1),
         "train/fg_iou": iou.sum() / n,
     }
+    # Where the residuals sit, to hold against a loss's breakpoint (beta, delta): |residual| quantiles.
+    q = torch.quantile(residual.flatten(), residual.new_tensor([0.5, 0.9])) if residual.numel() else residual.new_zeros(2)
+    out["train/abs_residual_p50"], out["train/abs_residual_p90"] = q[0], q[1]
     if pred.shape[0]:
         out |= {f"residuals/{name}": (pred - target)[:, i] for i, name in enumerate(("dx", "dy", "dw", "dh"))}
         out["train/fg_iou_hist"] = iou
