@@ -587,3 +587,7 @@ def test_compare_runs_reports_tide_errors_and_tp_iou_per_group_with_ci(tmp_path,
     assert "## Which errors (TIDE" in md and "| loss=l1 | 3 | 1.00 ± 0.00 | 3.30 ± 0.75 |" in md
     for name in ("tide.png", "tp_iou.png"):
         assert (tmp_path / "report" / name).stat().st_size > 5000
+
+
+def test_plot_losses_presets_do_not_write_into_the_repository_by_default():
+    assert plot_losses.parse_args(["--preset", "all"]).out_dir == Path("loss_plots")

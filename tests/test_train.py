@@ -133,6 +133,7 @@ def test_loss_study_preset_compares_and_a_rerun_skips_finished_jobs_and_resumes_
     assert cut.name.startswith("1_") and "loss=huber,seed=0" in cut.name
     table = (tmp_path / "comparison.md").read_text()  # written by the CompareRuns callback
     assert "loss=huber" in table and "loss=smooth_l1" in table and (tmp_path / "ap_bar.png").is_file()
+    assert f"compare them: uv run tools/compare_runs.py {tmp_path}" in proc.stdout + proc.stderr  # SweepSummary
     metrics_done = (done / "metrics.json").read_text()
     # Cut the second job off after iteration 2, as a killed sweep leaves it.
     (cut / "metrics.json").unlink()

@@ -1,4 +1,5 @@
-"""Hydra callbacks for sweeps: ``CompareRuns`` compares the runs of the sweep folder when a multirun ends
+"""Hydra callbacks for sweeps: ``SweepSummary`` (every multirun) says where the runs are and the command
+that compares them; ``CompareRuns`` compares the runs of the sweep folder when a multirun ends
 (``detlib.tools.compare_runs``, in this process), so ``experiment=loss_study`` ends with its comparison
 table and figures."""
 
@@ -34,3 +35,14 @@ class CompareRuns(Callback):
         except (Exception, SystemExit) as e:  # noqa: BLE001 - the runs are safe on disk; the sweep must not fail
             log.error("the comparison failed (%s: %s); the runs are kept. Re-run it with:\n  %s",
                       type(e).__name__, e, rerun)
+
+
+class SweepSummary(Callback):
+    """Every multirun (configs/train.yaml) ends by saying where its runs are and how to compare them."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir).resolve()
+        runs = sorted(p.parent for p in sweep.glob("*/run.json"))
+        done = sum((r / "metrics.json").is_file() for r in runs)
+        log.info("sweep finished: %d runs (%d with metrics) under %s\n  compare them: uv run tools/compare_runs.py %s",
+                 len(runs), done, sweep, shlex.quote(str(sweep)))

@@ -1,7 +1,7 @@
 """Draw box-regression losses and their gradients (autograd through detlib.losses) over a residual range.
 
-    uv run tools/plot_losses.py                       # docs/loss_shapes.png: L1, L2, smooth L1 and Huber
-    uv run tools/plot_losses.py --preset beta         # docs/smooth_l1_beta.png: smooth L1, beta 1, 0.1, 0.01
+    uv run tools/plot_losses.py                       # loss_plots/loss_shapes.png: L1, L2, smooth L1 and Huber
+    uv run tools/plot_losses.py --preset beta         # loss_plots/smooth_l1_beta.png: smooth L1, beta 1, 0.1, 0.01
     uv run tools/plot_losses.py --preset all          # both
     uv run tools/plot_losses.py --run RUN_DIR         # the run's own box loss next to L1 and L2;
                                                       # RUN/loss_shape.png and TensorBoard "loss/shape"
@@ -139,7 +139,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="compare", choices=["compare", "beta", "all"],
                    help="compare: L1, L2, smooth L1, Huber; beta: smooth L1 with beta 1, 0.1, 0.01; all: both")
     p.add_argument("--range", type=float, default=3.0, help="residuals from -RANGE to RANGE (default 3)")
-    p.add_argument("--out-dir", type=Path, default=Path("docs"), help="folder for the preset figures (default docs)")
+    p.add_argument("--out-dir", type=Path, default=Path("loss_plots"),
+                   help="folder for the preset figures (default loss_plots; the README's are docs/, --out-dir docs)")
     p.add_argument("--run", type=Path, help="draw this run's box loss; saves RUN/loss_shape.png and logs it to RUN/tb")
     args = p.parse_args(argv)
     if args.range <= 0:
