@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from detlib.config import register
@@ -34,3 +38,19 @@ def run_train(*args: str, cwd: Path | None = None, timeout: int = 300) -> subpro
 def data_root(tmp_path_factory) -> Path:
     """A cache folder shared by the tests that train (the smoke dataset is built once)."""
     return tmp_path_factory.mktemp("detlib-cache")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, data_root) -> tuple[Path, Path, list[dict]]:
+    """A smoke run, its val annotation file and evaluate.py's detections of the val set."""
+    run_dir = tmp_path_factory.mktemp("predict-smoke")
+    proc = run_train("experiment=smoke", "trainer.device=cpu", f"data.root={data_root}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dets = run_dir / "dets.json"
+    from detlib.tools import evaluate
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert evaluate.main(["--run", str(run_dir), "--device", "cpu", "--out", str(run_dir / "m.json"),
+                              "--dets", str(dets)]) == 0
+    train_ann = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["meta"]["data_files"]["train"]
+    return run_dir, Path(train_ann).with_name("instances_val.json"), json.loads(dets.read_text())

@@ -1,0 +1,83 @@
+"""Run a trained model on images, as detectron2's ``DefaultPredictor`` and mmdetection's ``inference_detector``:
+
+    from detlib import Predictor
+    p = Predictor.from_run("outputs/2026-11-24/10-00-00")   # the run's config and checkpoints/last.pt
+    dets = p("street.jpg")    # a path, PIL image, numpy (H, W, 3) array or (3, H, W) tensor
+
+``dets``: ``boxes (D, 4)`` xyxy in the input image's pixels, ``scores (D,)``, ``labels (D,)`` (1..K-1),
+``category_ids`` and ``names`` (from the run's dataset), sorted by score, on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from detlib.data.image import _to_array, read_image
+from detlib.engine.device import resolve_device
+
+ImageLike = str | Path | Image.Image | np.ndarray | Tensor
+
+
+def to_image_tensor(image: ImageLike) -> Tensor:
+    """``(3, H, W)`` float32 RGB in [0, 1] from a path (detlib's decoder), a PIL image (any mode the decoder
+    takes), an ``(H, W, 3)`` uint8 or [0, 1] float array, or a ``(3, H, W)`` uint8 or float tensor."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        image = _to_array(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a path, PIL image, (H, W, 3) array or (3, H, W) tensor, got {type(image).__name__}"
+                         + (f" of shape {tuple(image.shape)}" if hasattr(image, "shape") else ""))
+    return image.float().div(255) if image.dtype == torch.uint8 else image.float()
+
+
+class Predictor:
+    """A model in eval mode on a device, with its class names; ``predictor(image) -> detections``."""
+
+    def __init__(self, model: nn.Module, names: dict[int, str], label_to_cat: dict[int, int],
+                 device: str | torch.device = "auto") -> None:
+        self.device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+        self.model = model.to(self.device).eval()
+        self.names, self.label_to_cat = names, label_to_cat
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
+                 device: str | torch.device = "auto") -> Predictor:
+        """The run's model (its ``run.json`` / ``.hydra`` config) with ``checkpoint`` (default its last)."""
+        from detlib.tools.rundir import build_from_run, load_run_config, load_weights
+
+        cfg = load_run_config(run_dir)
+        if cfg.model.get("proposals") is not None:
+            raise ValueError(f"{run_dir}: a Fast R-CNN run reads proposals from a file by image id; it cannot "
+                             "detect on new images (train a Faster R-CNN model, with an RPN)")
+        model, val_set = build_from_run(cfg)
+        load_weights(model, checkpoint or Path(run_dir) / "checkpoints" / "last.pt")
+        names = {label: val_set.coco.cats[cat]["name"] for label, cat in val_set.label_to_cat.items()}
+        return cls(model, names, dict(val_set.label_to_cat), device)
+
+    @torch.no_grad()
+    def __call__(self, image: ImageLike) -> dict:
+        return self.predict([image])[0]
+
+    @torch.no_grad()
+    def predict(self, images: list[ImageLike]) -> list[dict]:
+        """Detections of each image (one batch)."""
+        tensors = [to_image_tensor(im).to(self.device) for im in images]
+        out = self.model(tensors, None, detect=True)["detections"]
+        results = []
+        for det in out:
+            det = {k: v.cpu() for k, v in det.items()}
+            labels = det["labels"].tolist()
+            det["category_ids"] = [self.label_to_cat[c] for c in labels]
+            det["names"] = [self.names[c] for c in labels]
+            results.append(det)
+        return results
