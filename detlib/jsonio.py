@@ -28,3 +28,28 @@ def write_json(path: str | Path, obj: object) -> Path:
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append ``record`` as one line of JSON (``metrics.jsonl``: one line per log step or evaluation)."""
+    with Path(path).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: str | Path, max_iteration: int) -> None:
+    """Drop the lines of ``path`` past ``max_iteration`` (and a half-written last line): a resumed run
+    writes those iterations again, so the file holds each once."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("iteration", 0) <= max_iteration:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)

@@ -30,7 +30,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from detlib.engine.sweep_callbacks import CompareRuns
 from detlib.evaluation.coco_eval import STAT_NAMES
-from detlib.tools import compare_runs, evaluate, export, plot_losses, predict, visualize
+from detlib.tools import compare_runs, evaluate, export, plot_logs, plot_losses, predict, visualize
 from detlib.tools import stats as ttest
 from detlib.tools.compare_plots import plot_against
 from detlib.tools.groups import group_runs
@@ -41,7 +41,7 @@ from .conftest import ROOT, run_train
 
 TOOLS = ROOT / "tools"
 ALL = {"evaluate": evaluate, "compare_runs": compare_runs, "plot_losses": plot_losses, "visualize": visualize,
-       "predict": predict, "export": export}
+       "predict": predict, "export": export, "plot_logs": plot_logs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,3 +592,17 @@ def test_compare_runs_reports_tide_errors_and_tp_iou_per_group_with_ci(tmp_path,
 
 def test_plot_losses_presets_do_not_write_into_the_repository_by_default():
     assert plot_losses.parse_args(["--preset", "all"]).out_dir == Path("loss_plots")
+
+
+def test_plot_logs_draws_the_keys_of_runs_from_metrics_jsonl(trained, tmp_path, capsys):
+    run_dir, _, _ = trained
+    assert plot_logs.main([str(run_dir), "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"train/loss", "train/lr", "val/AP", "val/loss"} <= set(listed)
+    out = tmp_path / "c.png"
+    assert plot_logs.main([str(run_dir), str(run_dir), "--keys", "train/loss", "val/AP", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[1] > 600  # one panel per key, stacked
+    assert plot_logs.main([str(run_dir), "--keys", "train/nope"]) == 1
+    assert "not logged by these runs" in capsys.readouterr().err
+    assert plot_logs.main([str(tmp_path)]) == 1

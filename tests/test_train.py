@@ -47,6 +47,17 @@ def test_smoke_run_writes_the_run_directory_contract(smoke_run):
     assert all(v is None or (isinstance(v, float) and 0 <= v <= 1) for v in metrics.values())
 
 
+def test_smoke_run_writes_metrics_jsonl(smoke_run):
+    run_dir, _ = smoke_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["iteration"] for r in train] == [2, 4, 6]  # every log_period, as TensorBoard
+    assert all({"train/lr", "train/loss_box_reg", "it_per_s", "time"} <= set(r) for r in train)
+    final = [r for r in records if "val/AP" in r][-1]
+    assert final["iteration"] == 6
+    assert final["val/AP"] == json.loads((run_dir / "metrics.json").read_text())["AP"]
+
+
 def test_smoke_run_tensorboard_tags(smoke_run):
     run_dir, _ = smoke_run
     ea = scalars(run_dir)

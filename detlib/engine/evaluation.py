@@ -20,7 +20,8 @@ from detlib.data.coco import CocoDetection
 from detlib.engine import dashboard
 from detlib.evaluation.evaluators import extra_metrics
 from detlib.evaluation.inference import evaluate
-from detlib.evaluation.report import EVAL_DETAIL, category_names, write_eval_detail
+from detlib.evaluation.report import EVAL_DETAIL, METRICS_JSONL, category_names, write_eval_detail
+from detlib.jsonio import append_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def evaluate_and_log(
         writer.add_scalar(tag, float("nan") if extra[key]["mAP"] is None else extra[key]["mAP"], iteration)
     for k, v in (stats | val_losses).items():
         writer.add_scalar(f"val/{k}", float("nan") if v is None else v, iteration)
+    append_jsonl(run_dir / METRICS_JSONL, {"iteration": iteration, "time": time.time()}
+                 | {f"val/{k}": v for k, v in (stats | val_losses).items()})
     dashboard.log_eval(writer, iteration, E, val_set, model, device)
     for k, v in (histograms or {}).items():
         writer.add_histogram(k, v.cpu(), iteration)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,8 +36,8 @@ from detlib.engine.evaluation import evaluate_and_log
 from detlib.engine.guards import Interrupted, NonFiniteGuard, NonFiniteLossError, SignalGuard  # noqa: F401
 from detlib.engine.state import TrainState, lr_lambda  # noqa: F401 - lr_lambda: part of the trainer's API
 from detlib.evaluation.coco_eval import format_table
-from detlib.evaluation.report import METRICS, metrics
-from detlib.jsonio import write_json
+from detlib.evaluation.report import METRICS, METRICS_JSONL, metrics
+from detlib.jsonio import append_jsonl, truncate_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def train(
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if dist.world_size() > 1 else model  # after loading, so every rank starts from the same weights
     writer = _open_writer(run_dir, state.iteration if resumed else None, train_set) if main else None
+    if main:
+        truncate_jsonl(run_dir / METRICS_JSONL, state.iteration)
     loader = _loader(train_set, batch_size, num_workers, seed, state.iteration, cfg.max_iters, device)
     save = partial(_save, state, run_dir / "checkpoints", cfg.keep_last, meta, loader.batch_sampler)
     evaluate_now = partial(evaluate_and_log, model, val_set, device, eval_cfg, amp_dtype, writer=writer,
@@ -81,7 +84,8 @@ def train(
                     continue
                 if log_now:
                     means = state.window.flush()  # on every rank: averaged over them
-                    histograms = _log_step(state, means, result, writer, bar, cfg.max_iters) if main else None
+                    histograms = _log_step(state, means, result, writer, bar, cfg.max_iters,
+                                           run_dir / METRICS_JSONL) if main else None
                 if cfg.eval_period and done % cfg.eval_period == 0 and done < cfg.max_iters:
                     evaluate_now(done, histograms=histograms)
                 if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == cfg.max_iters \
@@ -156,8 +160,9 @@ def optimizer_step(
 
 
 def _log_step(state: TrainState, means_t: dict, result: StepResult, writer: SummaryWriter, bar: tqdm,
-              max_iters: int) -> dict:
-    """Scalars, diagnostics and the log line of a log step (rank 0); returns the histogram diagnostics."""
+              max_iters: int, jsonl: Path) -> dict:
+    """Scalars (TensorBoard and a ``metrics.jsonl`` line), diagnostics and the log line of a log step (rank 0);
+    returns the histogram diagnostics."""
     done = state.iteration
     means = {k: float(v) for k, v in means_t.items()}  # the one sync per log period
     means["loss"] = sum(means.values())
@@ -167,6 +172,7 @@ def _log_step(state: TrainState, means_t: dict, result: StepResult, writer: Summ
     for k, v in scalars.items():
         writer.add_scalar(k, v, done)
     rate = state.window.rate(done)
+    append_jsonl(jsonl, {"iteration": done, "time": time.time(), "it_per_s": rate} | scalars)
     bar.set_postfix(loss=f"{means['loss']:.3f}", box=f"{means.get('loss_box_reg', float('nan')):.3f}")
     terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
     eta = (max_iters - done) / max(rate, 1e-9)
