@@ -124,3 +124,23 @@ def test_missing_file_and_mismatched_keys_name_path_and_keys(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
         load_weights(nn.Linear(2, 2), str(tmp_path / "junk.pth"))
+
+
+def test_without_pretrained_weights_every_layer_trains_and_batchnorm_learns(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        fresh = resnet_fpn(depth=18)
+    assert "no pretrained weights" in caplog.text
+    assert all(p.requires_grad for p in fresh.parameters())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fresh.modules())
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pretrained = resnet_fpn(depth=18, weights=str(path))
+    assert "no pretrained weights" not in caplog.text
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in pretrained.modules())
+    frozen = {n.split(".")[1] for n, p in pretrained.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "layer1"}  # torchvision's 3 trainable layers: layer2..layer4
+    kept = resnet_fpn(depth=18, trainable_layers=2, frozen_bn=True)  # what the config sets is kept
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in kept.modules())
+    assert not any(p.requires_grad for n, p in kept.named_parameters() if n.startswith("body.layer2"))

@@ -7,6 +7,7 @@ the path and the first mismatched keys.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+log = logging.getLogger(__name__)
 
 
 def load_weights(module: nn.Module, path: str | None, ignore: tuple[str, ...] = (), strip: str = "") -> None:
@@ -87,15 +90,30 @@ class SmallConvFPN(nn.Module):
         return self.fpn(feats)
 
 
+def trunk_defaults(weights: str | None, trainable_layers: int | None, frozen_bn: bool | None,
+                   all_layers: int) -> tuple[int, bool]:
+    """torchvision's rule for a detection trunk: with pretrained weights, train the top 3 layers and freeze
+    BatchNorm; without, every layer trains and BatchNorm learns (frozen random statistics would be noise).
+    Values the config sets are kept."""
+    pretrained = weights is not None
+    if not pretrained and (trainable_layers is None or frozen_bn is None):
+        log.warning("model.backbone: no pretrained weights (model.backbone.weights=PATH), so every layer trains "
+                    "and BatchNorm is not frozen, as torchvision does; set trainable_layers/frozen_bn to override")
+    return (trainable_layers if trainable_layers is not None else (3 if pretrained else all_layers),
+            frozen_bn if frozen_bn is not None else pretrained)
+
+
 def resnet_fpn(
-    depth: int = 50, trainable_layers: int = 3, weights: str | None = None, frozen_bn: bool = True
+    depth: int = 50, trainable_layers: int | None = None, weights: str | None = None, frozen_bn: bool | None = None
 ) -> BackboneWithFPN:
     """torchvision's ResNet-{18,50}-FPN (maps ``"0".."3"`` and ``"pool"``, 256 channels), no download.
 
     ``weights``: a local ImageNet state dict for the ResNet trunk (torchvision's file works as is).
+    ``trainable_layers``/``frozen_bn``: None follows ``trunk_defaults``.
     """
     from torchvision.ops.misc import FrozenBatchNorm2d
 
+    trainable_layers, frozen_bn = trunk_defaults(weights, trainable_layers, frozen_bn, 5)
     norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
     backbone = resnet_fpn_backbone(
         backbone_name=f"resnet{depth}", weights=None, norm_layer=norm,
@@ -104,7 +122,8 @@ def resnet_fpn(
     return backbone
 
 
-def mobilenet_v3_fpn(trainable_layers: int = 3, weights: str | None = None, frozen_bn: bool = True) -> BackboneWithFPN:
+def mobilenet_v3_fpn(trainable_layers: int | None = None, weights: str | None = None,
+                     frozen_bn: bool | None = None) -> BackboneWithFPN:
     """torchvision's MobileNetV3-Large-FPN trunk (maps ``"0"``, ``"1"``, both at stride 32, plus ``"pool"``).
 
     As ``fasterrcnn_mobilenet_v3_large_fpn``: the last two stages feed the FPN. ``weights``: a
@@ -113,6 +132,7 @@ def mobilenet_v3_fpn(trainable_layers: int = 3, weights: str | None = None, froz
     from torchvision.models.detection.backbone_utils import mobilenet_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
 
+    trainable_layers, frozen_bn = trunk_defaults(weights, trainable_layers, frozen_bn, 6)
     norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
     backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm,
                                   trainable_layers=trainable_layers)
@@ -131,9 +151,11 @@ class VGG16(nn.Module):
 
     BLOCK_ENDS = (4, 9, 16, 23, 30)  # index of each block's max-pool in torchvision's vgg16.features
 
-    def __init__(self, trainable_layers: int = 3, weights: str | None = None) -> None:
+    def __init__(self, trainable_layers: int | None = None, weights: str | None = None) -> None:
         super().__init__()
         from torchvision.models.vgg import cfgs, make_layers
+
+        trainable_layers, _ = trunk_defaults(weights, trainable_layers, False, 5)
 
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"model.backbone.trainable_layers must be in [0, 5], got {trainable_layers}")
