@@ -139,7 +139,8 @@ def test_script_runs_from_the_command_line_and_fails_cleanly(coco_files, tmp_pat
 
 def test_evaluate_file_mode_equals_pycocotools(coco_files, tmp_path, capsys):
     out = tmp_path / "m.json"
-    assert evaluate.main(["--gt", str(coco_files["gt"]), "--dt", str(coco_files["dt"]), "--out", str(out)]) == 0
+    assert evaluate.main(["--gt", str(coco_files["gt"]), "--dt", str(coco_files["dt"]), "--out", str(out),
+                          "--detail", str(tmp_path / "eval_detail.json")]) == 0
     ours = json.loads(out.read_text())
     assert list(ours) == list(STAT_NAMES)
     theirs = pycocotools_stats(coco_files["gt"], coco_files["dt"])
@@ -606,3 +607,15 @@ def test_plot_logs_draws_the_keys_of_runs_from_metrics_jsonl(trained, tmp_path, 
     assert plot_logs.main([str(run_dir), "--keys", "train/nope"]) == 1
     assert "not logged by these runs" in capsys.readouterr().err
     assert plot_logs.main([str(tmp_path)]) == 1
+
+
+def test_evaluate_file_mode_writes_only_what_it_is_told_and_needs_no_torch(coco_files, tmp_path):
+    out = tmp_path / "only" / "m.json"
+    assert evaluate.main(["--gt", str(coco_files["gt"]), "--dt", str(coco_files["dt"]), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.json"]
+    code = ("import sys; from detlib.tools import evaluate; "
+            f"evaluate.main(['--gt', {str(coco_files['gt'])!r}, '--dt', {str(coco_files['dt'])!r}]); "
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"  # scoring files never imports torch

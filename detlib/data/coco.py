@@ -6,35 +6,18 @@ holds the mapping both ways so evaluation can write the file's own category ids 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 from torch import Tensor
 
+from detlib.data.coco_files import coco_from_dict, load_coco_json  # noqa: F401 - part of this module's API
 from detlib.data.image import ImageDecodeError, check_image, read_image
 from detlib.data.validation import AnnotationError, validate_coco_views
-from detlib.jsonio import read_json
 
 log = logging.getLogger(__name__)
-
-
-def load_coco_json(path: str | Path) -> dict:
-    """Read an annotation file, with errors that name it."""
-    return read_json(path, "annotation file", AnnotationError)
-
-
-def coco_from_dict(data: dict) -> COCO:
-    """A pycocotools ``COCO`` built from a dict, without its chatter on stdout."""
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 class CocoDetection(torch.utils.data.Dataset):

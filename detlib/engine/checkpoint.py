@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detlib.errors import CheckpointError  # noqa: F401 - raised here; importable without torch from detlib.errors
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"model_(\d{7})\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 def _fsync_dir(folder: Path) -> None:

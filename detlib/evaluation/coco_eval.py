@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -37,6 +36,8 @@ def to_coco_results(
     detections: Sequence[dict], image_ids: Sequence[int], label_to_cat: dict[int, int]
 ) -> list[dict]:
     """Model outputs (``boxes (D, 4)`` xyxy, ``scores``, ``labels`` 1..K-1) -> COCO results (xywh, category ids)."""
+    import torch  # here, so that scoring files (tools/evaluate.py --gt --dt) never imports torch
+
     results = []
     lut = torch.zeros(max(label_to_cat) + 1, dtype=torch.int64)
     for label, cat in label_to_cat.items():

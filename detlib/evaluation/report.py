@@ -35,13 +35,15 @@ def metrics(stats: dict[str, float | None]) -> dict[str, float | None]:
 
 
 def eval_detail(iteration: int | None, stats: dict, E: Any, names: dict[int, str], val_losses: dict | None = None,
-                eval_settings: dict | None = None, **extra: object) -> dict:
+                eval_settings: dict | None = None, errors: bool = True, **extra: object) -> dict:
     """``eval_detail.json``'s content. ``E``: the accumulated ``COCOeval`` (None when there were no
-    detections: no AP per IoU or class); ``names``: ``category_names``; ``extra``: dataset-specific metrics."""
+    detections: no AP per IoU or class); ``names``: ``category_names``; ``errors``: also TIDE and the true
+    positives' IoU (tidecv takes seconds to import); ``extra``: dataset-specific metrics."""
     return {"iteration": iteration, "stats": stats, "val_losses": val_losses or {},
             "ap_per_iou": ap_per_iou(E) if E is not None else {},
             "per_class_ap": per_class_ap(E, names) if E is not None else {},
-            "tide": tide_errors(E) if E is not None else None, "tp_iou": tp_iou_summary(E),
+            "tide": tide_errors(E) if E is not None and errors else None,
+            "tp_iou": tp_iou_summary(E) if errors else None,
             "eval_settings": eval_settings or {}, **extra}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf.errors import OmegaConfBaseException
 
 from detlib.data.validation import AnnotationError
-from detlib.engine.checkpoint import CheckpointError
+from detlib.errors import CheckpointError
 
 
 class ToolError(ValueError):

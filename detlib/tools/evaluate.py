@@ -18,17 +18,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from detlib.data.coco import coco_from_dict, load_coco_json
+from detlib.data.coco_files import coco_from_dict, load_coco_json
 from detlib.data.validation import evaluation_ground_truth
-from detlib.engine import run_record
-from detlib.engine.device import autocast_dtype, resolve_device
 from detlib.evaluation.coco_eval import evaluate_coco, format_table
-from detlib.evaluation.inference import evaluate
 from detlib.evaluation.report import EVAL_DETAIL, category_names, eval_detail, metrics
 from detlib.jsonio import write_json
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.results import check_results_file, read_results
-from detlib.tools.rundir import build_from_run, load_run_config, load_weights
+
+# Scoring two files (--gt --dt) imports pycocotools only; a checkpoint (--run) imports torch and the model.
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,6 +46,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="COCO evaluation backend (default: the run's eval.backend, else pycocotools)")
     p.add_argument("--out", type=Path, help="metrics JSON to write (default: RUN/eval/metrics.json in checkpoint "
                                             "mode, none in file mode)")
+    files.add_argument("--detail", type=Path, help="file mode: also write eval_detail.json's content (AP per IoU "
+                       "and per class, TIDE errors, true positives' IoU) here")
     args = p.parse_args(argv)
     if (args.run is None) == (args.gt is None):
         p.error("give either --run RUN_DIR (checkpoint mode) or --gt GT.json --dt DT.json (file mode)")
@@ -64,21 +64,28 @@ def class_table(ap: dict[str, float | None]) -> str:
     return "\n".join(lines)
 
 
-def report(detail: dict, out: Path | None, title: str) -> None:
-    """Print the stats and the per-class table; write ``out`` (``metrics.json``'s layout) and, next to it,
-    ``detail`` as ``eval_detail.json``, the file the trainer writes, so ``compare_runs.py`` reads a run
-    evaluated afterwards (``RUN/eval/eval_detail.json``) as it reads the trainer's own."""
+def report(detail: dict, out: Path | None, title: str, with_detail: bool = True) -> None:
+    """Print the stats and the per-class table; write ``out`` (``metrics.json``'s layout) and, with
+    ``with_detail`` (checkpoint mode), next to it ``detail`` as ``eval_detail.json``, the file the trainer
+    writes, so ``compare_runs.py`` reads a run evaluated afterwards (``RUN/eval/``) as the trainer's own."""
     print(format_table(detail["stats"], title))
     if detail["per_class_ap"]:
         print("\n" + class_table(detail["per_class_ap"]))
     if out is not None:
         write_json(out, metrics(detail["stats"]))
-        write_json(out.with_name(EVAL_DETAIL), detail)
-        print(f"\nmetrics written to {out} (AP per IoU and per class: {out.with_name(EVAL_DETAIL)})")
+        if with_detail:
+            write_json(out.with_name(EVAL_DETAIL), detail)
+        print(f"\nmetrics written to {out}" + (f" (AP per IoU and per class, TIDE: {out.with_name(EVAL_DETAIL)})"
+                                               if with_detail else ""))
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
+    from detlib.engine import run_record
+    from detlib.engine.device import autocast_dtype, resolve_device
+    from detlib.evaluation.inference import evaluate
+    from detlib.tools.rundir import build_from_run, load_run_config, load_weights
+
     cfg = load_run_config(args.run, args.config_overrides)
     ckpt = args.checkpoint or args.run / "checkpoints" / "last.pt"
     model, val_set = build_from_run(cfg)
@@ -111,8 +118,11 @@ def evaluate_files(args: argparse.Namespace) -> dict:
     results = read_results(args.dt)
     check_results_file(args.dt, results, set(gt.getImgIds()), set(gt.getCatIds()))
     stats, E = evaluate_coco(gt, results, backend=args.backend or "pycocotools")
-    report(eval_detail(None, stats, E if results else None, category_names(gt)), args.out,
-           f"{args.dt} against {args.gt}")
+    detail = eval_detail(None, stats, E if results else None, category_names(gt), errors=args.detail is not None)
+    report(detail, args.out, f"{args.dt} against {args.gt}", with_detail=False)
+    if args.detail is not None:
+        write_json(args.detail, detail)
+        print(f"detail written to {args.detail}")
     return stats
 
 
