@@ -225,6 +225,9 @@ def test_identity_drops_execution_keys_and_keeps_everything_else():
     assert run_record.diff(ident, ident | {"loss.delta": 0.5, "new": 1}) == ["loss.delta: 1.0 -> 0.5", "new: <unset> -> 1"]
     hp = run_record.hparams({"identity": ident, "choices": {"loss": "huber", "model": "small"}})
     assert hp["loss"] == "huber" and hp["loss.delta"] == 1.0 and hp["seed"] == 1 and hp["model"] == "small"
+    swept = run_record.hparams({"identity": ident, "choices": {"loss": "huber", "model": "small"},
+                                "overrides": ["loss=huber", "+data.noise.outliers=0.1", "trainer.lr=0.02", "seed=1"]})
+    assert list(swept)[:5] == ["loss", "data.noise.outliers", "lr", "seed", "model"]  # what a sweep varies, first
 
 
 def test_a_record_is_never_overwritten(tmp_path):

@@ -94,14 +94,24 @@ def test_smoke_run_dashboards(smoke_run):
         if v is not None:
             assert ea.Scalars(f"val/AP/{name}")[-1].value == pytest.approx(v)
     assert {"val/pr_curves", "val/detections"} <= set(tags["images"])
+    pr = {t for t in tags["tensors"] if t.startswith("pr/")}  # TensorBoard's own PR-curve plugin, per class
+    assert pr and pr <= {"pr/rectangle", "pr/ellipse", "pr/triangle", "pr/cross"}
+    assert set(ea.PluginTagToContent("pr_curves")) == pr
     det = ea.Images("val/detections")[-1]
     assert det.step == 6 and det.width == 4 * (dashboard.TILE + 2) + 2  # four fixed val images side by side
     assert {"residuals/dx", "residuals/dy", "residuals/dw", "residuals/dh", "train/fg_iou_hist"} <= set(
         tags["histograms"])
     assert "val/per_class_AP/text_summary" in tags["tensors"]
-    assert "hparam/AP" in tags["scalars"]  # the HParams table's metric
-    assert ea.Scalars("hparam/AP")[-1].value == pytest.approx(
-        json.loads((run_dir / "metrics.json").read_text())["AP"])
+    # The HParams table: its metrics are the final val/* scalars (no one-point hparam/* charts sorting before
+    # train/ and val/); its columns start with loss, seed, lr, model.
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    assert not any(t.startswith("hparam/") for t in tags["scalars"])
+    content = ea.PluginTagToContent("hparams")
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [h.name for h in experiment.hparam_infos][:4] == ["loss", "seed", "lr", "model"]
+    assert [m.name.tag for m in experiment.metric_infos][:3] == ["val/AP", "val/AP50", "val/AP75"]
+    assert ea.Scalars("val/AP")[-1].value == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["AP"])
 
 
 def test_smoke_run_prints_the_table(smoke_run):

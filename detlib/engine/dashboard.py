@@ -1,8 +1,9 @@
 """TensorBoard dashboards beyond scalars: written at evaluation time only, so event files stay small.
 
 * ``log_eval``: per-class AP (a text table and ``val/AP/<class>`` scalars), per-class precision-recall
-  curves at IoU 0.5 and 0.75 from COCOeval's precision array, and a few fixed val images with
-  ground truth (green) and predictions (red);
+  curves at IoU 0.5 and 0.75 from COCOeval's precision array (a figure, and at IoU 0.5 as the PR-curve
+  plugin's ``pr/<class>``), and a few fixed val images with ground truth (green, with its class) and
+  predictions (red);
 * ``grad_norms``: the whole model's gradient norm and the groups it names (read at log steps only);
 * ``log_hparams``: the run's loss, its parameters and the training set-up against the final metrics.
 """
@@ -13,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 from torch import nn  # noqa: E402
@@ -40,6 +42,7 @@ def log_eval(writer: SummaryWriter, step: int, E: COCOeval, val_set: CocoDetecti
         if v is not None:
             writer.add_scalar(f"val/AP/{n}", v, step)
     writer.add_figure("val/pr_curves", pr_figure(E, names), step)
+    log_pr_curves(writer, step, E, names)
     writer.add_image("val/detections", detections_grid(model, val_set, device, score_thresh), step)
 
 
@@ -57,9 +60,24 @@ def pr_figure(E: COCOeval, names: dict[int, str]):
         ax.set(title=f"IoU {thr:.2f}", xlabel="recall", xlim=(0, 1), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("precision")
-    axes[1].legend(loc="lower left", fontsize=8)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # beside the axes, not on a curve
     fig.tight_layout()
     return fig
+
+
+def log_pr_curves(writer: SummaryWriter, step: int, E: COCOeval, names: dict[int, str], iou: float = 0.5) -> None:
+    """Per class, COCOeval's precision at its 101 recall points (IoU ``iou``, area all, largest maxDets) as
+    TensorBoard's own PR-curve plugin data (``pr/<class>``): interactive, steps comparable with a slider. The
+    plugin's count fields are not defined for COCO's interpolated curve and are written as zeros."""
+    t = int(abs(E.params.iouThrs - iou).argmin())
+    recall = np.asarray(E.params.recThrs, dtype=np.float64)
+    zeros = np.zeros_like(recall)
+    for k, cat in enumerate(E.params.catIds):
+        precision = E.eval["precision"][t, :, k, 0, -1]
+        if (precision > -1).any():
+            writer.add_pr_curve_raw(f"pr/{names.get(cat, str(cat))}", zeros, zeros, zeros, zeros,
+                                    precision.clip(min=0)[::-1].copy(), recall[::-1].copy(), step,
+                                    num_thresholds=len(recall))
 
 
 @torch.no_grad()
@@ -76,7 +94,8 @@ def detections_grid(model: nn.Module, val_set: CocoDetection, device: torch.devi
         scale = TILE / max(image.shape[1:])  # small images drawn larger so labels stay legible, big ones smaller
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
         canvas = F.interpolate(image[None] * 255, size=size, mode="bilinear")[0].clamp(0, 255).to(torch.uint8)
-        canvas = draw_bounding_boxes(canvas, target["boxes"] * scale, colors="lime", width=2)
+        gt_labels = [val_set.class_names[int(lab) - 1] for lab in target["labels"].tolist()]
+        canvas = draw_bounding_boxes(canvas, target["boxes"] * scale, labels=gt_labels, colors="lime", width=2)
         keep = det["scores"] > score_thresh
         labels = [f"{val_set.class_names[int(lab) - 1]} {s:.2f}" for lab, s in
                   zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
@@ -104,11 +123,11 @@ def grad_norms(model: nn.Module, scale: float = 1.0) -> dict[str, float]:
 def log_hparams(writer: SummaryWriter, hparams: dict, stats: dict, step: int) -> None:
     """One HParams row per run, so a sweep compares in TensorBoard's HParams table.
 
-    Written into the run's own event file (``add_hparams`` would open a second one), with the final
-    stats as ``hparam/<stat>`` scalars, the metrics the table shows."""
+    Written into the run's own event file (``add_hparams`` would open a second one). The table's metrics
+    are the final evaluation's own ``val/<stat>`` scalars (their last value), so no one-point charts are
+    added and the scalar views open on the training and validation curves. Columns follow ``hparams``'
+    order (``run_record.hparams``: what differs between a sweep's runs first)."""
     clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-    metrics = {f"hparam/{k}": (float("nan") if v is None else v) for k, v in stats.items()}
+    metrics = {f"val/{k}": (float("nan") if v is None else v) for k, v in stats.items()}
     for summary in hparams_summary(clean, metrics):
         writer.file_writer.add_summary(summary)
-    for k, v in metrics.items():
-        writer.add_scalar(k, v, step)

@@ -223,7 +223,9 @@ class RunLock:
 
 
 def hparams(record: Mapping) -> dict:
-    """The flat parameters TensorBoard's HParams table compares runs by, read from the run's record."""
+    """The flat parameters TensorBoard's HParams table compares runs by, read from the run's record, in the
+    order its columns should show: the keys this launch overrode (in a sweep: what differs between its runs),
+    then loss, seed, lr and model, then the rest (the table shows the first few by default)."""
     ident, choices = record["identity"], record.get("choices", {})
     loss = {k[len("loss."):]: v for k, v in ident.items() if k.startswith("loss.") and k != "loss._target_"}
     out = {"loss": choices.get("loss", str(ident.get("loss._target_", "?")).rsplit(".", 1)[-1])}
@@ -232,4 +234,12 @@ def hparams(record: Mapping) -> dict:
             "data": ident.get("data.name"), "max_iters": ident.get("trainer.max_iters"),
             "model": choices.get("model", "?")}
     out |= {k: v for k, v in ident.items() if k.startswith("data.noise.")}
-    return out
+    short = {"trainer.lr": "lr", "data.batch_size": "batch_size", "trainer.max_iters": "max_iters"}
+    first = []
+    for override in record.get("overrides", []):
+        key = short.get(k := override.split("=", 1)[0].lstrip("+~"), k)
+        if key in out or key in ident:
+            out.setdefault(key, ident.get(key))
+            first.append(key)
+    order = list(dict.fromkeys(first + ["loss", "seed", "lr", "model"] + list(out)))
+    return {k: out[k] for k in order}
