@@ -36,8 +36,11 @@ from detlib.data.build import build_datasets
 from detlib.engine import run_record
 from detlib.engine.build import build_losses, build_model
 from detlib.engine.checkpoint import CheckpointError
-from detlib.engine.guards import Interrupted
+from detlib.engine.guards import Interrupted, NonFiniteLossError
 from detlib.engine.trainer import train
+from detlib.evaluation.coco_eval import STAT_NAMES
+from detlib.evaluation.report import METRICS
+from detlib.jsonio import write_json
 from detlib.modeling.proposals import check_proposal_ids
 
 register()
@@ -151,8 +154,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
 
     record, eval_changes = record_for(cfg, typed, train_set, val_set, run_dir)
     if (run_dir / "metrics.json").is_file():
-        log.info("%s: this run finished at iteration %d; skipping it (metrics.json kept)", run_dir,
-                 typed.trainer.max_iters)
+        log.info("%s: this run %s; skipping it (metrics.json kept)", run_dir, "diverged (diverged.json)"
+                 if (run_dir / "diverged.json").is_file() else f"finished at iteration {typed.trainer.max_iters}")
         if eval_changes:
             log.warning("its metrics were computed with the recorded inference settings, not these:\n  %s\n"
                         "to evaluate it with them: uv run tools/evaluate.py --run %s --config-overrides ...",
@@ -169,9 +172,25 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     log.info("data: %d train / %d val images, classes %s", len(train_set), len(val_set), train_set.class_names)
     log.info("box loss: %r   rpn box loss: %r", box_loss, rpn_box_loss)
     meta = {k: record[k] for k in ("identity", "eval", "data_files")}
-    stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
-                  typed.data.num_workers, typed.seed, meta, run_record.hparams(record))
+    try:
+        stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
+                      typed.data.num_workers, typed.seed, meta, run_record.hparams(record))
+    except NonFiniteLossError as e:
+        if typed.trainer.on_nonfinite != "record":
+            raise
+        stats = record_divergence(run_dir, e)
     return stats.get("AP")
+
+
+def record_divergence(run_dir: Path, error: NonFiniteLossError) -> dict:
+    """``trainer.on_nonfinite=record``: a diverged run is a result (a stability sweep goes on): every AP and AR
+    is 0 in ``metrics.json`` (the collapse it is), and ``diverged.json`` says why."""
+    stats = dict.fromkeys(STAT_NAMES, 0.0)
+    if dist.is_main():
+        write_json(run_dir / "diverged.json", {"reason": str(error).splitlines()[0]})
+        write_json(run_dir / METRICS, stats)
+    log.warning("diverged (non-finite loss), recorded as AP 0: %s", str(error).splitlines()[0])
+    return stats
 
 
 def record_for(cfg: DictConfig, typed: Config, train_set, val_set, run_dir: Path) -> tuple[dict, list[str]]:

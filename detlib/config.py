@@ -55,8 +55,9 @@ class Amp(Choice):
 
 
 class OnNonFinite(Choice):
-    stop = "stop"
-    skip = "skip"
+    stop = "stop"  # an error naming the iteration, terms and images (exit 1)
+    skip = "skip"  # skip the step, up to max_nonfinite in a row
+    record = "record"  # stop, and record the run as diverged (AP 0, diverged.json): a result, so sweeps go on
 
 
 class EvalBackend(Choice):

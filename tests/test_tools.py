@@ -619,3 +619,12 @@ def test_evaluate_file_mode_writes_only_what_it_is_told_and_needs_no_torch(coco_
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"  # scoring files never imports torch
+
+
+def test_compare_runs_lists_diverged_runs(tmp_path):
+    fake_run(tmp_path / "a", "smooth_l1", 0, 0.5)
+    bad = fake_run(tmp_path / "b", "l1", 0, 0.0)
+    (bad / "diverged.json").write_text(json.dumps({"reason": "non-finite loss at iteration 7"}))
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "comparison.md").read_text()
+    assert "## Diverged runs" in md and "non-finite loss at iteration 7" in md and "`" + str(bad) + "`" in md

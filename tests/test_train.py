@@ -208,3 +208,21 @@ def test_bad_input_fails_at_start_with_a_clear_message(tmp_path, args, needle):
     assert proc.returncode != 0
     assert needle in proc.stderr + proc.stdout
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_diverged_run_is_recorded_as_a_result_and_the_sweep_goes_on(tmp_path, data_root, monkeypatch):
+    """trainer.on_nonfinite=record (stability sweeps): the first job's loss turns NaN at iteration 2."""
+    monkeypatch.setenv("DETLIB_FAULT_RANK", "0")
+    monkeypatch.setenv("DETLIB_FAULT_CALL", "2")  # counted over the sweep's process: only the first job is hit
+    proc = run_train("-m", "experiment=smoke", f"data.root={data_root}", "trainer.device=cpu", "trainer.progress=false",
+                     "loss=l1", "loss._target_=tests.faults.NaNOnRank", "trainer.on_nonfinite=record", "seed=0,1",
+                     f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert json.loads((first / "diverged.json").read_text())["reason"].startswith("non-finite loss at iteration 2")
+    assert set(json.loads((first / "metrics.json").read_text()).values()) == {0.0}  # the AP collapse it is
+    assert not (second / "diverged.json").exists() and (second / "checkpoints" / "last.pt").is_file()
+    rerun = run_train("experiment=smoke", f"data.root={data_root}", "trainer.device=cpu", "loss=l1",
+                      "loss._target_=tests.faults.NaNOnRank", "trainer.on_nonfinite=record", "seed=0",
+                      f"hydra.run.dir='{first}'")
+    assert rerun.returncode == 0 and "diverged (diverged.json); skipping it" in rerun.stdout + rerun.stderr

@@ -78,7 +78,7 @@ class NonFiniteGuard:
         self.in_row += 1
         detail = (describe_nonfinite(it, out, targets, self.dataset, self.run_dir) if bad_here else
                   f"non-finite loss on another rank at iteration {it + 1} (this is rank {dist.rank()})")
-        if self.on_nonfinite == "stop" or self.in_row >= self.max_in_row:
+        if self.on_nonfinite in ("stop", "record") or self.in_row >= self.max_in_row:
             raise NonFiniteLossError(detail)
         log.warning("skipping step: %s", detail)
 

@@ -131,6 +131,10 @@ def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], met
     if missing:
         parts += ["", f"Not in the AP-per-IoU figure (no eval_detail.json): {', '.join(missing)}; "
                   "`tools/evaluate.py --run RUN` writes one to RUN/eval/."]
+    diverged = [r for g in groups for r in g.runs if r.diverged]
+    if diverged:
+        parts += ["", "## Diverged runs (non-finite loss; scored AP 0)", ""] + [
+            f"- `{r.path}`: {r.diverged}" for r in diverged]
     if unfinished:
         parts += ["", "## Unfinished or unreadable runs", ""] + [f"- `{r.path}`: {r.problem}" for r in unfinished]
     path.write_text("\n".join(parts) + "\n")

@@ -41,6 +41,7 @@ class Run:
     ap_per_iou: dict[str, float | None] | None = None
     tide: dict | None = None  # eval_detail.json's "tide": TIDE's dAP per error type
     tp_iou: dict | None = None  # eval_detail.json's "tp_iou": the true positives' IoU distribution
+    diverged: str | None = None  # diverged.json's reason (trainer.on_nonfinite=record): scored AP 0
     problem: str = ""
     legacy: bool = False  # no run.json: set-up read from Hydra's rewritable .hydra files
 
@@ -135,6 +136,8 @@ def _with_metrics(run: Run) -> Run:
         run.problem = f"{METRICS} unreadable or without AP"
         return run
     run.metrics = metrics
+    diverged = _read_json(run.path / "diverged.json")
+    run.diverged = str(diverged.get("reason", "?")) if isinstance(diverged, dict) else None
     run.ap_per_iou, run.tide, run.tp_iou = (_from_eval_detail(run.path, metrics["AP"], k)
                                             for k in ("ap_per_iou", "tide", "tp_iou"))
     return run
