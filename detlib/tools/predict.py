@@ -36,6 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="folder for detections.json and the drawn images")
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections at or above this (default 0.5)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--scale", type=int, default=1, help="draw the images this many times larger (default 1)")
     return p.parse_args(argv)
 
 
@@ -66,7 +67,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
         empty = {"boxes": det["boxes"][:0], "labels": det["labels"][:0]}
         write_png(draw(image, empty, keep({k: det[k] for k in ("boxes", "scores", "labels")}, args.score_thresh),
-                       predictor.names, 1), str(output_path(args.out, path.stem)))
+                       predictor.names, args.scale), str(output_path(args.out, path.stem)))
     write_json(args.out / "detections.json", results)
     write_json(args.out / "images.json", index)
     print(f"{len(files)} images, {len(results)} detections: {args.out / 'detections.json'}; drawn (score >= "
