@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from detlib.config import SyntheticConfig
 from detlib.data.validation import AnnotationError
@@ -133,7 +134,7 @@ def _write_split(spec: SyntheticSpec, split: str, folder: Path) -> dict:
     n = spec.num_train if split == "train" else spec.num_val
     (folder / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for i in range(n):
+    for i in tqdm(range(n), desc=f"build {split}", unit="img", leave=False, disable=None):
         pixels, objects = make_image(spec, split, i)
         name = f"{split}/{i:06d}.png"
         Image.fromarray(pixels).save(folder / name, compress_level=1)

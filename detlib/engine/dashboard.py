@@ -95,11 +95,13 @@ def detections_grid(model: nn.Module, val_set: CocoDetection, device: torch.devi
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
         canvas = F.interpolate(image[None] * 255, size=size, mode="bilinear")[0].clamp(0, 255).to(torch.uint8)
         gt_labels = [val_set.class_names[int(lab) - 1] for lab in target["labels"].tolist()]
-        canvas = draw_bounding_boxes(canvas, target["boxes"] * scale, labels=gt_labels, colors="lime", width=2)
+        if len(gt_labels):  # torchvision warns on every empty call
+            canvas = draw_bounding_boxes(canvas, target["boxes"] * scale, labels=gt_labels, colors="lime", width=2)
         keep = det["scores"] > score_thresh
         labels = [f"{val_set.class_names[int(lab) - 1]} {s:.2f}" for lab, s in
                   zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
-        canvas = draw_bounding_boxes(canvas, det["boxes"][keep].cpu() * scale, labels=labels, colors="red", width=1)
+        if labels:
+            canvas = draw_bounding_boxes(canvas, det["boxes"][keep].cpu() * scale, labels=labels, colors="red", width=1)
         tiles.append(canvas)
     h, w = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
     tiles = [F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in tiles]  # mixed sizes and orientations

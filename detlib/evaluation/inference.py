@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from detlib import distributed as dist
 from detlib.data.coco import CocoDetection, collate
@@ -47,7 +48,7 @@ def predict(
     sums: dict[str, torch.Tensor] = {}
     batches = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for images, targets in loader:
+        for images, targets in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=None if rank == 0 else True):
             images, tgts = to_device(device, images, targets)
             with autocast(device, autocast_dtype):
                 out = model(images, tgts if with_losses else None, detect=True)
