@@ -128,7 +128,7 @@ class TrainerConfig:
     log_period: int = 20
     checkpoint_period: int = 250
     keep_last: int = 3
-    resume: str = "auto"  # auto: continue this run directory's last checkpoint if any (skip if finished) | "" (fresh) | PATH
+    resume: str = "auto"  # auto: continue the folder's last checkpoint (skip if finished) | new: start over, new folder | "" | PATH
     amp: Amp = Amp.off
     clip_grad_norm: float | None = None
     on_nonfinite: OnNonFinite = OnNonFinite.stop
@@ -160,10 +160,10 @@ class Config:
 def register() -> None:
     from omegaconf import OmegaConf
 
-    from detlib.distributed import run_stamp
+    from detlib.engine.run_record import run_dir
 
     # A new run directory, claimed once and shared by every torchrun rank (configs/train.yaml: hydra.run.dir).
-    OmegaConf.register_new_resolver("detlib_run_dir", run_stamp, replace=True)
+    OmegaConf.register_new_resolver("detlib_run_dir", run_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="detlib_schema", node=Config)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -63,25 +64,27 @@ _STAMP: list[str] = []
 _STORE: list = []  # torchrun's agent store (one per torchrun invocation, kept across restarts)
 
 
-def run_stamp(base: str = "outputs") -> str:
-    """A new run directory under ``base``, the same on every rank (Hydra resolver ``detlib_run_dir``).
+def run_stamp(base: str = "outputs", choose: Callable[[], str] | None = None) -> str:
+    """A run directory under ``base``, the same on every rank (Hydra resolver ``detlib_run_dir``).
 
-    ``base/DATE/TIME``, claimed with ``mkdir`` so two runs started in the same second get two folders
-    (the second gets ``TIME-1``). Under torchrun, rank 0 claims it and leaves the name in torchrun's
-    store, where the other ranks, and every rank after a ``--max-restarts`` restart, read it: the
-    restarted workers continue in the same folder, while another torchrun job gets its own.
+    ``choose`` picks it (default ``_claim``: a new ``base/DATE/TIME``, claimed with ``mkdir`` so two runs
+    started in the same second get two folders, the second ``TIME-1``). Under torchrun, rank 0 chooses and
+    leaves the name in torchrun's store, where the other ranks, and every rank after a ``--max-restarts``
+    restart, read it: the restarted workers continue in the same folder, while another torchrun job gets
+    its own.
     """
     if _STAMP:
         return _STAMP[0]
+    choose = choose or (lambda: _claim(base))
     if world_size() == 1:
-        stamp = _claim(base)
+        stamp = choose()
     elif _STORE:
         key, store = f"detlib/run_dir/{base}", _STORE[0]
         if rank() == 0 and not store.check([key]):
-            store.set(key, _claim(base))
+            store.set(key, choose())
         stamp = store.get(key).decode()
-    else:  # a process group made without torchrun: no restarts, rank 0's claim is broadcast
-        box = [_claim(base) if rank() == 0 else None]
+    else:  # a process group made without torchrun: no restarts, rank 0's choice is broadcast
+        box = [choose() if rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)
         stamp = box[0]
     _STAMP.append(stamp)

@@ -238,3 +238,35 @@ def test_a_record_is_never_overwritten(tmp_path):
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(run_record.RunIdentityError, match="run.json: unreadable"):
         run_record.read_record(tmp_path)
+
+
+@pytest.mark.slow
+def test_rerunning_the_same_command_continues_the_interrupted_run_in_its_folder(tmp_path, data_root):
+    """No hydra.run.dir: SIGINT, then the very same command resumes at the saved iteration in the same folder;
+    trainer.resume=new starts over in a new one."""
+    args = ["experiment=smoke", f"data.root={data_root}", "trainer.progress=false", "trainer.device=cpu",
+            "trainer.max_iters=12", "trainer.log_period=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(ROOT / "train.py"), *args]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("outputs/*/*/train.log")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    (run_dir,) = [p.parent for p in tmp_path.glob("outputs/*/*/train.log")]
+    _wait_for_line(run_dir, "iter 2/", proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-3000:]
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["iteration"]
+    assert 2 <= saved < 12 and not (run_dir / "metrics.json").exists()
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.parent for p in tmp_path.glob("outputs/*/*/train.log")] == [run_dir]  # the same folder
+    assert f"resumed from {run_dir.resolve() / 'checkpoints' / 'last.pt'} at iteration {saved}" in \
+        (run_dir / "train.log").read_text()
+    assert (run_dir / "metrics.json").is_file()
+    fresh = subprocess.run([*command, "trainer.resume=new"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert len(list(tmp_path.glob("outputs/*/*/metrics.json"))) == 2  # started over in a new folder

@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 RECORD = "run.json"
@@ -158,7 +158,8 @@ def check(record: Mapping, ident: Mapping, run_dir: str | Path) -> None:
             f"{Path(run_dir) / RECORD}: this folder holds a run with a different set-up:\n  "
             + "\n  ".join(diffs)
             + "\nits results belong to the recorded set-up. Run the new set-up in a new folder "
-              "(drop hydra.run.dir / use another hydra.sweep.dir), or launch with the recorded values.")
+              "(add trainer.resume=new, or drop hydra.run.dir / use another hydra.sweep.dir), or launch with "
+              "the recorded values.")
 
 
 def foreign_files(run_dir: str | Path) -> list[str]:
@@ -243,3 +244,50 @@ def hparams(record: Mapping) -> dict:
             first.append(key)
     order = list(dict.fromkeys(first + ["loss", "seed", "lr", "model"] + list(out)))
     return {k: out[k] for k in order}
+
+
+NEW_RUN = "trainer.resume=new"  # the switch that starts over in a new folder instead of continuing
+
+
+def run_dir(base: str = "outputs", overrides: Sequence[str] | None = None) -> str:
+    """The run folder of a launch (Hydra resolver ``detlib_run_dir``): the newest unfinished run under
+    ``base`` launched with exactly these ``overrides`` and not running now, so re-running the same command
+    continues it (as detectron2's ``--resume``, but by default); otherwise, or with ``trainer.resume=new``,
+    a new ``base/DATE/TIME`` folder."""
+    from detlib import distributed as dist
+
+    wanted = None if overrides is None else [str(o) for o in overrides]
+    return dist.run_stamp(base, lambda: (None if wanted is None or NEW_RUN in wanted else
+                                         unfinished_run(base, wanted)) or dist._claim(base))
+
+
+def unfinished_run(base: str | Path, overrides: list[str]) -> str | None:
+    """The newest ``base/DATE/TIME`` whose ``run.json`` records ``overrides``, without ``metrics.json``
+    (unfinished) and not locked by a live process; None if there is none."""
+    candidates = []
+    for record_file in Path(base).glob(f"*/*/{RECORD}"):
+        folder = record_file.parent
+        if (folder / "metrics.json").exists() or _locked(folder / LOCK):
+            continue
+        try:
+            record = json.loads(record_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("overrides") == overrides:
+            candidates.append((record_file.stat().st_mtime, str(folder)))
+    return max(candidates)[1] if candidates else None
+
+
+def _locked(path: Path) -> bool:
+    """Whether a live process holds ``RunLock`` on ``path`` (the lock itself is taken later, by train.py)."""
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -60,9 +60,7 @@ def train(
     resumed = resume(state, cfg.resume, run_dir / "checkpoints", meta, device)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if dist.world_size() > 1 else model  # after loading, so every rank starts from the same weights
-    writer = _open_writer(run_dir, state.iteration if resumed else None, train_set) if main else None
-    if main:
-        truncate_jsonl(run_dir / METRICS_JSONL, state.iteration)
+    writer = _open_writer(run_dir, state.iteration, train_set) if main else None
     loader = _loader(train_set, batch_size, num_workers, seed, state.iteration, cfg.max_iters, device)
     save = partial(_save, state, run_dir / "checkpoints", cfg.keep_last, meta, loader.batch_sampler)
     evaluate_now = partial(evaluate_and_log, model, val_set, device, eval_cfg, amp_dtype, writer=writer,
@@ -85,7 +83,7 @@ def train(
                 if log_now:
                     means = state.window.flush()  # on every rank: averaged over them
                     histograms = _log_step(state, means, result, writer, bar, cfg.max_iters,
-                                           run_dir / METRICS_JSONL) if main else None
+                                           run_dir) if main else None
                 if cfg.eval_period and done % cfg.eval_period == 0 and done < cfg.max_iters:
                     evaluate_now(done, histograms=histograms)
                 if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == cfg.max_iters \
@@ -160,7 +158,7 @@ def optimizer_step(
 
 
 def _log_step(state: TrainState, means_t: dict, result: StepResult, writer: SummaryWriter, bar: tqdm,
-              max_iters: int, jsonl: Path) -> dict:
+              max_iters: int, run_dir: Path) -> dict:
     """Scalars (TensorBoard and a ``metrics.jsonl`` line), diagnostics and the log line of a log step (rank 0);
     returns the histogram diagnostics."""
     done = state.iteration
@@ -172,7 +170,7 @@ def _log_step(state: TrainState, means_t: dict, result: StepResult, writer: Summ
     for k, v in scalars.items():
         writer.add_scalar(k, v, done)
     rate = state.window.rate(done)
-    append_jsonl(jsonl, {"iteration": done, "time": time.time(), "it_per_s": rate} | scalars)
+    append_jsonl(run_dir / METRICS_JSONL, {"iteration": done, "time": time.time(), "it_per_s": rate} | scalars)
     bar.set_postfix(loss=f"{means['loss']:.3f}", box=f"{means.get('loss_box_reg', float('nan')):.3f}")
     terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
     eta = (max_iters - done) / max(rate, 1e-9)
@@ -219,7 +217,7 @@ def _save(state: TrainState, ckpt_dir: Path, keep_last: int, meta: dict, sampler
 
 
 def _resume_path(resume: str, ckpt_dir: Path) -> Path | None:
-    if not resume:
+    if not resume or resume == "new":  # new: a fresh run (in a new folder: run_record.run_dir)
         return None
     if resume == "auto":
         last = ckpt_dir / "last.pt"
@@ -257,9 +255,10 @@ def _loader(dataset: CocoDetection, batch_size: int, num_workers: int, seed: int
                       generator=torch.Generator().manual_seed(seed))
 
 
-def _open_writer(run_dir: Path, resumed_at: int | None, train_set: CocoDetection) -> SummaryWriter:
+def _open_writer(run_dir: Path, start: int, train_set: CocoDetection) -> SummaryWriter:
     # Steps after the checkpoint that a killed run had already logged are dropped, not duplicated.
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=None if resumed_at is None else resumed_at + 1)
+    truncate_jsonl(run_dir / METRICS_JSONL, start)
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
     for k, v in (getattr(train_set, "noise_stats", None) or {}).items():  # the realised annotation noise
         writer.add_scalar(f"data/noise/{k}", float(v), 0)
     return writer
