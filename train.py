@@ -36,6 +36,7 @@ from detlib.data.build import build_datasets
 from detlib.engine import run_record
 from detlib.engine.build import build_losses, build_model
 from detlib.engine.checkpoint import CheckpointError
+from detlib.engine.device import busy_cores, resolve_device, thread_advice
 from detlib.engine.guards import Interrupted, NonFiniteLossError
 from detlib.engine.trainer import train
 from detlib.evaluation.coco_eval import STAT_NAMES
@@ -142,6 +143,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     torch.manual_seed(typed.seed)
     if typed.trainer.num_threads:
         torch.set_num_threads(typed.trainer.num_threads)
+    elif dist.world_size() == 1 and resolve_device(typed.trainer.device).type == "cpu":
+        advice = thread_advice(busy_cores(), torch.get_num_threads(), os.cpu_count() or 1)
+        if advice:
+            log.warning(advice)
 
     box_loss, rpn_box_loss = build_losses(cfg)  # fail fast on bad parameters
     if not dist.is_main():
