@@ -63,17 +63,17 @@ def test_smoke_run_tensorboard_tags(smoke_run):
     ea = scalars(run_dir)
     tags = set(ea.Tags()["scalars"])
     assert TRAIN_TAGS <= tags and VAL_TAGS <= tags
-    shadow = {"shadow/smooth_l1", "shadow/huber", "shadow/l1", "shadow/l2", "shadow/giou", "train/fg_iou",
-              "shadow/smooth_l1_quadratic_frac", "shadow/huber_quadratic_frac"}
+    shadow = {f"train/shadow/{k}" for k in ("smooth_l1", "huber", "l1", "l2", "giou", "smooth_l1_quadratic_frac",
+                                            "huber_quadratic_frac")} | {"train/fg_iou"}
     assert shadow <= tags
-    assert [e.step for e in ea.Scalars("shadow/l2")] == [2, 4, 6]  # every log_period, not every step
+    assert [e.step for e in ea.Scalars("train/shadow/l2")] == [2, 4, 6]  # every log_period, not every step
     assert all(0 <= e.value <= 1 for e in ea.Scalars("train/fg_iou"))
     assert {"val/loss", "val/loss_box_reg", "val/loss_cls"} <= tags
     assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6]
     assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("train/loss"))
     p50, p90 = ea.Scalars("train/abs_residual_p50"), ea.Scalars("train/abs_residual_p90")
     assert all(0 <= a.value <= b.value for a, b in zip(p50, p90)) and len(p50) == 3
-    assert {"tide/dAP_Loc", "tide/dAP_Miss", "val/tp_iou_mean"} <= tags
+    assert {"val/tide/dAP_Loc", "val/tide/dAP_Miss", "val/tp_iou_mean"} <= tags
 
 
 def test_smoke_run_dashboards(smoke_run):
@@ -94,19 +94,21 @@ def test_smoke_run_dashboards(smoke_run):
         if v is not None:
             assert ea.Scalars(f"val/AP/{name}")[-1].value == pytest.approx(v)
     assert {"val/pr_curves", "val/detections"} <= set(tags["images"])
-    pr = {t for t in tags["tensors"] if t.startswith("pr/")}  # TensorBoard's own PR-curve plugin, per class
-    assert pr and pr <= {"pr/rectangle", "pr/ellipse", "pr/triangle", "pr/cross"}
+    pr = {t for t in tags["tensors"] if t.startswith("val/pr/")}  # TensorBoard's own PR-curve plugin, per class
+    assert pr and pr <= {"val/pr/rectangle", "val/pr/ellipse", "val/pr/triangle", "val/pr/cross"}
     assert set(ea.PluginTagToContent("pr_curves")) == pr
     det = ea.Images("val/detections")[-1]
     assert det.step == 6 and det.width == 4 * (dashboard.TILE + 2) + 2  # four fixed val images side by side
-    assert {"residuals/dx", "residuals/dy", "residuals/dw", "residuals/dh", "train/fg_iou_hist"} <= set(
-        tags["histograms"])
+    residuals = {f"train/residuals/{k}" for k in ("dx", "dy", "dw", "dh")}
+    assert residuals | {"train/fg_iou_hist"} <= set(tags["histograms"])
     assert "val/per_class_AP/text_summary" in tags["tensors"]
     # The HParams table: its metrics are the final val/* scalars (no one-point hparam/* charts sorting before
     # train/ and val/); its columns start with loss, seed, lr, model.
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     assert not any(t.startswith("hparam/") for t in tags["scalars"])
+    groups = {t.split("/")[0] for kind in ("scalars", "histograms", "images") for t in tags[kind]}
+    assert groups == {"train", "val"}  # no diagnostics group sorts before them: the views open on the curves
     content = ea.PluginTagToContent("hparams")
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert [h.name for h in experiment.hparam_infos][:4] == ["loss", "seed", "lr", "model"]

@@ -2,7 +2,7 @@
 
 * ``log_eval``: per-class AP (a text table and ``val/AP/<class>`` scalars), per-class precision-recall
   curves at IoU 0.5 and 0.75 from COCOeval's precision array (a figure, and at IoU 0.5 as the PR-curve
-  plugin's ``pr/<class>``), and a few fixed val images with ground truth (green, with its class) and
+  plugin's ``val/pr/<class>``), and a few fixed val images with ground truth (green, with its class) and
   predictions (red);
 * ``grad_norms``: the whole model's gradient norm and the groups it names (read at log steps only);
 * ``log_hparams``: the run's loss, its parameters and the training set-up against the final metrics.
@@ -67,7 +67,7 @@ def pr_figure(E: COCOeval, names: dict[int, str]):
 
 def log_pr_curves(writer: SummaryWriter, step: int, E: COCOeval, names: dict[int, str], iou: float = 0.5) -> None:
     """Per class, COCOeval's precision at its 101 recall points (IoU ``iou``, area all, largest maxDets) as
-    TensorBoard's own PR-curve plugin data (``pr/<class>``): interactive, steps comparable with a slider. The
+    TensorBoard's own PR-curve plugin data (``val/pr/<class>``): interactive, steps comparable with a slider. The
     plugin's count fields are not defined for COCO's interpolated curve and are written as zeros."""
     t = int(abs(E.params.iouThrs - iou).argmin())
     recall = np.asarray(E.params.recThrs, dtype=np.float64)
@@ -75,7 +75,7 @@ def log_pr_curves(writer: SummaryWriter, step: int, E: COCOeval, names: dict[int
     for k, cat in enumerate(E.params.catIds):
         precision = E.eval["precision"][t, :, k, 0, -1]
         if (precision > -1).any():
-            writer.add_pr_curve_raw(f"pr/{names.get(cat, str(cat))}", zeros, zeros, zeros, zeros,
+            writer.add_pr_curve_raw(f"val/pr/{names.get(cat, str(cat))}", zeros, zeros, zeros, zeros,
                                     precision.clip(min=0)[::-1].copy(), recall[::-1].copy(), step,
                                     num_thresholds=len(recall))
 

@@ -54,7 +54,7 @@ def evaluate_and_log(
     detail = write_eval_detail(run_dir / EVAL_DETAIL, iteration, stats, E, category_names(val_set.coco),
                                val_losses, eval_settings, **extra)
     for k, v in ((detail["tide"] or {}).get("dAP") or {}).items():
-        writer.add_scalar(f"tide/dAP_{k}", v, iteration)
+        writer.add_scalar(f"val/tide/dAP_{k}", v, iteration)
     if detail["tp_iou"]:
         writer.add_scalar("val/tp_iou_mean", detail["tp_iou"]["mean"], iteration)
     writer.flush()
