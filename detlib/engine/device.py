@@ -58,9 +58,9 @@ def busy_cores(sample_s: float = 0.3) -> float | None:
         time.sleep(sample_s)
         with open("/proc/stat") as f:
             after = f.readline()
-    except OSError:
+        return busy_between(before, after)
+    except (OSError, ValueError, IndexError):  # no /proc (not Linux), or a sandbox's /proc/stat in another format
         return None
-    return busy_between(before, after)
 
 
 def busy_between(before: str, after: str) -> float:
