@@ -198,7 +198,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(format_text(error_table(error_rows(groups))))
     for r in unfinished:
         print(f"unfinished: {r.path}: {r.problem}")
-    print(f"\nwrote {out / 'comparison.md'}, comparison.csv, ap_bar.png" + (", ap_per_iou.png" if drawn else ""))
+    print(f"\nwrote {out / 'comparison.md'}, comparison.csv, ap_bar.png" + (", ap_per_iou.png" if drawn else "")
+          + (", tide.png, tp_iou.png" if errors else ""))
     return 0
 
 
