@@ -30,7 +30,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from detlib.engine.sweep_callbacks import CompareRuns
 from detlib.evaluation.coco_eval import STAT_NAMES
-from detlib.tools import compare_runs, evaluate, export, plot_logs, plot_losses, predict, visualize
+from detlib.tools import (
+    browse_dataset,
+    compare_runs,
+    evaluate,
+    export,
+    plot_logs,
+    plot_losses,
+    predict,
+    visualize,
+)
 from detlib.tools import stats as ttest
 from detlib.tools.compare_plots import plot_against
 from detlib.tools.groups import group_runs
@@ -41,7 +50,7 @@ from .conftest import ROOT, run_train
 
 TOOLS = ROOT / "tools"
 ALL = {"evaluate": evaluate, "compare_runs": compare_runs, "plot_losses": plot_losses, "visualize": visualize,
-       "predict": predict, "export": export, "plot_logs": plot_logs}
+       "predict": predict, "export": export, "plot_logs": plot_logs, "browse_dataset": browse_dataset}
 
 
 # ---------------------------------------------------------------------------------------------

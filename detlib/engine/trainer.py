@@ -260,7 +260,7 @@ def _open_writer(run_dir: Path, start: int, train_set: CocoDetection) -> Summary
     truncate_jsonl(run_dir / METRICS_JSONL, start)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
     for k, v in (getattr(train_set, "noise_stats", None) or {}).items():  # the realised annotation noise
-        writer.add_scalar(f"data/noise/{k}", float(v), 0)
+        writer.add_scalar(f"train/noise/{k}", float(v), 0)
     return writer
 
 
