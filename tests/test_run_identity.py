@@ -228,6 +228,8 @@ def test_identity_drops_execution_keys_and_keeps_everything_else():
     swept = run_record.hparams({"identity": ident, "choices": {"loss": "huber", "model": "small"},
                                 "overrides": ["loss=huber", "+data.noise.outliers=0.1", "trainer.lr=0.02", "seed=1"]})
     assert list(swept)[:5] == ["loss", "data.noise.outliers", "lr", "seed", "model"]  # what a sweep varies, first
+    assert run_record.leading_hparams(swept) == ["loss", "data.noise.outliers", "lr", "seed", "model"]
+    assert run_record.leading_hparams(hp) == ["loss", "seed", "lr", "model"]  # TensorBoard shows these first
 
 
 def test_a_record_is_never_overwritten(tmp_path):

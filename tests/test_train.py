@@ -104,6 +104,7 @@ def test_smoke_run_dashboards(smoke_run):
     assert "val/per_class_AP/text_summary" in tags["tensors"]
     # The HParams table: its metrics are the final val/* scalars (no one-point hparam/* charts sorting before
     # train/ and val/); its columns start with loss, seed, lr, model.
+    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     assert not any(t.startswith("hparam/") for t in tags["scalars"])
@@ -112,6 +113,10 @@ def test_smoke_run_dashboards(smoke_run):
     content = ea.PluginTagToContent("hparams")
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert [h.name for h in experiment.hparam_infos][:4] == ["loss", "seed", "lr", "model"]
+    # TensorBoard re-sorts the columns (differs first, then by name) and ticks the first five: its own sort
+    # must put loss, seed, lr and model first, not batch_size, data, data.noise.* (the alphabetical first).
+    _sort_and_reduce_to_hparams_limit(experiment)
+    assert {h.name for h in experiment.hparam_infos[:4]} == {"loss", "seed", "lr", "model"}
     assert [m.name.tag for m in experiment.metric_infos][:3] == ["val/AP", "val/AP50", "val/AP75"]
     assert ea.Scalars("val/AP")[-1].value == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["AP"])
 

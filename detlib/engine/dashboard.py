@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -17,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
@@ -122,14 +125,22 @@ def grad_norms(model: nn.Module, scale: float = 1.0) -> dict[str, float]:
         "train/grad_norm/total": float(norm(model.parameters()))}
 
 
-def log_hparams(writer: SummaryWriter, hparams: dict, stats: dict, step: int) -> None:
+def log_hparams(writer: SummaryWriter, hparams: dict, stats: dict, step: int, leading: Sequence[str] = ()) -> None:
     """One HParams row per run, so a sweep compares in TensorBoard's HParams table.
 
     Written into the run's own event file (``add_hparams`` would open a second one). The table's metrics
     are the final evaluation's own ``val/<stat>`` scalars (their last value), so no one-point charts are
-    added and the scalar views open on the training and validation curves. Columns follow ``hparams``'
-    order (``run_record.hparams``: what differs between a sweep's runs first)."""
+    added and the scalar views open on the training and validation curves. TensorBoard orders the columns
+    by (``differs`` first, name) and ticks the first five, ignoring the written order: the ``leading``
+    keys (``run_record.leading_hparams``: what a sweep varies, loss, seed, lr, model) are marked as
+    differing, so they are the ones shown."""
     clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
     metrics = {f"val/{k}": (float("nan") if v is None else v) for k, v in stats.items()}
-    for summary in hparams_summary(clean, metrics):
+    experiment, start, end = hparams_summary(clean, metrics)
+    value = experiment.value[0]
+    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in leading
+    value.metadata.plugin_data.content = data.SerializeToString()
+    for summary in (experiment, start, end):
         writer.file_writer.add_summary(summary)

@@ -242,8 +242,18 @@ def hparams(record: Mapping) -> dict:
         if key in out or key in ident:
             out.setdefault(key, ident.get(key))
             first.append(key)
-    order = list(dict.fromkeys(first + ["loss", "seed", "lr", "model"] + list(out)))
+    order = list(dict.fromkeys(first + list(LEADING) + list(out)))
     return {k: out[k] for k in order}
+
+
+LEADING = ("loss", "seed", "lr", "model")
+
+
+def leading_hparams(hparams: Mapping) -> list[str]:
+    """The keys of ``hparams(record)`` up to the last of ``LEADING``: what the launch overrode, then loss,
+    seed, lr and model; TensorBoard's HParams table shows these first."""
+    keys = list(hparams)
+    return keys[: max(keys.index(k) for k in LEADING if k in keys) + 1] if any(k in keys for k in LEADING) else []
 
 
 NEW_RUN = "trainer.resume=new"  # the switch that starts over in a new folder instead of continuing
