@@ -393,6 +393,9 @@ def test_compare_runs_names_runs_of_different_sweeps_alike(tmp_path):
     assert compare_runs.main([str(tmp_path), "--out", str(out), "--x", "data.noise.outliers",
                               "--baseline", "loss=smooth_l1,data.noise.outliers=0.0"]) == 0
     assert float(read_csv(out / "comparison.csv")["loss=l1,data.noise.outliers=0.2"]["AP_diff"]) == pytest.approx(-0.1)
+    # The baseline names its pairs in any order (a preset's sweep can put its keys in another order)
+    assert compare_runs.main([str(tmp_path), "--out", str(out), "--baseline", "data.noise.outliers=0.0,loss=smooth_l1"]) == 0
+    assert float(read_csv(out / "comparison.csv")["loss=l1,data.noise.outliers=0.2"]["AP_diff"]) == pytest.approx(-0.1)
 
 
 def test_compare_runs_reads_ap_per_iou_written_later_by_evaluate(tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,11 +163,16 @@ def _groups_and_baseline(dirs: Sequence[Path], wanted: str | None) -> tuple[list
     groups = group_runs(done)
     for warning in seed_warnings(groups) + legacy_warnings(done):
         print(f"{prog_name('compare_runs.py')}: warning: {warning}", file=sys.stderr)
-    names = [g.name for g in groups]
-    wanted = wanted or ("loss=smooth_l1" if "loss=smooth_l1" in names else names[0])
-    if wanted not in names:
-        raise ToolError(f"--baseline {wanted!r} is not a group; groups: {names}")
-    return groups, groups[names.index(wanted)], unfinished
+    names = [_pairs(g.name) for g in groups]
+    wanted = wanted or ("loss=smooth_l1" if _pairs("loss=smooth_l1") in names else groups[0].name)
+    if _pairs(wanted) not in names:
+        raise ToolError(f"--baseline {wanted!r} is not a group; groups: {[g.name for g in groups]}")
+    return groups, groups[names.index(_pairs(wanted))], unfinished
+
+
+def _pairs(name: str) -> frozenset[str]:
+    """A group name's ``key=value`` pairs, in any order (a comma inside a value, ``steps=[0.5,0.8]``, stays)."""
+    return frozenset(p.strip() for p in re.split(r",(?=[^,=\[\]]+=)", name))
 
 
 def run(argv: Sequence[str] | None = None) -> int:
