@@ -191,6 +191,7 @@ def check_ranges(cfg: Config) -> None:
         ("trainer.clip_grad_norm", t.clip_grad_norm is None or t.clip_grad_norm > 0, t.clip_grad_norm,
          "> 0 (or null to disable)"),
         ("trainer.max_nonfinite", t.max_nonfinite >= 1, t.max_nonfinite, ">= 1"),
+        ("trainer.num_threads", t.num_threads >= 0, t.num_threads, ">= 0 (0: torch's default)"),
         ("data.noise.jitter", d.noise.jitter >= 0, d.noise.jitter, ">= 0"),
         ("data.noise.outliers", 0 <= d.noise.outliers <= 1, d.noise.outliers, "in [0, 1]"),
         ("data.batch_size", d.batch_size >= 1, d.batch_size, ">= 1"),

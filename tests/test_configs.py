@@ -173,3 +173,10 @@ def test_slurm_launcher_config_composes_with_the_plugin():
                       return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.gpus_per_node) == ("gpu", 1)
+
+
+def test_a_negative_thread_count_is_refused_naming_the_key():
+    from .conftest import compose_cfg
+
+    with pytest.raises(ValueError, match=r"trainer\.num_threads.*-1"):
+        check_ranges(OmegaConf.to_object(compose_cfg("trainer.num_threads=-1")))
