@@ -201,13 +201,17 @@ class CocoDetection(torch.utils.data.Dataset):
             if torch.rand((), generator=g).item() < self.hflip_prob:
                 flipped = True
                 image = image.flip(-1)
-                w = image.shape[-1]
-                boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+                boxes = hflip_boxes(boxes, image.shape[-1])
         # hflip and aug_seed let a proposal source (Fast R-CNN mode) follow the augmentation.
         target = dict(boxes=boxes, labels=labels, image_id=image_id, hflip=flipped)
         if aug_seed is not None:
             target["aug_seed"] = aug_seed
         return image, target
+
+
+def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """``(N, 4)`` xyxy boxes of an image ``width`` pixels wide, mirrored left-right."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 def collate(batch: list) -> tuple[list[Tensor], list[dict]]:

@@ -6,6 +6,7 @@ One place for what the trainer, evaluation and the tools (``detlib.tools``) all 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -50,8 +51,6 @@ def busy_cores(sample_s: float = 0.3) -> float | None:
     """How many cores other processes keep busy, from two reads of ``/proc/stat``; None off Linux.
 
     Sampled while this process sleeps, so it measures everyone else."""
-    import time
-
     try:
         with open("/proc/stat") as f:
             before = f.readline()

@@ -253,7 +253,8 @@ def leading_hparams(hparams: Mapping) -> list[str]:
     """The keys of ``hparams(record)`` up to the last of ``LEADING``: what the launch overrode, then loss,
     seed, lr and model; TensorBoard's HParams table shows these first."""
     keys = list(hparams)
-    return keys[: max(keys.index(k) for k in LEADING if k in keys) + 1] if any(k in keys for k in LEADING) else []
+    last = max((keys.index(k) for k in LEADING if k in keys), default=-1)
+    return keys[: last + 1]
 
 
 NEW_RUN = "trainer.resume=new"  # the switch that starts over in a new folder instead of continuing

@@ -19,19 +19,19 @@ from pathlib import Path
 
 import torch
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.nn.functional import interpolate
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
-from detlib.config import Config, check_ranges, register
+from detlib.config import Config
 from detlib.data.build import build_datasets
-from detlib.data.coco import CocoDetection
+from detlib.data.coco import CocoDetection, hflip_boxes
 from detlib.data.sampler import TrainBatchSampler
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.configs import compose_train
-from detlib.tools.rundir import load_run_config
+from detlib.tools.rundir import load_run_config, typed_config
 from detlib.tools.visualize import output_path
 
 
@@ -57,10 +57,7 @@ def load_config(run: Path | None, overrides: Sequence[str]) -> tuple[DictConfig,
     except HydraException as e:
         cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ is not None else ""
         raise ToolError(str(e).splitlines()[0] + cause) from e
-    register()
-    typed: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
-    check_ranges(typed)
-    return cfg, typed
+    return cfg, typed_config(cfg)
 
 
 def served(dataset: CocoDetection, sampler: TrainBatchSampler, iteration: int, num: int) -> list[tuple[int, Tensor, dict]]:
@@ -75,9 +72,7 @@ def served(dataset: CocoDetection, sampler: TrainBatchSampler, iteration: int, n
 def clean_boxes(dataset: CocoDetection, target: dict, width: int) -> Tensor:
     """``(N, 4)`` xyxy: the annotations before noise, flipped as the served image was."""
     boxes = torch.from_numpy(dataset._boxes_of(target["image_id"])[0].copy())
-    if target["hflip"]:
-        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-    return boxes
+    return hflip_boxes(boxes, width) if target["hflip"] else boxes
 
 
 def draw(image: Tensor, boxes: Tensor, labels: list[str], clean: Tensor | None, scale: int) -> Tensor:

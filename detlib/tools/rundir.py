@@ -92,6 +92,14 @@ def flatten_targets(node: object, prefix: str) -> list[tuple[str, object]]:
     return []
 
 
+def typed_config(cfg: DictConfig) -> Config:
+    """``cfg`` checked against the schema (``detlib.config.Config``) and its range rules, as ``train.py`` does."""
+    register()
+    typed: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    check_ranges(typed)
+    return typed
+
+
 def build_from_run(cfg: DictConfig) -> tuple[nn.Module, CocoDetection]:
     """``(model, val_set)`` as ``train.py`` builds them; the model has fresh weights.
 
@@ -99,10 +107,8 @@ def build_from_run(cfg: DictConfig) -> tuple[nn.Module, CocoDetection]:
     A relative ``data.root`` is taken from the current folder (``train.py`` took it from where it was
     launched); pass ``--config-overrides data.root=...`` if that differs.
     """
-    register()
     check_targets(cfg)
-    typed: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
-    check_ranges(typed)
+    typed = typed_config(cfg)
     train_set, val_set = build_datasets(typed.data)
     model = build_model(cfg, train_set.num_classes)
     check_proposal_ids(model, val=val_set.ids)  # Fast R-CNN with a proposals file must cover the val images
