@@ -309,3 +309,87 @@ def test_a_run_config_naming_a_foreign_target_is_refused_without_running_code(tm
     with pytest.raises(rundir.ToolError, match=r"model\.backbone\._target_ = 'builtins\.open'"):
         rundir.build_from_run(cfg)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A run folder's config names only detlib's own components (exact names, not prefixes)
+
+
+def _run_with_backbone(tmp_path: Path, data_root: Path, backbone: dict) -> Path:
+    """A run folder whose ``run.json`` config builds ``backbone`` as the model's backbone."""
+    cfg = OmegaConf.to_container(compose_cfg("experiment=smoke", f"data.root={data_root}", "trainer.device=cpu"))
+    cfg["model"]["backbone"] = backbone
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": cfg}))
+    return run
+
+
+def _payloads(tmp_path: Path, marker: Path) -> dict[str, dict]:
+    """Backbones that create ``marker`` when instantiated: inline Python, and a local ``hubconf.py``."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef evil(**kw):\n    return None\n")
+    return {
+        "PyCodeCache.load": {"_target_": "torch._inductor.codecache.PyCodeCache.load",
+                             "source_code": f"open({str(marker)!r}, 'w').close()\n"},
+        "torch.hub.load": {"_target_": "torch.hub.load", "repo_or_dir": str(hub), "model": "evil", "source": "local"},
+    }
+
+
+@pytest.mark.parametrize("payload", ["PyCodeCache.load", "torch.hub.load"])
+@pytest.mark.parametrize("tool", ["predict", "evaluate", "export"])
+def test_a_run_config_naming_a_torch_function_that_runs_code_is_refused(tool, payload, tmp_path, data_root,
+                                                                         capsys):
+    from detlib.tools import export, predict
+
+    marker = tmp_path / "MARKER"
+    backbone = _payloads(tmp_path, marker)[payload]
+    run = _run_with_backbone(tmp_path, data_root, backbone)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(images / "a.png")
+    argv = {"predict": ["--run", str(run), "--images", str(images), "--out", str(tmp_path / "p"), "--device", "cpu"],
+            "evaluate": ["--run", str(run), "--device", "cpu", "--out", str(tmp_path / "e")],
+            "export": ["--run", str(run), "--out", str(tmp_path / "m.ts")]}[tool]
+    module = {"predict": predict, "evaluate": evaluate, "export": export}[tool]
+    assert module.main(argv) == 1
+    assert not marker.exists(), f"{tool}.py ran code named by the run's config"
+    err = capsys.readouterr().err
+    assert f"model.backbone._target_ = {backbone['_target_']!r} is not one of detlib's components" in err
+
+
+def test_a_target_made_by_an_interpolation_is_checked_resolved(tmp_path):
+    marker = tmp_path / "MARKER"
+    cfg = OmegaConf.create({"model": {"backbone": "${oc.decode:'{_target_: builtins.open, _args_: [" + str(marker)
+                                      + ", w]}'}"}})
+    with pytest.raises(rundir.ToolError, match=r"model\.backbone\._target_ = 'builtins\.open'"):
+        rundir.check_targets(cfg)
+    assert not marker.exists()
+
+
+def test_trusted_targets_from_the_environment_are_exact_names(monkeypatch):
+    cfg = OmegaConf.create({"loss": {"_target_": "mypkg.losses.Mine"}})
+    with pytest.raises(rundir.ToolError, match="mypkg.losses.Mine"):
+        rundir.check_targets(cfg)
+    monkeypatch.setenv("DETLIB_TRUSTED_TARGETS", "mypkg.losses.Mine, other.Thing")
+    rundir.check_targets(cfg)
+    monkeypatch.setenv("DETLIB_TRUSTED_TARGETS", "mypkg.")
+    with pytest.raises(rundir.ToolError, match="'mypkg.' is not an exact qualified name"):
+        rundir.check_targets(cfg)
+    monkeypatch.setenv("DETLIB_TRUSTED_TARGETS", "mypkg.losses")  # a module is a name, not a prefix: Mine refused
+    with pytest.raises(rundir.ToolError, match="mypkg.losses.Mine"):
+        rundir.check_targets(cfg)
+
+
+def test_every_target_detlib_configs_name_is_trusted():
+    """A run trained from detlib's own configs can always be read back by the tools."""
+    import yaml
+
+    named = set()
+    for path in (ROOT / "configs").rglob("*.yaml"):
+        if "hydra" in path.parts:
+            continue
+        named |= {v for _, v in rundir.flatten_targets(yaml.safe_load(path.read_text()) or {})}
+    named -= {t for t in named if t.startswith("detlib.engine.sweep_callbacks.")}  # hydra callbacks, not run.json
+    assert named and named <= rundir.TRUSTED_TARGETS, named - rundir.TRUSTED_TARGETS

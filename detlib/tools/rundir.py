@@ -26,7 +26,23 @@ from detlib.modeling.proposals import check_proposal_ids
 from detlib.tools.cli import ToolError
 from detlib.tools.configs import compose_train, is_group
 
-TRUSTED_TARGETS = ("detlib.", "torch.", "torchvision.")
+# What a run folder's config may instantiate: exact qualified names, never prefixes (``torch.`` would admit
+# ``torch.hub.load`` and ``torch._inductor.codecache.PyCodeCache.load``, which run code). These are the
+# components detlib's configs name; ``tests/test_safe_loading.py`` checks every ``_target_`` under configs/
+# is here. Components of your own: ``DETLIB_TRUSTED_TARGETS=mypkg.Backbone,mypkg.Loss`` (exact names).
+TRUSTED_TARGETS = frozenset({
+    *(f"detlib.losses.{name}" for name in ("SmoothL1", "Huber", "L1", "L2", "BalancedL1", "IoULoss", "GIoULoss",
+                                          "DIoULoss", "CIoULoss", "EIoULoss", "Cauchy")),
+    "detlib.modeling.backbone.SmallConvFPN",
+    "detlib.modeling.backbone.VGG16",
+    "detlib.modeling.backbone.resnet_fpn",
+    "detlib.modeling.backbone.mobilenet_v3_fpn",
+    "detlib.modeling.box_head.RoIBoxHead",
+    "detlib.modeling.detector.build_faster_rcnn",
+    "detlib.modeling.detector.build_rpn",
+    "detlib.modeling.proposals.build_proposal_source",
+    "torchvision.ops.MultiScaleRoIAlign",
+})
 
 
 def _parse_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -64,31 +80,46 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
             key = o.split("=", 1)[0].lstrip("+~")
             cfg[key] = composed[key]
     cfg.merge_with_dotlist(keys)
+    check_targets(cfg)
     return cfg
 
 
+def trusted_targets() -> frozenset[str]:
+    """``TRUSTED_TARGETS`` plus the exact names in ``DETLIB_TRUSTED_TARGETS`` (comma-separated)."""
+    extra = {n.strip() for n in os.environ.get("DETLIB_TRUSTED_TARGETS", "").split(",") if n.strip()}
+    for name in sorted(extra):
+        if not name.replace("_", "a").replace(".", "a").isalnum() or name.endswith(".") or "." not in name:
+            raise ToolError(f"DETLIB_TRUSTED_TARGETS: {name!r} is not an exact qualified name "
+                            "(module.Name; prefixes are not accepted)")
+    return TRUSTED_TARGETS | extra
+
+
 def check_targets(cfg: DictConfig) -> None:
-    """A run folder is data: its config may only instantiate detlib, torch and torchvision classes.
+    """A run folder is data: its config may only instantiate the components in ``trusted_targets()``.
 
     Hydra's ``instantiate`` calls whatever ``_target_`` names, so a crafted ``run.json`` could otherwise
-    run code (``builtins.open``, ...). Extensions of your own: ``DETLIB_TRUSTED_TARGETS=mypkg.,other.``.
+    run code. Every ``_target_`` in the whole config is checked, as written and with its interpolations
+    resolved (an ``${oc.decode:...}`` could make a node), before anything is imported.
     """
-    extra = tuple(p for p in os.environ.get("DETLIB_TRUSTED_TARGETS", "").split(",") if p)
-    for section in ("model", "loss", "rpn_loss"):
-        node = OmegaConf.to_container(cfg.get(section), resolve=False) if cfg.get(section) is not None else {}
-        for key, value in flatten_targets(node, section):
-            if not isinstance(value, str) or not value.startswith(TRUSTED_TARGETS + extra):
-                raise ToolError(f"run config: {key} = {value!r} is not a detlib, torch or torchvision class; "
-                                "refusing to instantiate it (set DETLIB_TRUSTED_TARGETS=PREFIX. if it is yours)")
+    allowed = trusted_targets()
+    for resolve in (False, True):
+        try:
+            node = OmegaConf.to_container(cfg, resolve=resolve)
+        except Exception as e:  # an interpolation that does not resolve: nothing will be built from it
+            raise ToolError(f"run config: cannot resolve its interpolations: {e}") from None
+        for key, value in flatten_targets(node, ""):
+            if not isinstance(value, str) or value not in allowed:
+                raise ToolError(f"run config: {key} = {value!r} is not one of detlib's components; refusing to "
+                                "instantiate it (set DETLIB_TRUSTED_TARGETS=module.Name if it is yours)")
 
 
-def flatten_targets(node: object, prefix: str) -> list[tuple[str, object]]:
-    """Every ``_target_`` under ``node``, with its dotted key."""
+def flatten_targets(node: object, prefix: str = "") -> list[tuple[str, object]]:
+    """Every ``_target_`` under ``node`` (plain containers), with its dotted key (``prefix`` ends in a dot)."""
     if isinstance(node, dict):
-        out = [(f"{prefix}._target_", node["_target_"])] if "_target_" in node else []
-        return out + [t for k, v in node.items() for t in flatten_targets(v, f"{prefix}.{k}")]
+        out = [(f"{prefix}_target_", node["_target_"])] if "_target_" in node else []
+        return out + [t for k, v in node.items() for t in flatten_targets(v, f"{prefix}{k}.")]
     if isinstance(node, list):
-        return [t for i, v in enumerate(node) for t in flatten_targets(v, f"{prefix}.{i}")]
+        return [t for i, v in enumerate(node) for t in flatten_targets(v, f"{prefix}{i}.")]
     return []
 
 
