@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torchvision.ops import box_iou
@@ -75,3 +77,25 @@ def test_true_positive_ious_are_those_of_pycocotools_matches():
 def test_no_detections_leave_tide_out_without_failing():
     _, E = evaluate_coco(coco_from_dict(GT), [])
     assert tide_errors(E) is None or tide_errors(E)["AP50"] == 0.0
+
+
+def test_a_run_without_tidecv_still_writes_its_metrics(tmp_path, data_root):
+    """tidecv is optional (the GPU machine lacks it): TIDE is left out with one warning, metrics.json is written."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    hidden = tmp_path / "hide"
+    (hidden / "tidecv").mkdir(parents=True)
+    (hidden / "tidecv" / "__init__.py").write_text("raise ImportError('No module named tidecv (hidden by the test)')\n")
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), str(ROOT)]), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "trainer.device=cpu",
+                           f"data.root={data_root}", f"hydra.run.dir={run}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "metrics.json").is_file()
+    assert json.loads((run / "eval_detail.json").read_text())["tide"] is None
+    assert (proc.stdout + proc.stderr).count("TIDE left out: tidecv cannot be imported") == 1

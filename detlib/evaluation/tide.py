@@ -23,14 +23,23 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ERRORS = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
+_missing_warned = False  # one warning per process, not one per evaluation
 
 
 def tide_errors(E: Any) -> dict | None:
     """TIDE's decomposition of an evaluated ``COCOeval`` ``E`` (its ground truth and detections, not its
     settings): ``{"AP50": TIDE's AP50, "dAP": {type: dAP}, "special": {FalsePos, FalseNeg}, "count": {type: n}}``,
-    AP values as fractions in [0, 1] like the COCO stats; None where tidecv cannot compute it."""
-    from tidecv import TIDE
-    from tidecv.data import Data
+    AP values as fractions in [0, 1] like the COCO stats; None where tidecv cannot compute it or is not
+    installed (an optional analysis never stops a finished run from writing its metrics)."""
+    global _missing_warned
+    try:
+        from tidecv import TIDE
+        from tidecv.data import Data
+    except ImportError as e:
+        if not _missing_warned:
+            log.warning("TIDE left out: tidecv cannot be imported (%s); install it for the error decomposition", e)
+            _missing_warned = True
+        return None
 
     gt, dt = Data("gt"), Data("dt")
     for img in E.cocoGt.dataset["images"]:
