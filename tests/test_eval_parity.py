@@ -284,3 +284,13 @@ def test_rounded_scores_beyond_max_dets_give_pycocotools_twelve_stats(tmp_path):
     assert rc == 0
     assert_same(file_mode, theirs)
 
+
+def test_file_mode_scores_images_without_width_height_or_file_name_as_pycocotools(tmp_path):
+    """pycocotools reads only the image ids; ``--gt --dt`` asks no more."""
+    gt, dt = tie_case()
+    gt["images"] = [{"id": 1}, {"id": 2, "file_name": ""}]
+    gt["annotations"].append(ann(2, 2, [30, 30, 20, 20]))
+    dt = dt + [det(2, [31, 30, 20, 20], 0.7)]
+    rc, ours = run_file_mode(tmp_path, gt, dt)
+    assert rc == 0
+    assert_same(ours, pycocotools_stats(gt, dt))

@@ -19,7 +19,13 @@ def _under(root: Path, p: str, key: str) -> Path:
         raise ValueError(f"config: data.{key} is empty; data=coco needs data.train_ann, data.train_images, "
                          "data.val_ann and data.val_images")
     q = Path(p).expanduser()
-    return q if q.is_absolute() else root / q
+    q = q if q.is_absolute() else root / q
+    if key.endswith("_ann") and q.is_dir():  # else "not found" later, though the path exists
+        found = sorted(f.name for f in q.glob("*.json"))[:3]
+        raise ValueError(f"config: data.{key}={p} is a folder ({q}), not an annotation file: name the JSON file "
+                         "itself" + (f", e.g. data.{key}={Path(p) / found[0]} (it holds {', '.join(found)})"
+                                     if found else ""))
+    return q
 
 
 def _voc_datasets(cfg: DataConfig, root: Path) -> tuple[CocoDetection, CocoDetection]:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from detlib.data.coco_files import coco_from_dict, load_coco_json  # noqa: F401 - part of this module's API
 from detlib.data.image import ImageDecodeError, check_image, read_image
-from detlib.data.validation import AnnotationError, validate_coco_views
+from detlib.data.validation import AnnotationError, category_labels, validate_coco_views
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
-        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        labels = category_labels(list(self.coco.cats.values()))  # ids sharing a name: "name (id N)"
+        self.class_names = [labels[c] for c in self.cat_ids]
         self.invalid = invalid
         listed = sorted(self.coco.imgs)
         checked = self._check_images(listed, invalid) if check_images else listed
