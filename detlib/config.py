@@ -60,6 +60,11 @@ class OnNonFinite(Choice):
     record = "record"  # stop, and record the run as diverged (AP 0, diverged.json): a result, so sweeps go on
 
 
+class ExifOrientation(Choice):
+    apply = "apply"  # rotate/flip by the EXIF tag: width, height and boxes are in the displayed frame (as annotation tools export)
+    ignore = "ignore"  # serve the pixels as stored: for datasets annotated on those
+
+
 class EvalBackend(Choice):
     pycocotools = "pycocotools"
     faster_coco_eval = "faster_coco_eval"  # same numbers, faster; needs the fast-eval extra
@@ -109,6 +114,7 @@ class DataConfig:
     num_workers: int = 0
     hflip_prob: float = 0.5
     invalid: str = "error"  # error | skip: what to do with a degenerate box or a bad image
+    exif_orientation: ExifOrientation = ExifOrientation.apply  # JPEG orientation tags (phones): detlib/data/image.py
     keep_empty: bool = True  # keep training images without annotations
 
 

@@ -8,9 +8,13 @@ from pathlib import Path
 
 
 def read_json(path: str | Path, what: str = "file", invalid: type[Exception] = ValueError) -> object:
-    """Parse a JSON file. A missing file is a ``FileNotFoundError`` ("WHAT not found: PATH"), a malformed
-    one an ``invalid`` ("PATH: not valid JSON (...)")."""
+    """Parse a JSON file. A missing file is a ``FileNotFoundError`` ("WHAT not found: PATH"); a folder
+    ("WHAT PATH is a folder, not a file") and a malformed file ("PATH: not valid JSON (...)") are an ``invalid``."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.json"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise invalid(f"{what} {path} is a folder, not a file: name the JSON file itself{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:

@@ -23,11 +23,12 @@ from detlib.engine.device import resolve_device
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
 
-def to_image_tensor(image: ImageLike) -> Tensor:
-    """``(3, H, W)`` float32 RGB in [0, 1] from a path (detlib's decoder), a PIL image (any mode the decoder
-    takes), an ``(H, W, 3)`` uint8 or [0, 1] float array, or a ``(3, H, W)`` uint8 or float tensor."""
+def to_image_tensor(image: ImageLike, exif_orientation: str = "apply") -> Tensor:
+    """``(3, H, W)`` float32 RGB in [0, 1] from a path (detlib's decoder, with ``exif_orientation`` as in
+    training), a PIL image (any mode the decoder takes; its pixels as they are), an ``(H, W, 3)`` uint8 or
+    [0, 1] float array, or a ``(3, H, W)`` uint8 or float tensor."""
     if isinstance(image, (str, Path)):
-        return read_image(image)
+        return read_image(image, exif_orientation)
     if isinstance(image, Image.Image):
         image = _to_array(image)
     if isinstance(image, np.ndarray):
@@ -44,10 +45,12 @@ class Predictor:
     """A model in eval mode on a device, with its class names; ``predictor(image) -> detections``."""
 
     def __init__(self, model: nn.Module, names: dict[int, str], label_to_cat: dict[int, int],
-                 device: str | torch.device = "auto") -> None:
+                 device: str | torch.device = "auto", exif_orientation: str = "apply") -> None:
+        """``exif_orientation``: how image files are read (the run's ``data.exif_orientation``)."""
         self.device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
         self.model = model.to(self.device).eval()
         self.names, self.label_to_cat = names, label_to_cat
+        self.exif_orientation = str(exif_orientation)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
@@ -62,7 +65,7 @@ class Predictor:
         model, val_set = build_from_run(cfg)
         load_weights(model, checkpoint or Path(run_dir) / "checkpoints" / "last.pt")
         names = {label: val_set.coco.cats[cat]["name"] for label, cat in val_set.label_to_cat.items()}
-        return cls(model, names, dict(val_set.label_to_cat), device)
+        return cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation)
 
     @torch.no_grad()
     def __call__(self, image: ImageLike) -> dict:
@@ -71,7 +74,7 @@ class Predictor:
     @torch.no_grad()
     def predict(self, images: list[ImageLike]) -> list[dict]:
         """Detections of each image (one batch)."""
-        tensors = [to_image_tensor(im).to(self.device) for im in images]
+        tensors = [to_image_tensor(im, self.exif_orientation).to(self.device) for im in images]
         out = self.model(tensors, None, detect=True)["detections"]
         results = []
         for det in out:

@@ -141,3 +141,18 @@ def test_unknown_backend_is_named():
     cfg.eval.backend = "detectron2"
     with pytest.raises(ValueError, match="eval.backend must be pycocotools|faster_coco_eval"):
         check_ranges(cfg)
+
+
+@needs_fast
+@pytest.mark.parametrize("case", ["fp_before_tp", "rounded_500_per_image"])
+def test_fast_backend_breaks_tied_scores_by_input_order_as_pycocotools(case):
+    """The tie fixtures of ``test_eval_parity``: faster-coco-eval gives pycocotools' 12 stats on them too."""
+    from tests.test_eval_parity import pycocotools_stats, rounded_case, tie_case
+
+    gt, dt = tie_case() if case == "fp_before_tp" else rounded_case(seed=1)
+    theirs = pycocotools_stats(gt, dt)
+    fast, _ = evaluate_coco(coco_from_dict(copy.deepcopy(gt)), copy.deepcopy(dt), backend="faster_coco_eval")
+    for k, v in zip(STAT_NAMES, theirs):
+        assert (fast[k] is None) == (v == -1), k
+        if v != -1:
+            assert fast[k] == pytest.approx(v, abs=1e-6), (k, fast[k], v)

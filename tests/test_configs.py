@@ -96,6 +96,7 @@ def test_unknown_keys_without_a_close_one_list_the_valid_ones():
     ("trainer.on_nonfinite=ignore", "trainer.on_nonfinite"),
     ("data.name=kitti", "data.name"),
     ("eval.backend=detectron2", "eval.backend"),
+    ("data.exif_orientation=rotate", "data.exif_orientation"),
 ])
 def test_fixed_value_sets_fail_at_compose_with_the_options(override, key):
     with pytest.raises(ConfigCompositionException) as e:

@@ -229,3 +229,68 @@ def test_eval_max_dets_must_be_three_strictly_increasing_positive_numbers(max_de
     if max_dets[0] <= 0:  # the library call refuses it too, rather than pycocotools' dets[:-1]
         with pytest.raises(ValueError, match="max_dets"):
             evaluate_coco(gt, [det(1, [10, 10, 30, 30], 0.9)], max_dets=max_dets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tied scores: scored in the order given, as pycocotools' stable sort does
+
+
+def tie_case() -> tuple[dict, list[dict]]:
+    """One object; a false positive listed before the true positive at the same score (pycocotools: AP 0.5)."""
+    return gt_dict([ann(1, 1, [10, 10, 20, 20])]), [det(1, [60, 50, 10, 10], 0.9), det(1, [10, 10, 20, 20], 0.9)]
+
+
+def rounded_case(seed: int = 0, n_images: int = 4, per_image: int = 500) -> tuple[dict, list[dict]]:
+    """``per_image`` detections per image (beyond maxDets 100) with scores rounded to 2 decimals (many ties),
+    jittered copies of the objects among them, in a shuffled file order."""
+    rng = np.random.default_rng(seed)
+    anns, dets = [], []
+    for i in range(1, n_images + 1):
+        for _ in range(12):
+            w, h = rng.choice([6.0, 20.0, 50.0]) * rng.uniform(0.7, 1.3, 2)
+            box = [float(rng.uniform(0, W - w)), float(rng.uniform(0, H - h)), float(w), float(h)]
+            anns.append(ann(len(anns) + 1, i, box, cat=int(rng.choice([1, 4]))))
+        mine = [a for a in anns if a["image_id"] == i]
+        for k in range(per_image):
+            a = mine[k % len(mine)]
+            x, y, w, h = a["bbox"]
+            near = k < 4 * len(mine)  # four jittered copies of each object, then clutter
+            j = rng.normal(0, 0.15, 4) * [w, h, w, h] if near else rng.uniform(0, 30, 4)
+            score = rng.uniform(0.4, 1.0) if near else rng.uniform(0.0, 0.7)
+            dets.append(det(i, [float(x + j[0]), float(y + j[1]), float(max(w + j[2], 1)), float(max(h + j[3], 1))],
+                            round(float(score), 2), a["category_id"]))
+    order = rng.permutation(len(dets))
+    return gt_dict(anns, n_images=n_images), [dets[k] for k in order]
+
+
+def test_tied_scores_fp_listed_before_tp_score_ap_half_as_pycocotools(tmp_path):
+    gt, dt = tie_case()
+    theirs = pycocotools_stats(gt, dt)
+    assert theirs[0] == pytest.approx(0.5)
+    ours, _ = evaluate_coco(coco_from_dict(gt), copy.deepcopy(dt))
+    assert_same(ours, theirs)
+    rc, file_mode = run_file_mode(tmp_path, gt, dt)  # tools/evaluate.py --gt --dt keeps the file's order
+    assert rc == 0
+    assert_same(file_mode, theirs)
+
+
+def test_rounded_scores_beyond_max_dets_give_pycocotools_twelve_stats(tmp_path):
+    gt, dt = rounded_case()
+    theirs = pycocotools_stats(gt, dt)
+    assert 0.05 < theirs[0] < 0.95 and len({d["score"] for d in dt}) <= 101  # ties everywhere
+    ours, _ = evaluate_coco(coco_from_dict(gt), copy.deepcopy(dt))
+    assert_same(ours, theirs)
+    rc, file_mode = run_file_mode(tmp_path, gt, dt)
+    assert rc == 0
+    assert_same(file_mode, theirs)
+
+
+def test_file_mode_scores_images_without_width_height_or_file_name_as_pycocotools(tmp_path):
+    """pycocotools reads only the image ids; ``--gt --dt`` asks no more."""
+    gt, dt = tie_case()
+    gt["images"] = [{"id": 1}, {"id": 2, "file_name": ""}]
+    gt["annotations"].append(ann(2, 2, [30, 30, 20, 20]))
+    dt = dt + [det(2, [31, 30, 20, 20], 0.7)]
+    rc, ours = run_file_mode(tmp_path, gt, dt)
+    assert rc == 0
+    assert_same(ours, pycocotools_stats(gt, dt))

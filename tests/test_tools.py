@@ -232,6 +232,10 @@ def test_evaluate_checkpoint_reproduces_the_runs_metrics(smoke_run, smoke_eval, 
     assert evaluate.main(["--gt", str(smoke_val_ann(smoke_run)), "--dt", str(folder / "dets.json"),
                           "--out", str(again)]) == 0
     assert json.loads(again.read_text()) == ours
+    # pycocotools run directly on that file agrees too: the file is in the order that was scored (ties).
+    direct = pycocotools_stats(smoke_val_ann(smoke_run), folder / "dets.json")
+    assert all((ours[k] is None) == (v == -1) and (ours[k] is None or abs(ours[k] - v) <= 1e-9)
+               for k, v in zip(STAT_NAMES, direct))
 
 
 def test_evaluate_writes_the_trainers_eval_detail_layout(smoke_run, smoke_eval):

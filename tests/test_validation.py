@@ -166,3 +166,58 @@ def test_batch_without_any_foreground_trains(model_name):
     assert out["losses"]["loss_box_reg"].item() == 0.0 and out["losses"]["loss_cls"].item() > 0
     sum(out["losses"].values()).backward()
     assert model.roi_head.bbox_pred.weight.grad is not None and model.roi_head.cls_score.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Field types mean what COCO means: never truthiness
+
+
+@pytest.mark.parametrize("value", ["0", "1", "", 2, 0.0, None])
+def test_iscrowd_of_the_wrong_type_is_an_error_naming_file_id_value(tmp_path, value):
+    path = _write_dataset(tmp_path, [ann(1, [10, 10, 20, 20]), ann(7, [50, 20, 30, 30], iscrowd=value)])
+    with pytest.raises(AnnotationError) as e:
+        CocoDetection(path, tmp_path, train=True)
+    assert str(path) in str(e.value) and "annotation id 7" in str(e.value) and "'iscrowd'" in str(e.value)
+    assert repr(value) in str(e.value)
+    if isinstance(value, str):
+        assert "crowd region" in str(e.value)  # says why a string is wrong
+
+
+def test_iscrowd_true_false_are_converted_to_1_0_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        out, counts = validate_coco(coco([ann(1, [1, 1, 4, 5], iscrowd=False), ann(2, [9, 9, 4, 5], iscrowd=True)]),
+                                    "ann.json")
+    assert [(a["iscrowd"], type(a["iscrowd"])) for a in out["annotations"]] == [(0, int), (1, int)]
+    assert counts["converted: iscrowd true/false to 1/0"] == 2
+
+
+def test_duplicate_category_names_keep_both_classes_apart_by_id(tmp_path, caplog):
+    from detlib.evaluation.report import category_names
+
+    cats = [{"id": 5, "name": "car"}, {"id": 9, "name": "car"}, {"id": 11, "name": "bus"}]
+    images = [{"id": 1, "file_name": "a.png", "width": 100, "height": 80}]
+    Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "ann.json").write_text(json.dumps(coco([ann(1, [10, 10, 20, 20])], images, cats)))
+    with caplog.at_level(logging.WARNING):
+        ds = CocoDetection(tmp_path / "ann.json", tmp_path)
+    want = ["car (id 5)", "car (id 9)", "bus"]
+    assert ds.class_names == want  # drawings (browse, visualize, dashboard)
+    assert list(category_names(ds.coco).values()) == want  # per-class AP in logs, TensorBoard, eval_detail.json
+    assert any("share the name 'car'" in r.message and "[5, 9]" in r.message for r in caplog.records)
+
+
+def test_train_ann_naming_a_folder_says_folder_and_the_key_not_not_found(tmp_path):
+    from detlib.config import DataConfig
+    from detlib.data.build import build_datasets
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train.json").write_text("{}")
+    cfg = DataConfig(name="coco", root=str(tmp_path), train_ann="annotations", train_images=".",
+                     val_ann="annotations/instances_train.json", val_images=".")
+    with pytest.raises(ValueError) as e:
+        build_datasets(cfg)
+    msg = str(e.value)
+    assert "data.train_ann=annotations is a folder" in msg and "annotations/instances_train.json" in msg
+    assert "not found" not in msg
+    with pytest.raises(AnnotationError, match="annotations is a folder, not a file"):  # the dataset itself too
+        CocoDetection(tmp_path / "annotations", tmp_path)

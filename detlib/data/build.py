@@ -19,7 +19,13 @@ def _under(root: Path, p: str, key: str) -> Path:
         raise ValueError(f"config: data.{key} is empty; data=coco needs data.train_ann, data.train_images, "
                          "data.val_ann and data.val_images")
     q = Path(p).expanduser()
-    return q if q.is_absolute() else root / q
+    q = q if q.is_absolute() else root / q
+    if key.endswith("_ann") and q.is_dir():  # else "not found" later, though the path exists
+        found = sorted(f.name for f in q.glob("*.json"))[:3]
+        raise ValueError(f"config: data.{key}={p} is a folder ({q}), not an annotation file: name the JSON file "
+                         "itself" + (f", e.g. data.{key}={Path(p) / found[0]} (it holds {', '.join(found)})"
+                                     if found else ""))
+    return q
 
 
 def _voc_datasets(cfg: DataConfig, root: Path) -> tuple[CocoDetection, CocoDetection]:
@@ -30,7 +36,8 @@ def _voc_datasets(cfg: DataConfig, root: Path) -> tuple[CocoDetection, CocoDetec
         source = folder / "ImageSets" / "Main" / f"{split}.txt"
         data = voc_to_coco(folder, split, cfg.invalid)
         kw = dict(hflip_prob=cfg.hflip_prob, keep_empty=cfg.keep_empty) if train else {}
-        sets.append(CocoDetection(source, folder / "JPEGImages", train=train, invalid=cfg.invalid, data=data, **kw))
+        sets.append(CocoDetection(source, folder / "JPEGImages", train=train, invalid=cfg.invalid, data=data,
+                                  exif_orientation=cfg.exif_orientation, **kw))
     sets[1].extra_metrics = ("voc07",)  # Pascal VOC is also scored by its own 11-point AP50
     return sets[0], sets[1]
 
@@ -55,8 +62,9 @@ def build_datasets(cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
             raise ValueError(f"config: data.name must be synthetic|coco|voc, got {cfg.name!r}")
         try:
             train = CocoDetection(paths[0], paths[1], train=True, invalid=cfg.invalid, hflip_prob=cfg.hflip_prob,
-                                  keep_empty=cfg.keep_empty)
-            val = CocoDetection(paths[2], paths[3], train=False, invalid=cfg.invalid)
+                                  keep_empty=cfg.keep_empty, exif_orientation=cfg.exif_orientation)
+            val = CocoDetection(paths[2], paths[3], train=False, invalid=cfg.invalid,
+                                exif_orientation=cfg.exif_orientation)
         except AnnotationError as e:
             if cfg.name != "synthetic":
                 raise

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from detlib.data.coco_files import coco_from_dict, load_coco_json  # noqa: F401 - part of this module's API
-from detlib.data.image import ImageDecodeError, check_image, read_image
-from detlib.data.validation import AnnotationError, validate_coco_views
+from detlib.data.image import ImageDecodeError, oriented_size, probe_image, read_image
+from detlib.data.validation import AnnotationError, category_labels, validate_coco_views
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,12 @@ class CocoDetection(torch.utils.data.Dataset):
         keep_empty: bool = True,
         check_images: bool = True,
         data: dict | None = None,
+        exif_orientation: str = "apply",
     ) -> None:
         """``data``: an annotation dict already in memory (e.g. converted from Pascal VOC); ``ann_file``
-        then only names its source in messages."""
+        then only names its source in messages. ``exif_orientation``: ``apply`` (the JSON's sizes and
+        boxes are in the displayed frame, as annotation tools export them) or ``ignore`` (in the stored
+        pixels); see ``detlib.data.image``."""
         self.ann_file, self.image_root = Path(ann_file), Path(image_root)
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_root} (for {self.ann_file})")
@@ -63,8 +66,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
-        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
-        self.invalid = invalid
+        labels = category_labels(list(self.coco.cats.values()))  # ids sharing a name: "name (id N)"
+        self.class_names = [labels[c] for c in self.cat_ids]
+        self.invalid, self.exif_orientation = invalid, str(exif_orientation)
         listed = sorted(self.coco.imgs)
         checked = self._check_images(listed, invalid) if check_images else listed
         ids = checked
@@ -91,15 +95,17 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _check_images(self, ids: list[int], invalid: str) -> list[int]:
         """A missing, unreadable, cut short, too large or wrongly sized image is an error naming it
-        (or skipped). Header-level, see ``detlib.data.image.check_image``: about one header read per image."""
-        keep, bad = [], []
+        (or skipped). Header-level, see ``detlib.data.image.probe_image``: about one header read per image.
+        The size compared is the one served under ``exif_orientation``."""
+        keep, bad, tagged = [], [], []
         for i in ids:
             info = self.coco.imgs[i]
             path = self.image_root / info["file_name"]
             try:
-                size = check_image(path)
-                problem = None if size == (info["width"], info["height"]) else (
-                    f"size {size[0]}x{size[1]} differs from the JSON's {info['width']}x{info['height']}")
+                stored, orientation = probe_image(path)
+                problem = self._size_problem(stored, orientation, (info["width"], info["height"]))
+                if orientation != 1:
+                    tagged.append(f"{path.name} ({orientation})")
             except FileNotFoundError:
                 problem = "file not found"
             except ImageDecodeError as e:
@@ -115,7 +121,30 @@ class CocoDetection(torch.utils.data.Dataset):
             bad.append(msg)
         if bad:
             log.warning("skipped %d bad images (first: %s)", len(bad), "; ".join(bad[:5]))
+        if tagged:
+            log.info("%s: %d images carry an EXIF orientation tag (first: %s): %s (data.exif_orientation=%s)",
+                     self.ann_file, len(tagged), ", ".join(tagged[:5]), "applied, boxes are in the displayed frame"
+                     if self.exif_orientation == "apply" else "ignored, boxes are in the stored pixels",
+                     self.exif_orientation)
         return keep
+
+    def _size_problem(self, stored: tuple[int, int], orientation: int, declared: tuple) -> str | None:
+        """Why the image's size under ``exif_orientation`` is not the JSON's; says so when the other
+        convention would give the JSON's size."""
+        sizes = {"apply": oriented_size(stored, orientation), "ignore": stored}
+        size = sizes[self.exif_orientation]
+        if size == declared:
+            return None
+        problem = f"size {size[0]}x{size[1]} differs from the JSON's {declared[0]}x{declared[1]}"
+        other = "ignore" if self.exif_orientation == "apply" else "apply"
+        if sizes[other] == declared:
+            shown = sizes["apply"]
+            frame = "stored pixels" if other == "ignore" else "displayed frame (as annotation tools export it)"
+            problem += (f" under data.exif_orientation={self.exif_orientation}: the image carries EXIF orientation "
+                        f"{orientation} (stored {stored[0]}x{stored[1]}, displayed {shown[0]}x{shown[1]}) and the JSON "
+                        f"has the {'stored' if other == 'ignore' else 'displayed'} size: if the annotations were made "
+                        f"on the {frame}, set data.exif_orientation={other}")
+        return problem
 
     def _boxes_of(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
         anns = [a for a in self._train_anns.get(image_id, []) if not a.get("iscrowd", 0)]
@@ -171,7 +200,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             path = self.image_root / self.coco.imgs[image_id]["file_name"]
             try:
-                return image_id, read_image(path)
+                return image_id, read_image(path, self.exif_orientation)
             except ImageDecodeError as e:
                 msg = f"{self.ann_file}: image id {image_id}: {e}"
                 if self.invalid == "error":

@@ -10,9 +10,13 @@ float32 RGB in ``[0, 1]``:
 - 32-bit float (``F``) is taken as already in ``[0, 1]`` (clipped; NaN becomes 0);
 - an alpha channel is dropped (as ``PIL.Image.convert("RGB")`` and torchvision's RGB mode do);
 - a multi-frame file (animated GIF, multi-page TIFF) gives its first frame, as detectron2 reads it;
-- the EXIF orientation is not applied: boxes refer to the pixels as stored.
+- the EXIF orientation tag (phones write one instead of rotating the pixels) is applied by default
+  (``exif_orientation="apply"``), as detectron2 and mmcv/OpenCV read images: annotation tools show
+  and export the displayed frame (width, height and boxes). ``"ignore"`` (``data.exif_orientation``)
+  serves the pixels as stored, for datasets annotated on those.
 
 ``check_image`` is what the dataset runs on every image at start: header-level, not a decode. It
+returns the size under the chosen orientation convention (``probe_image``: the stored size and the tag). It
 opens the header (size, mode, format), refuses images above ``PIL.Image.MAX_IMAGE_PIXELS`` (set the
 environment variable ``DETLIB_MAX_IMAGE_PIXELS`` to raise the limit, 0 for none), pixel modes and
 codecs this PIL cannot decode, and files cut short, from their last bytes (JPEG's end-of-image
@@ -36,6 +40,13 @@ from torch import Tensor
 from detlib.data.validation import AnnotationError
 
 MAX_PIXELS_ENV = "DETLIB_MAX_IMAGE_PIXELS"
+ORIENTATIONS = ("apply", "ignore")  # data.exif_orientation
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose giving the displayed frame (PIL's ImageOps.exif_transpose table);
+# 5-8 swap width and height.
+TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
 
 GREY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", *GREY16, "F")
@@ -98,6 +109,25 @@ def _open(path: Path) -> Image.Image:
     return im
 
 
+def _check_convention(exif_orientation: str) -> None:
+    if exif_orientation not in ORIENTATIONS:
+        raise ValueError(f"data.exif_orientation must be {'|'.join(ORIENTATIONS)}, got {exif_orientation!r}")
+
+
+def orientation_of(im: Image.Image) -> int:
+    """The image's EXIF orientation tag, 1..8; 1 (as stored) when absent, unreadable or out of range."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels still decode, take them as stored
+        return 1
+    return value if isinstance(value, int) and value in range(1, 9) else 1
+
+
+def oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """``(width, height)`` of the displayed frame of an image stored as ``size`` with this EXIF orientation."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
 def _to_array(im: Image.Image) -> np.ndarray:
     """``(H, W, 3)`` RGB: uint8 for 8-bit modes, float32 in [0, 1] for 16-bit and float ones."""
     if im.mode in GREY16:
@@ -111,19 +141,23 @@ def _to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
-def read_image(path: str | os.PathLike) -> Tensor:
+def read_image(path: str | os.PathLike, exif_orientation: str = "apply") -> Tensor:
     """Decode ``path`` to ``(3, H, W)`` float32 RGB in ``[0, 1]`` (see the module notes for each mode).
+
+    ``exif_orientation``: ``apply`` (H, W of the displayed frame) or ``ignore`` (of the stored pixels).
 
     Raises:
         ImageDecodeError: the file is missing, cannot be decoded, or is above the pixel limit; the
             message names the file and the reason.
     """
     path = Path(path)
+    _check_convention(exif_orientation)
     pixel_limit()
     try:
         with _open(path) as im:
             im.load()  # the first frame only
-            arr = _to_array(im)
+            orientation = orientation_of(im) if exif_orientation == "apply" else 1
+            arr = _to_array(im.transpose(TRANSPOSE[orientation]) if orientation in TRANSPOSE else im)
     except ImageDecodeError:
         raise
     except MemoryError:
@@ -190,8 +224,17 @@ def _codec_missing(im: Image.Image) -> str | None:
     return None
 
 
-def check_image(path: str | os.PathLike) -> tuple[int, int]:
-    """The start check of one image: its ``(width, height)`` if training can decode it.
+def check_image(path: str | os.PathLike, exif_orientation: str = "apply") -> tuple[int, int]:
+    """The start check of one image: its ``(width, height)`` as ``read_image`` serves it under
+    ``exif_orientation``, if training can decode it (see ``probe_image``)."""
+    _check_convention(exif_orientation)
+    size, orientation = probe_image(path)
+    return oriented_size(size, orientation) if exif_orientation == "apply" else size
+
+
+def probe_image(path: str | os.PathLike) -> tuple[tuple[int, int], int]:
+    """The start check of one image: ``((width, height) as stored, EXIF orientation 1..8)`` if training
+    can decode it.
 
     Header-level (see the module notes); a file whose end or declared size looks wrong, or of a
     format without such a check, is decoded once to be sure.
@@ -210,7 +253,7 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
         reason = f"unreadable ({type(e).__name__}: {e})"
         raise ImageDecodeError(f"{path}: {reason}", path, reason) from e
     with im:
-        size, mode = im.size, im.mode
+        size, mode, orientation = im.size, im.mode, orientation_of(im)
         # A codec PIL lacks may still be handled by the plugin itself (EPS with Ghostscript): decode to know.
         short = _codec_missing(im)
         if short is None and mode in MODES:
@@ -228,4 +271,4 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
             why = "" if short.startswith("unknown") else f"{short}; "
             reason = f"unreadable ({why}{e.reason})"
             raise ImageDecodeError(f"{path}: {reason}", path, reason) from e
-    return size
+    return size, orientation

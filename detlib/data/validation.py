@@ -11,6 +11,13 @@ to score correctly are made, each logged (a unique non-zero annotation id; ``are
 same with boxes clipped to their image and boxes wholly outside dropped; evaluation never sees
 that cleaning. What cannot be scored correctly is an error: a non-numeric or non-finite ``area``,
 a duplicate category id, a degenerate box (``invalid="skip"`` drops it from both copies).
+
+Field types are checked, never left to truthiness: ``iscrowd`` must be 0 or 1 (``true``/``false``
+are converted, logged); the string ``"0"`` is an error, since pycocotools and training would take
+any non-empty string as a crowd region. Scoring a file alone (``evaluation_ground_truth``, used by
+``tools/evaluate.py --gt --dt``) asks only what pycocotools needs: images need an integer ``id``,
+not ``file_name``, ``width`` or ``height``. Categories that share a name are kept apart by id
+(``category_labels``: ``"car (id 3)"``), with a warning.
 """
 
 from __future__ import annotations
@@ -39,9 +46,36 @@ def validate_coco(data: dict, path: str | Path, invalid: str = "error") -> tuple
 
 
 def evaluation_ground_truth(data: dict, path: str | Path, invalid: str = "error") -> tuple[dict, Counter]:
-    """The ground truth to score: the boxes as given, with only the logged corrections pycocotools needs."""
-    _, gt, counts = validate_coco_views(data, path, invalid, log_training=False)
+    """The ground truth to score: the boxes as given, with only the logged corrections pycocotools needs.
+
+    No image is read, so images need only an integer ``id`` (pycocotools scores boxes without
+    ``file_name``, ``width`` or ``height``)."""
+    _, gt, counts = validate_coco_views(data, path, invalid, log_training=False, images_on_disk=False)
     return gt, counts
+
+
+def category_labels(categories: list[dict]) -> dict[int, str]:
+    """Category id -> a name that tells it apart, in id order: its ``name``, or ``"name (id N)"`` where
+    several ids share one. Per-class AP (logs, TensorBoard, ``eval_detail.json``) and drawings use it,
+    so no class hides another."""
+    counts = Counter(c["name"] for c in categories)
+    return {c["id"]: c["name"] if counts[c["name"]] == 1 else f"{c['name']} (id {c['id']})"
+            for c in sorted(categories, key=lambda c: c["id"])}
+
+
+def _iscrowd(ann: dict, where: str, note) -> None:
+    """``iscrowd`` as the integer 0 or 1: filled with 0 when missing, ``true``/``false`` converted; any other
+    value (the string ``"0"``, 2, 0.5) is an error: pycocotools and training read it by truthiness."""
+    v = ann.get("iscrowd")
+    if "iscrowd" not in ann:
+        ann["iscrowd"] = 0
+        note("filled: iscrowd", f"id {ann.get('id')}")
+    elif isinstance(v, bool):
+        ann["iscrowd"] = int(v)
+        note("converted: iscrowd true/false to 1/0", f"id {ann.get('id')} iscrowd {v!r}")
+    elif not _is_int(v) or v not in (0, 1):
+        why = " (a string: any non-empty one, \"0\" too, would make the box a crowd region)" if isinstance(v, str) else ""
+        raise AnnotationError(f"{where}: field 'iscrowd' must be 0 or 1 (a JSON number), got {_show(v)}{why}")
 
 
 def _area(ann: dict, where: str, note) -> None:
@@ -68,12 +102,12 @@ def _show(v: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def check_structure(data: object, path: str | Path) -> None:
+def check_structure(data: object, path: str | Path, images_on_disk: bool = True) -> None:
     """The JSON's shape, before any field is used, so a malformed file is an error naming the file,
     the entry, the field and the value (not a ``KeyError`` or ``TypeError`` later, or a crash at the
-    final evaluation): a top-level object with lists ``images`` (integer ``id``, non-empty string
-    ``file_name``, positive ``width`` and ``height``), ``annotations`` (integer ``image_id`` and
-    ``category_id``) and a non-empty ``categories`` (integer ``id``, string ``name``)."""
+    final evaluation): a top-level object with lists ``images`` (integer ``id``; with ``images_on_disk``
+    also a non-empty string ``file_name``, positive ``width`` and ``height``), ``annotations`` (integer
+    ``image_id`` and ``category_id``) and a non-empty ``categories`` (integer ``id``, string ``name``)."""
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: the top level must be a JSON object with 'images', 'annotations' and "
                               f"'categories', got a {type(data).__name__}")
@@ -96,6 +130,8 @@ def check_structure(data: object, path: str | Path) -> None:
             raise AnnotationError(f"{path}: images[{k}]: field 'id' must be an integer, got {_show(img.get('id'))}"
                                   " (pycocotools and the evaluation need integer image ids)")
         where = f"{path}: image id {img['id']}"
+        if not images_on_disk:
+            continue  # scoring alone: pycocotools reads no image field but the id
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise AnnotationError(f"{where}: field 'file_name' must be a non-empty string, got "
                                   f"{_show(img.get('file_name'))}")
@@ -136,16 +172,25 @@ class _Notes:
             log.warning("%s: filled standard defaults for missing fields: %s", path, ", ".join(sorted(filled)))
 
 
-def _index(data: dict, path: str | Path) -> tuple[set, dict]:
-    """``(category ids, images by id)``; duplicates and images missing a field are errors."""
+def _index(data: dict, path: str | Path, images_on_disk: bool = True) -> tuple[set, dict]:
+    """``(category ids, images by id)``; duplicates and images missing a field are errors. Categories
+    sharing a name are kept apart by id (``category_labels``), with a warning."""
     cat_ids: set = set()
     for cat in data["categories"]:
         if cat["id"] in cat_ids:  # pycocotools would evaluate that category twice
             raise AnnotationError(f"{path}: duplicate category id {cat['id']!r}")
         cat_ids.add(cat["id"])
+    shared: dict[str, list] = {}
+    for cat in data["categories"]:
+        shared.setdefault(cat["name"], []).append(cat["id"])
+    for name, ids in shared.items():
+        if len(ids) > 1:
+            log.warning("%s: categories %s share the name %r: they stay separate classes, keyed by id; per-class "
+                        "results name them %s", path, ids, name,
+                        ", ".join(repr(category_labels(data["categories"])[i]) for i in ids))
     images = {}
     for img in data["images"]:
-        for field in ("id", "file_name", "width", "height"):
+        for field in ("id", "file_name", "width", "height") if images_on_disk else ("id",):
             if field not in img:
                 raise AnnotationError(f"{path}: image {img.get('id', '?')} has no field '{field}'")
         if img["id"] in images:
@@ -190,8 +235,8 @@ def _training_box(box: list, img: dict, aid: object, note: _Notes) -> list | Non
     return box
 
 
-def validate_coco_views(data: dict, path: str | Path, invalid: str = "error",
-                        log_training: bool = True) -> tuple[dict, dict, Counter]:
+def validate_coco_views(data: dict, path: str | Path, invalid: str = "error", log_training: bool = True,
+                        images_on_disk: bool = True) -> tuple[dict, dict, Counter]:
     """Check a COCO-format dict once; return ``(training copy, evaluation copy, counts of what was changed)``.
 
     Args:
@@ -199,15 +244,17 @@ def validate_coco_views(data: dict, path: str | Path, invalid: str = "error",
         path: the annotation file, for messages.
         invalid: ``error`` stops at a degenerate box; ``skip`` drops it and counts it.
         log_training: also log the training-only cleaning (clipped and dropped boxes).
+        images_on_disk: the images will be read (``file_name``, ``width``, ``height`` required); False
+            when a file is only scored: the training copy then keeps the boxes unclipped.
     """
     if invalid not in ("error", "skip"):
         raise ValueError(f"data.invalid must be 'error' or 'skip', got {invalid!r}")
-    check_structure(data, path)
+    check_structure(data, path, images_on_disk)
     data, note = copy.copy(data), _Notes()
     if "info" not in data:
         data["info"] = {}
         note("filled: info", "no 'info' section")
-    cat_ids, images = _index(data, path)
+    cat_ids, images = _index(data, path, images_on_disk)
     seen_ids: set = set()
     renumber = False
     gt, train_boxes = [], []
@@ -218,15 +265,13 @@ def validate_coco_views(data: dict, path: str | Path, invalid: str = "error",
         if box is None:
             continue
         _area(ann, where, note)
-        if "iscrowd" not in ann:
-            ann["iscrowd"] = 0
-            note("filled: iscrowd", f"id {aid}")
+        _iscrowd(ann, where, note)
         if not isinstance(aid, int) or aid <= 0 or aid in seen_ids:
             renumber = True  # pycocotools treats id 0 as "unmatched" and silently mis-scores duplicates
             note("renumbered: annotation id 0 or duplicate", f"id {aid!r}")
         seen_ids.add(aid)
         gt.append(ann)
-        train_boxes.append(_training_box(box, images[ann["image_id"]], aid, note))
+        train_boxes.append(_training_box(box, images[ann["image_id"]], aid, note) if images_on_disk else box)
     if renumber:
         for i, ann in enumerate(gt, start=1):
             ann["id"] = i

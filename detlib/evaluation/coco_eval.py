@@ -8,8 +8,10 @@ Before pycocotools runs: detections whose image is not in the ground truth are a
 ids, and so is a detection box with width or height <= 0 (pycocotools would silently ignore one
 with a negative side); ``max_dets`` must be strictly increasing positive numbers (pycocotools reads
 -1 as "all but the last"); an empty detection list gives AP 0 with a warning instead of
-``loadRes([])``'s crash; results are put in a deterministic order so tied scores don't make AP
-depend on gather order. After it runs: COCO's -1 ("no such objects") becomes ``None``, and the 12
+``loadRes([])``'s crash. Results are scored in the order given, never re-sorted: pycocotools' sort by
+score is stable, so the order of tied scores is part of the input (a file is scored as pycocotools
+scores it; training-time evaluation fixes a deterministic order and writes its detections file in
+that order, see ``detlib.evaluation.inference``). After it runs: COCO's -1 ("no such objects") becomes ``None``, and the 12
 stats are read from the ``precision``/``recall`` arrays at the configured ``maxDets``, so
 non-default maxDets never give a silent -1.
 """
@@ -167,8 +169,9 @@ def evaluate_coco(
     check_results(gt, results)
     if not results:
         log.warning("no detections at all: every AP is 0")
-    # Deterministic order: COCOeval's stable sort by score keeps input order among ties.
-    results = sorted(results, key=lambda r: (r["image_id"], -r["score"], r["category_id"], tuple(r["bbox"])))
+    # No re-sorting: COCOeval's sorts by score are stable, so among tied scores the given order decides
+    # which detection matches first. Scored in that order, a results file gets pycocotools' numbers;
+    # training-time evaluation fixes its own deterministic order (``inference.evaluate``) and writes that.
     if coco_cls is not COCO:  # the fast backend indexes the same dicts with its own COCO
         gt = _coco(coco_cls, gt.dataset)
     E = eval_cls(gt, _results_coco(gt, results, coco_cls), iouType="bbox")

@@ -3,6 +3,11 @@
 Under DDP each rank runs every ``world_size``-th batch of the single-process batching (so every
 image sees exactly the batch it would alone), the detections are gathered to rank 0, de-duplicated
 by image id and evaluated there, and the stats are broadcast back: AP equals the single-process AP.
+
+The results are in one deterministic order, the single-process one (images in ``dataset.ids`` order,
+each image's detections as the model returned them), also under DDP: pycocotools breaks tied scores
+by input order, so that order is what is scored and what ``tools/evaluate.py --run`` writes as its
+detections file; pycocotools on that file gives the same numbers.
 """
 
 from __future__ import annotations

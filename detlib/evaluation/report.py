@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
+from detlib.data.validation import category_labels
 from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, per_class_ap, true_positive_ious
 from detlib.evaluation.tide import tide_errors
 from detlib.jsonio import write_json
@@ -25,8 +26,9 @@ TP_IOU_BINS = np.linspace(0.5, 1.0, 21)  # 0.025 wide, from the match threshold 
 
 
 def category_names(coco: COCO) -> dict[int, str]:
-    """Category id -> name of a ground truth, in id order."""
-    return {c: coco.cats[c]["name"] for c in sorted(coco.getCatIds())}
+    """Category id -> name of a ground truth, in id order; where ids share a name, ``"name (id N)"``
+    (``category_labels``), so per-class AP keeps every class in logs, TensorBoard and ``eval_detail.json``."""
+    return category_labels(list(coco.cats.values()))
 
 
 def metrics(stats: dict[str, float | None]) -> dict[str, float | None]:

@@ -59,7 +59,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results, index = [], []
     for image_id, path in enumerate(tqdm(files, desc="predict", unit="img", disable=None), start=1):
-        image = read_image(path)
+        image = read_image(path, predictor.exif_orientation)  # as the run's data were read
         det = predictor(image)
         index.append({"id": image_id, "file_name": str(path), "width": image.shape[2], "height": image.shape[1]})
         for box, score, cat in zip(det["boxes"].tolist(), det["scores"].tolist(), det["category_ids"]):

@@ -40,6 +40,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dets", type=Path, help="COCO results file to draw (needs --gt and --images)")
     p.add_argument("--gt", type=Path, help="COCO ground-truth annotation file")
     p.add_argument("--images", type=Path, help="folder the ground truth's file_names are relative to")
+    p.add_argument("--exif-orientation", choices=["apply", "ignore"], default="apply",
+                   help="with --gt: apply JPEG orientation tags (boxes in the displayed frame, default) or ignore "
+                        "them (boxes on the stored pixels); with --run the run's data.exif_orientation is used")
     p.add_argument("--num", type=int, default=8, help="draw the first N images (default 8)")
     p.add_argument("--ids", type=int, nargs="+", help="draw these image ids instead")
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw predictions scoring at least this")
@@ -104,7 +107,7 @@ def open_source(args: argparse.Namespace) -> tuple[CocoDetection, Callable[[Tens
         device = resolve_device(args.device)
         model.to(device).eval()
         return dataset, partial(predict_one, model, device=device)
-    dataset = CocoDetection(args.gt, args.images, train=False)
+    dataset = CocoDetection(args.gt, args.images, train=False, exif_orientation=args.exif_orientation)
     results = read_results(args.dets)
     check_results_file(args.dets, results, set(dataset.coco.getImgIds()), set(dataset.cat_ids))
     by_image: dict[int, list[dict]] = {}
