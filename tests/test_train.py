@@ -217,6 +217,17 @@ def test_bad_input_fails_at_start_with_a_clear_message(tmp_path, args, needle):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["model.roi_head.fg_iou_thresh=1.5"], "config: model.roi_head.fg_iou_thresh must be in [0, 1], got 1.5"),
+    (["model.min_size=[0]"], "config: model.min_size.0 must be > 0, got 0"),
+])
+def test_model_ranges_fail_at_start_in_one_line_naming_the_key(tmp_path, args, needle):
+    proc = run_train(*args, "trainer.device=cpu", f"hydra.run.dir={tmp_path}", timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"train.py: error: {needle}"]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_diverged_run_is_recorded_as_a_result_and_the_sweep_goes_on(tmp_path, data_root, monkeypatch):
     """trainer.on_nonfinite=record (stability sweeps): the first job's loss turns NaN at iteration 2."""
     monkeypatch.setenv("DETLIB_FAULT_RANK", "0")
