@@ -210,7 +210,8 @@ def record_for(cfg: DictConfig, typed: Config, train_set, val_set, run_dir: Path
     record = run_record.make_record(
         config, ident, overrides=list(hc.overrides.task),
         choices={k: str(v) for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra/")},
-        data_files={"train": str(train_set.ann_file), "val": str(val_set.ann_file)})
+        data_files={"train": str(train_set.ann_file), "val": str(val_set.ann_file)},
+        classes=[{"id": c, "name": n} for c, n in zip(train_set.cat_ids, train_set.class_names)])
     saved = run_record.read_record(run_dir)
     if saved is None:
         leftovers = [f for f in run_record.foreign_files(run_dir) if f != run_record.RECORD]
