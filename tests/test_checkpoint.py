@@ -129,3 +129,35 @@ def test_rotation_never_deletes_a_checkpoint_the_run_did_not_write(tmp_path):
     assert names == ["model_0000003.pt", "model_0000004.pt", "model_0000010.pt", "model_0000011.pt",
                      "model_0000012.pt"]
     assert owned == {tmp_path / "model_0000003.pt", tmp_path / "model_0000004.pt"}
+
+
+def _big(i: int) -> dict:
+    return {"model": {"w": torch.zeros(200_000)}, "iteration": i}
+
+
+def test_disk_full_while_checkpointing_says_no_space_and_the_path(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC (/dev/full as the temp file), not torch's inline_container enforce failure."""
+    checkpoint.save(_state(1), tmp_path, 1)
+    real_open = open
+
+    def to_dev_full(file, mode="r", *args, **kwargs):
+        return real_open("/dev/full", "wb") if ".tmp-" in str(file) else real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", to_dev_full, raising=False)
+    with pytest.raises(OSError, match=r"No space left on device: writing checkpoint .*model_0000002\.pt") as e:
+        checkpoint.save(_big(2), tmp_path, 2)
+    assert "inline_container" not in str(e.value) and e.value.errno == 28
+    assert checkpoint.load(tmp_path / "last.pt")["iteration"] == 1
+
+
+def test_disk_full_on_a_real_tiny_filesystem_says_no_space_and_the_path(tmp_path):
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(OSError, match=rf"No space left on device: writing checkpoint {mnt}/model_0000001\.pt"):
+            checkpoint.save(_big(1), mnt, 1)
+        assert list(mnt.iterdir()) == []  # no temp file left behind
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

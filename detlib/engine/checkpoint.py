@@ -51,15 +51,50 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` that leaves either the old file or the complete new one, never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as raw:
+            f = _Recording(raw)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch reports a failed write as an inline_container enforce failure
+                if f.error is None:
+                    raise
+                raise f.error from e
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, permission: the OS's reason and the path, one line
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"{e.strerror or e}: writing checkpoint {path} (the previous checkpoint is kept; "
+                               f"free space in {path.parent} or set trainer.keep_last lower)") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+class _Recording:
+    """A binary file whose first ``OSError`` on write is kept: torch turns it into an unhelpful
+    ``inline_container`` error; ``atomic_torch_save`` raises the OS's own one instead."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
 
 
 def save(state: dict, folder: str | Path, iteration: int, keep_last: int = 3, owned: set[Path] | None = None) -> Path:
