@@ -56,10 +56,22 @@ def continue_command(run_dir: Path) -> str:
     hc = HydraConfig.get()
     args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
     if hc.mode == RunMode.MULTIRUN:
-        args.append(f"hydra.sweep.dir={Path(hc.sweep.dir).resolve()}")
+        args.append(f"hydra.sweep.dir={hydra_quote(str(Path(hc.sweep.dir).resolve()))}")
     else:
-        args.append(f"hydra.run.dir={run_dir.resolve()}")
+        args.append(f"hydra.run.dir={hydra_quote(str(run_dir.resolve()))}")
     return "uv run train.py " + " ".join(shlex.quote(a) for a in args)
+
+
+# What Hydra's override lexer takes unquoted in a value (ASCII letters, digits and these); anything else
+# (a non-ASCII folder name, a space, a comma) must be a quoted string, or the pasted command fails to parse.
+_HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/\-+.$%*@?|]+")
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as one Hydra override value: as is when the lexer reads it so, else single-quoted."""
+    if _HYDRA_PLAIN.fullmatch(value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _to_log_file(msg: str) -> None:
@@ -210,7 +222,8 @@ def record_for(cfg: DictConfig, typed: Config, train_set, val_set, run_dir: Path
     record = run_record.make_record(
         config, ident, overrides=list(hc.overrides.task),
         choices={k: str(v) for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra/")},
-        data_files={"train": str(train_set.ann_file), "val": str(val_set.ann_file)})
+        data_files={"train": str(train_set.ann_file), "val": str(val_set.ann_file)},
+        classes=[{"id": c, "name": n} for c, n in zip(train_set.cat_ids, train_set.class_names)])
     saved = run_record.read_record(run_dir)
     if saved is None:
         leftovers = [f for f in run_record.foreign_files(run_dir) if f != run_record.RECORD]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -181,7 +182,13 @@ def check_ranges(cfg: Config) -> None:
     for key, options, value in _bad_choices(cfg, ""):
         raise ValueError(f"config: {key} must be {options}, got {value!r}")
     t, d = cfg.trainer, cfg.data
+    for key, value in _numbers({"trainer": t, "data": d, "eval": cfg.eval}, ""):
+        if not math.isfinite(value):
+            raise ValueError(f"config: {key} must be a finite number, got {value!r}")
     rules = [
+        ("seed", 0 <= cfg.seed < 2**32, cfg.seed, "in [0, 2**32) (numpy's seed range)"),
+        ("data.synthetic.seed", 0 <= d.synthetic.seed < 2**32, d.synthetic.seed, "in [0, 2**32)"),
+        ("data.noise.seed", 0 <= d.noise.seed < 2**32, d.noise.seed, "in [0, 2**32)"),
         ("trainer.device", t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), t.device, "auto|cpu|cuda"),
         ("trainer.max_iters", t.max_iters >= 1, t.max_iters, ">= 1"),
         ("trainer.lr", t.lr > 0, t.lr, "> 0"),
@@ -212,10 +219,65 @@ def check_ranges(cfg: Config) -> None:
     for key, ok, value, rule in rules:
         if not ok:
             raise ValueError(f"config: {key} must be {rule}, got {value!r}")
+    check_model_ranges(cfg.model)
     for key, choose in (("loss", "loss=NAME"), ("rpn_loss", "loss@rpn_loss=NAME")):
         node = getattr(cfg, key)
         if node != MISSING and not (isinstance(node, Mapping) and "_target_" in node):  # e.g. rpn_loss=l1 sets a string
             raise ValueError(f"config: {key} must be a loss from configs/loss, chosen with {choose}, got {node!r}")
+
+
+# Range rules for the ``model`` tree, by the key's last name, wherever it sits (rpn, roi_head, proposals, a
+# model of your own): a threshold or fraction outside its range does not fail, it trains a model without
+# foreground (``roi_head.fg_iou_thresh=1.5``) or without detections, silently.
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_POSITIVE = (lambda v: v > 0, "> 0")
+MODEL_RULES: dict[str, tuple] = {
+    "fg_iou_thresh": _UNIT, "bg_iou_thresh": _UNIT, "nms_thresh": _UNIT, "score_thresh": _UNIT,
+    "positive_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"), "target_outliers": _UNIT,
+    "min_size": _POSITIVE, "max_size": _POSITIVE, "batch_size_per_image": (lambda v: v >= 1, ">= 1"),
+    "detections_per_img": (lambda v: v >= 1, ">= 1"), "pre_nms_top_n_train": (lambda v: v >= 1, ">= 1"),
+    "pre_nms_top_n_test": (lambda v: v >= 1, ">= 1"), "post_nms_top_n_train": (lambda v: v >= 1, ">= 1"),
+    "post_nms_top_n_test": (lambda v: v >= 1, ">= 1"), "top_k": (lambda v: v >= 1, ">= 1"),
+    "jitter": (lambda v: v >= 0, ">= 0"), "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "image_std": _POSITIVE,
+}
+
+
+def check_model_ranges(model: object) -> None:
+    """Every number in the ``model`` tree is finite and, where ``MODEL_RULES`` names its key, in range (each
+    element of a list, ``model.min_size=[0]``); a node's ``bg_iou_thresh`` is at most its ``fg_iou_thresh``.
+    Errors name the key and the value."""
+    for key, value in _numbers(model, "model."):
+        name = key.split(".")[-1] if not key.split(".")[-1].isdigit() else key.split(".")[-2]
+        ok, rule = MODEL_RULES.get(name, (lambda v: True, ""))
+        if not math.isfinite(value) or not ok(value):
+            raise ValueError(f"config: {key} must be {rule or 'a finite number'}, got {value!r}")
+    for key, node in _nodes(model, "model"):
+        fg, bg = node.get("fg_iou_thresh"), node.get("bg_iou_thresh")
+        if isinstance(fg, (int, float)) and isinstance(bg, (int, float)) and bg > fg:
+            raise ValueError(f"config: {key}.bg_iou_thresh must be <= {key}.fg_iou_thresh ({fg!r}), got {bg!r}")
+
+
+def _numbers(node: object, prefix: str) -> Iterator[tuple[str, float]]:
+    """``(dotted key, value)`` for every int or float under a dataclass, mapping or list (bools excluded)."""
+    if is_dataclass(node):
+        node = vars(node)
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            yield from _numbers(v, f"{prefix}{k}.")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _numbers(v, f"{prefix}{i}.")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield prefix.rstrip("."), node
+
+
+def _nodes(node: object, prefix: str) -> Iterator[tuple[str, Mapping]]:
+    """``(dotted key, mapping)`` for every mapping in a ``_target_`` tree, the root included."""
+    if isinstance(node, Mapping):
+        yield prefix, node
+        for k, v in node.items():
+            yield from _nodes(v, f"{prefix}.{k}")
 
 
 # Keys Hydra's instantiate reads itself, valid in any _target_ node.

@@ -62,7 +62,7 @@ class Predictor:
         if cfg.model.get("proposals") is not None:
             raise ValueError(f"{run_dir}: a Fast R-CNN run reads proposals from a file by image id; it cannot "
                              "detect on new images (train a Faster R-CNN model, with an RPN)")
-        model, val_set = build_from_run(cfg)
+        model, val_set = build_from_run(cfg, run_dir)
         load_weights(model, checkpoint or Path(run_dir) / "checkpoints" / "last.pt")
         names = {label: val_set.coco.cats[cat]["name"] for label, cat in val_set.label_to_cat.items()}
         return cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation)

@@ -90,3 +90,74 @@ def test_failed_write_surfaces_and_keeps_old(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpoint.load(tmp_path / "last.pt")["iteration"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "model_0000001.pt"]
+
+
+def test_deleted_or_dangling_last_resumes_from_the_newest_intact_numbered_checkpoint(tmp_path, caplog):
+    for i in (2, 4, 6):
+        checkpoint.save(_state(i), tmp_path, i, keep_last=5)
+    newest = tmp_path / "model_0000006.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # damaged: passed over, named
+    (tmp_path / "last.pt").unlink()
+    with caplog.at_level("WARNING"):
+        path, state = checkpoint.discover(tmp_path)
+    assert (path.name, state["iteration"]) == ("model_0000004.pt", 4)
+    assert "last.pt is missing" in caplog.text and "model_0000004.pt" in caplog.text and str(newest) in caplog.text
+    (tmp_path / "last.pt").symlink_to(tmp_path / "gone.pt")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert checkpoint.discover(tmp_path)[0].name == "model_0000004.pt"
+    assert "dangling symlink" in caplog.text
+
+
+def test_numbered_checkpoints_none_of_which_loads_are_refused_not_ignored(tmp_path):
+    assert checkpoint.discover(tmp_path) is None  # nothing there: a fresh start is right
+    for i in (2, 4):
+        checkpoint.save(_state(i), tmp_path, i)
+        (tmp_path / f"model_{i:07d}.pt").write_bytes(b"junk")
+    (tmp_path / "last.pt").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"last\.pt is missing.*no numbered checkpoint"):
+        checkpoint.discover(tmp_path)
+
+
+def test_rotation_never_deletes_a_checkpoint_the_run_did_not_write(tmp_path):
+    for i in (10, 11, 12):  # another run's, newer than ours
+        checkpoint.save(_state(i), tmp_path, i)
+    owned: set = set()
+    for i in (1, 2, 3, 4):
+        checkpoint.save(_state(i), tmp_path, i, keep_last=2, owned=owned)
+    names = sorted(p.name for p in tmp_path.glob("model_*.pt"))
+    assert names == ["model_0000003.pt", "model_0000004.pt", "model_0000010.pt", "model_0000011.pt",
+                     "model_0000012.pt"]
+    assert owned == {tmp_path / "model_0000003.pt", tmp_path / "model_0000004.pt"}
+
+
+def _big(i: int) -> dict:
+    return {"model": {"w": torch.zeros(200_000)}, "iteration": i}
+
+
+def test_disk_full_while_checkpointing_says_no_space_and_the_path(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC (/dev/full as the temp file), not torch's inline_container enforce failure."""
+    checkpoint.save(_state(1), tmp_path, 1)
+    real_open = open
+
+    def to_dev_full(file, mode="r", *args, **kwargs):
+        return real_open("/dev/full", "wb") if ".tmp-" in str(file) else real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", to_dev_full, raising=False)
+    with pytest.raises(OSError, match=r"No space left on device: writing checkpoint .*model_0000002\.pt") as e:
+        checkpoint.save(_big(2), tmp_path, 2)
+    assert "inline_container" not in str(e.value) and e.value.errno == 28
+    assert checkpoint.load(tmp_path / "last.pt")["iteration"] == 1
+
+
+def test_disk_full_on_a_real_tiny_filesystem_says_no_space_and_the_path(tmp_path):
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(OSError, match=rf"No space left on device: writing checkpoint {mnt}/model_0000001\.pt"):
+            checkpoint.save(_big(1), mnt, 1)
+        assert list(mnt.iterdir()) == []  # no temp file left behind
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

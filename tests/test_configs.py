@@ -181,3 +181,38 @@ def test_a_negative_thread_count_is_refused_naming_the_key():
 
     with pytest.raises(ValueError, match=r"trainer\.num_threads.*-1"):
         check_ranges(OmegaConf.to_object(compose_cfg("trainer.num_threads=-1")))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.roi_head.fg_iou_thresh=1.5", r"model\.roi_head\.fg_iou_thresh.*1\.5"),
+    ("model.roi_head.bg_iou_thresh=-0.1", r"model\.roi_head\.bg_iou_thresh"),
+    ("model.rpn.fg_iou_thresh=0.2", r"model\.rpn\.bg_iou_thresh must be <= model\.rpn\.fg_iou_thresh"),
+    ("model.rpn.positive_fraction=0", r"model\.rpn\.positive_fraction"),
+    ("model.roi_head.positive_fraction=2", r"model\.roi_head\.positive_fraction"),
+    ("model.rpn.nms_thresh=1.7", r"model\.rpn\.nms_thresh"),
+    ("model.roi_head.nms_thresh=-1", r"model\.roi_head\.nms_thresh"),
+    ("model.roi_head.score_thresh=1.01", r"model\.roi_head\.score_thresh"),
+    ("model.roi_head.detections_per_img=0", r"model\.roi_head\.detections_per_img"),
+    ("model.min_size=[0]", r"model\.min_size\.0 must be > 0, got 0"),
+    ("model.max_size=0", r"model\.max_size"),
+    ("model.roi_head.score_thresh=nan", r"model\.roi_head\.score_thresh.*nan"),
+])
+def test_every_model_threshold_and_fraction_is_range_checked_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=key):
+        check_ranges(OmegaConf.to_object(compose_cfg(override)))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("seed=-1", r"^config: seed must be in \[0, 2\*\*32\).*-1"),
+    ("trainer.lr=inf", r"trainer\.lr must be a finite number, got inf"),
+    ("trainer.lr=nan", r"trainer\.lr must be a finite number, got nan"),
+    ("trainer.momentum=nan", r"trainer\.momentum"),
+])
+def test_seed_and_non_finite_trainer_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=key):
+        check_ranges(OmegaConf.to_object(compose_cfg(override)))
+
+
+def test_every_model_config_passes_the_model_range_check():
+    for name in MODELS:
+        check_ranges(OmegaConf.to_object(compose_cfg(f"model={name}")))

@@ -90,3 +90,29 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, data_root):
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert 0 < state["iteration"] < 100000
     assert not list(sweep.glob("1_*")), "the sweep went on to its next job after SIGTERM"
+
+
+def test_deleted_last_checkpoint_resumes_from_the_newest_numbered_one_and_loses_no_file(tmp_path, data_root,
+                                                                                       monkeypatch):
+    """A run dies at iteration 7 (checkpoints at 2, 4, 6); last.pt is deleted; the same command continues
+    from model_0000006.pt, naming it, and every numbered checkpoint of the first attempt is still there."""
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", f"data.root={data_root}", "trainer.device=cpu", "trainer.max_iters=8",
+            "trainer.checkpoint_period=2", "trainer.keep_last=10", "trainer.progress=false",
+            "loss=l1", "loss._target_=tests.faults.CrashOnce", f"hydra.run.dir={run_dir}"]
+    monkeypatch.setenv("DETLIB_FAULT_RANK", "0")
+    monkeypatch.setenv("DETLIB_FAULT_CALL", "7")
+    assert run_train(*args).returncode == 17  # died in iteration 7
+    ckpts = run_dir / "checkpoints"
+    first = {p.name: p.read_bytes() for p in ckpts.glob("model_*.pt")}
+    assert sorted(first) == ["model_0000002.pt", "model_0000004.pt", "model_0000006.pt"]
+    (ckpts / "last.pt").unlink()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # CrashOnce: no crash this time
+    proc = run_train(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert "resuming from the newest intact numbered checkpoint" in log and "model_0000006.pt" in log
+    assert "at iteration 6" in log
+    for name, data in first.items():
+        assert (ckpts / name).read_bytes() == data, f"{name} lost or overwritten"
+    assert torch.load(ckpts / "last.pt", weights_only=True)["iteration"] == 8

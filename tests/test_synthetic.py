@@ -154,3 +154,20 @@ def test_an_interrupted_build_of_an_older_version_is_replaced(tmp_path):
     (folder / "train/000000.png").write_bytes(b"half")  # built in place, no DONE
     assert build_synthetic(tmp_path, TINY) == folder and (folder / "DONE").exists()
     assert [q.name for q in tmp_path.iterdir()] == [folder.name]
+
+
+def test_read_only_home_before_the_cache_exists_says_to_set_data_root(tmp_path):
+    """A read-only filesystem (a real ro tmpfs, as a container's HOME): one error naming data.root."""
+    from detlib.data.synthetic import SyntheticSpec, build_synthetic
+
+    home = tmp_path / "home"
+    home.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(home)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        with pytest.raises(ValueError, match=rf"data\.root={home}/\.cache/detlib: cannot write .*"
+                                             r"Read-only file system.*set data\.root to a writable folder"):
+            build_synthetic(home / ".cache" / "detlib", SyntheticSpec(num_train=2, num_val=1))
+    finally:
+        subprocess.run(["umount", str(home)], check=True)

@@ -217,6 +217,17 @@ def test_bad_input_fails_at_start_with_a_clear_message(tmp_path, args, needle):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["model.roi_head.fg_iou_thresh=1.5"], "config: model.roi_head.fg_iou_thresh must be in [0, 1], got 1.5"),
+    (["model.min_size=[0]"], "config: model.min_size.0 must be > 0, got 0"),
+])
+def test_model_ranges_fail_at_start_in_one_line_naming_the_key(tmp_path, args, needle):
+    proc = run_train(*args, "trainer.device=cpu", f"hydra.run.dir={tmp_path}", timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"train.py: error: {needle}"]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_diverged_run_is_recorded_as_a_result_and_the_sweep_goes_on(tmp_path, data_root, monkeypatch):
     """trainer.on_nonfinite=record (stability sweeps): the first job's loss turns NaN at iteration 2."""
     monkeypatch.setenv("DETLIB_FAULT_RANK", "0")
@@ -233,3 +244,17 @@ def test_a_diverged_run_is_recorded_as_a_result_and_the_sweep_goes_on(tmp_path, 
                       "loss._target_=tests.faults.NaNOnRank", "trainer.on_nonfinite=record", "seed=0",
                       f"hydra.run.dir='{first}'")
     assert rerun.returncode == 0 and "diverged (diverged.json); skipping it" in rerun.stdout + rerun.stderr
+
+
+@pytest.mark.parametrize("folder", ["/tmp/runs/2024-01-01/12-00-00", "/tmp/résultats/été 1", "/tmp/it's,a=run"])
+def test_printed_continue_command_for_any_folder_pastes_into_a_shell_and_parses_in_hydra(folder):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from train import hydra_quote
+
+    arg = shlex.quote(f"hydra.run.dir={hydra_quote(folder)}")  # as continue_command prints it
+    (pasted,) = shlex.split(arg)  # what the shell hands to train.py
+    (override,) = OverridesParser.create().parse_overrides([pasted])
+    assert (override.key_or_group, override.value()) == ("hydra.run.dir", folder)

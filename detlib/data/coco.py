@@ -88,6 +88,17 @@ class CocoDetection(torch.utils.data.Dataset):
         self.group_ids: list[int] | None = None  # set by build_datasets when data.aspect_grouping
         self.noise_stats: dict[str, float] = {}  # set by add_noise
 
+    def set_label_order(self, cat_ids: list[int]) -> None:
+        """Labels 1..K are ``cat_ids`` in this order (a trained model's classes, matched by name to this
+        file's ids: ``detlib.tools.rundir.match_classes``); targets are rebuilt with the new labels."""
+        if sorted(cat_ids) != sorted(self.cat_ids):
+            raise ValueError(f"{self.ann_file}: label order {cat_ids} is not a permutation of its ids {self.cat_ids}")
+        self.cat_ids = list(cat_ids)
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self._targets = {i: self._boxes_of(i) for i in self.ids}
+
     @property
     def num_classes(self) -> int:
         """Number of classes including background."""

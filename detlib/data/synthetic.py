@@ -208,8 +208,12 @@ def build_synthetic(root: str | os.PathLike, spec: SyntheticSpec) -> Path:
             return folder
         _move_aside(folder)  # left by an interrupted build of an older version, which built in place
     log.info("building the synthetic dataset in %s (%d train, %d val images)", folder, spec.num_train, spec.num_val)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-{os.getpid()}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-{os.getpid()}-", dir=root))
+    except OSError as e:  # a read-only HOME (containers, clusters) before the cache exists
+        raise ValueError(f"config: data.root={root}: cannot write the synthetic dataset cache there "
+                         f"({e.strerror or e}); set data.root to a writable folder") from e
     try:
         for split in ("train", "val"):
             coco = _write_split(spec, split, tmp)

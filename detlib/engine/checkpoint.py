@@ -3,7 +3,11 @@
 ``save`` writes ``model_0001000.pt`` through a temp file in the same folder (write, flush, fsync,
 ``os.replace``, fsync the folder), and only then moves ``last.pt`` to it: ``last.pt`` is a hard
 link made under a temp name and renamed over the old one, so it always names a complete file.
-Rotation keeps the newest ``keep_last`` numbered files and never the one ``last.pt`` names.
+Rotation keeps the newest ``keep_last`` numbered files and never the one ``last.pt`` names; given the
+set of files the current run wrote (``owned``), it deletes only those, never another run's.
+
+``discover`` finds the checkpoint to continue: ``last.pt``, or, when it was deleted or is a dangling
+symlink, the newest numbered file that loads (named in the log); never a silent fresh start beside them.
 
 ``load`` reads with ``torch.load(weights_only=True)``: a checkpoint holds only tensors, numbers,
 strings, ``None`` and lists/tuples/dicts of them (RNG states included, see ``rng_state``), so loading
@@ -47,19 +51,58 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` that leaves either the old file or the complete new one, never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as raw:
+            f = _Recording(raw)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch reports a failed write as an inline_container enforce failure
+                if f.error is None:
+                    raise
+                raise f.error from e
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, permission: the OS's reason and the path, one line
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"{e.strerror or e}: writing checkpoint {path} (the previous checkpoint is kept; "
+                               f"free space in {path.parent} or set trainer.keep_last lower)") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
 
-def save(state: dict, folder: str | Path, iteration: int, keep_last: int = 3) -> Path:
-    """Write ``model_{iteration}.pt`` atomically, point ``last.pt`` at it, rotate old ones."""
+class _Recording:
+    """A binary file whose first ``OSError`` on write is kept: torch turns it into an unhelpful
+    ``inline_container`` error; ``atomic_torch_save`` raises the OS's own one instead."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
+def save(state: dict, folder: str | Path, iteration: int, keep_last: int = 3, owned: set[Path] | None = None) -> Path:
+    """Write ``model_{iteration}.pt`` atomically, point ``last.pt`` at it, rotate old ones.
+
+    ``owned``: the numbered files the current run wrote (the new one is added); rotation deletes only
+    those. None: every numbered file in ``folder`` is the caller's.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"model_{iteration:07d}.pt"
@@ -72,11 +115,73 @@ def save(state: dict, folder: str | Path, iteration: int, keep_last: int = 3) ->
         shutil.copyfile(path, tmp_link)
     os.replace(tmp_link, folder / "last.pt")
     _fsync_dir(folder)
-    numbered = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
-    for old in numbered[:-keep_last]:
+    if owned is not None:
+        owned.add(path)
+    mine = numbered(folder) if owned is None else sorted(p for p in owned if p.exists())
+    for old in mine[:-keep_last]:
         if old != path:
             old.unlink(missing_ok=True)
+            if owned is not None:
+                owned.discard(old)
     return path
+
+
+def numbered(folder: str | Path) -> list[Path]:
+    """The numbered checkpoints ``model_NNNNNNN.pt`` in ``folder``, oldest first."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name)) if folder.is_dir() else []
+
+
+def iteration_of(path: Path) -> int:
+    """The iteration in a numbered checkpoint's name."""
+    m = _NAME.match(path.name)
+    if m is None:
+        raise ValueError(f"not a numbered checkpoint name: {path}")
+    return int(m.group(1))
+
+
+def discover(folder: str | Path) -> tuple[Path, dict] | None:
+    """The checkpoint a run in ``folder`` continues from, loaded: ``last.pt`` when it names a file, else (deleted,
+    or a dangling symlink) the newest numbered one that loads, logged with the reason; a damaged numbered file is
+    named and passed over. None when ``folder`` holds no checkpoint at all; numbered files of which none loads:
+    ``CheckpointError`` naming them (a fresh start would overwrite and rotate them away)."""
+    folder = Path(folder)
+    last = folder / "last.pt"
+    if last.is_file():
+        return last, load(last)
+    candidates = numbered(folder)
+    if not candidates:
+        return None
+    why = f"{last} is a dangling symlink (to {os.readlink(last)})" if last.is_symlink() else f"{last} is missing"
+    errors = []
+    for path in reversed(candidates):
+        try:
+            state = load(path)
+        except CheckpointError as e:
+            log.warning("passing over %s", e)
+            errors.append(str(e))
+            continue
+        log.warning("%s: resuming from the newest intact numbered checkpoint, %s (iteration %d)", why, path,
+                    state["iteration"])
+        return path, state
+    raise CheckpointError(f"{why} and no numbered checkpoint in {folder} loads:\n  " + "\n  ".join(errors)
+                          + "\nmove them away to start fresh, or resume one with trainer.resume=PATH")
+
+
+def run_files(folder: str | Path, identity: dict, up_to: int) -> set[Path]:
+    """The numbered checkpoints in ``folder`` up to iteration ``up_to`` that belong to the run ``identity``
+    (read memory-mapped: only the record is unpickled): the ones a resumed run may rotate away."""
+    owned = set()
+    for path in numbered(folder):
+        if iteration_of(path) > up_to:
+            continue
+        try:
+            meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("meta", {})
+        except Exception:  # noqa: BLE001 - damaged or not ours: then not the run's to delete
+            continue
+        if isinstance(meta, dict) and meta.get("identity") == identity:
+            owned.add(path)
+    return owned
 
 
 # What torch's weights-only unpickler says when it refuses an object (the global it would have imported).

@@ -9,7 +9,8 @@ its own record once, when a run starts in an empty folder, and checks every late
   paths, ...) and minus the inference-only keys (``EVAL_ONLY``: score threshold, NMS, max dets), plus
   what the config alone does not say: world size, number of classes, and a fingerprint of the
   annotation files (so the same data under another path is the same run, other data is not).
-* ``run.json``: ``{identity, eval, config, overrides, choices, data_files, created, host, argv}``,
+* ``run.json``: ``{identity, eval, config, overrides, choices, data_files, classes, created, host, argv}``
+  (``classes``: the model's labels 1..K as ``{"id", "name"}`` of the training file's categories),
   written once; ``compare_runs.py``, the tools and TensorBoard's HParams table read it.
 * ``RunLock``: an ``flock`` on ``RUN/.lock`` held for the run's life, naming its owner (pid, host).
 """
@@ -107,7 +108,8 @@ def diff(old: Mapping, new: Mapping) -> list[str]:
 
 
 def make_record(config: Mapping, ident: Mapping, *, overrides: list[str], choices: Mapping[str, str],
-                data_files: Mapping[str, str]) -> dict:
+                data_files: Mapping[str, str], classes: Sequence[Mapping] | None = None) -> dict:
+    """``classes``: ``[{"id": category id, "name": name}]`` in label order (label k is ``classes[k - 1]``)."""
     return {
         "format": FORMAT,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -118,6 +120,7 @@ def make_record(config: Mapping, ident: Mapping, *, overrides: list[str], choice
         "identity": dict(ident),
         "eval": eval_settings(config),
         "data_files": dict(data_files),
+        "classes": [dict(c) for c in classes or []],
         "config": config,
     }
 

@@ -58,11 +58,13 @@ def train(
     amp_dtype = autocast_dtype(cfg.amp)
     state = TrainState.create(_prepare(model, device, cfg), cfg, device)
     resumed = resume(state, cfg.resume, run_dir / "checkpoints", meta, device)
+    # Rotation deletes only this run's checkpoints: those it writes, and on resume those of its identity before.
+    owned = set() if resumed is None else checkpoint.run_files(run_dir / "checkpoints", meta.get("identity"), resumed)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if dist.world_size() > 1 else model  # after loading, so every rank starts from the same weights
     writer = _open_writer(run_dir, state.iteration, train_set) if main else None
     loader = _loader(train_set, batch_size, num_workers, seed, state.iteration, cfg.max_iters, device)
-    save = partial(_save, state, run_dir / "checkpoints", cfg.keep_last, meta, loader.batch_sampler)
+    save = partial(_save, state, run_dir / "checkpoints", cfg.keep_last, meta, loader.batch_sampler, owned)
     evaluate_now = partial(evaluate_and_log, model, val_set, device, eval_cfg, amp_dtype, writer=writer,
                            run_dir=run_dir, eval_settings=meta.get("eval", {}))
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, run_dir, train_set)
@@ -192,10 +194,10 @@ def _finish(run_dir: Path, writer: SummaryWriter, hparams: dict | None, stats: d
 def resume(state: TrainState, resume_from: str, ckpt_dir: Path, meta: dict, device: torch.device) -> int | None:
     """Load the checkpoint ``resume_from`` names (``auto``: this run's last, if any) into ``state``; returns
     its iteration, or None when starting fresh. A checkpoint of another run identity is refused."""
-    path = _resume_path(resume_from, ckpt_dir)
-    if path is None:
+    found = _resume_path(resume_from, ckpt_dir)
+    if found is None:
         return None
-    saved = checkpoint.load(path)
+    path, saved = found
     _check_resume_identity(saved.get("meta", {}), meta, path)
     state.load_state_dict(saved, device)
     per_rank = saved.get("rng_per_rank") or []
@@ -204,7 +206,8 @@ def resume(state: TrainState, resume_from: str, ckpt_dir: Path, meta: dict, devi
     return state.iteration
 
 
-def _save(state: TrainState, ckpt_dir: Path, keep_last: int, meta: dict, sampler: TrainBatchSampler) -> int:
+def _save(state: TrainState, ckpt_dir: Path, keep_last: int, meta: dict, sampler: TrainBatchSampler,
+          owned: set[Path]) -> int:
     """Checkpoint the whole state (every rank's RNGs, so resume is exact under DDP); rank 0 writes."""
     rngs = dist.gather_objects(checkpoint.rng_state())
     if dist.is_main():
@@ -212,24 +215,24 @@ def _save(state: TrainState, ckpt_dir: Path, keep_last: int, meta: dict, sampler
         checkpoint.save(state.state_dict() | dict(
             epoch=it // sampler.batches_per_epoch(), rng=rngs[0], rng_per_rank=rngs, meta=meta,
             sampler=dict(seed=sampler.seed, batch_size=sampler.batch_size, world_size=dist.world_size(),
-                         next_iteration=it)), ckpt_dir, it, keep_last)
+                         next_iteration=it)), ckpt_dir, it, keep_last, owned)
     return state.iteration
 
 
-def _resume_path(resume: str, ckpt_dir: Path) -> Path | None:
+def _resume_path(resume: str, ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from, loaded; None: start fresh."""
     if not resume or resume == "new":  # new: a fresh run (in a new folder: run_record.run_dir)
         return None
     if resume == "auto":
-        last = ckpt_dir / "last.pt"
-        if last.is_file():
-            return last
-        log.info("trainer.resume=auto: no checkpoint in %s yet, starting fresh", ckpt_dir)
-        return None
+        found = checkpoint.discover(ckpt_dir)  # last.pt, or the newest intact numbered one (named)
+        if found is None:
+            log.info("trainer.resume=auto: no checkpoint in %s yet, starting fresh", ckpt_dir)
+        return found
     path = Path(resume).expanduser()
     if not path.is_file():
         raise checkpoint.CheckpointError(
             f"trainer.resume={resume}: no checkpoint there (use trainer.resume=auto to start fresh when none exists)")
-    return path
+    return path, checkpoint.load(path)
 
 
 def _check_resume_identity(saved: dict, current: dict, path: Path) -> None:

@@ -88,7 +88,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
     cfg = load_run_config(args.run, args.config_overrides)
     ckpt = args.checkpoint or args.run / "checkpoints" / "last.pt"
-    model, val_set = build_from_run(cfg)
+    model, val_set = build_from_run(cfg, args.run)
     state = load_weights(model, ckpt)
     device = resolve_device(args.device)
     model.to(device)

@@ -9,6 +9,8 @@ numbers the run itself reported. A run folder is data: its config may only name 
 from __future__ import annotations
 
 import os
+import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -131,8 +133,11 @@ def typed_config(cfg: DictConfig) -> Config:
     return typed
 
 
-def build_from_run(cfg: DictConfig) -> tuple[nn.Module, CocoDetection]:
+def build_from_run(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[nn.Module, CocoDetection]:
     """``(model, val_set)`` as ``train.py`` builds them; the model has fresh weights.
+
+    ``run_dir``: the run the config comes from; its record's classes are matched by name to the data's
+    (``match_classes``) and a val file other than the recorded one is named in a warning (``check_val_file``).
 
     Both splits are built (``build_datasets``), as in training: the class count comes from the data.
     A relative ``data.root`` is taken from the current folder (``train.py`` took it from where it was
@@ -141,6 +146,11 @@ def build_from_run(cfg: DictConfig) -> tuple[nn.Module, CocoDetection]:
     check_targets(cfg)
     typed = typed_config(cfg)
     train_set, val_set = build_datasets(typed.data)
+    if run_dir is not None:
+        record = read_record(run_dir)
+        for dataset in (train_set, val_set):
+            match_classes(dataset, record.get("classes"), run_dir)
+        check_val_file(val_set, record, run_dir)
     model = build_model(cfg, train_set.num_classes)
     check_proposal_ids(model, val=val_set.ids)  # Fast R-CNN with a proposals file must cover the val images
     return model, val_set
@@ -154,3 +164,55 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit the run's model: {str(e).splitlines()[0]}") from e
     return state
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_record(run_dir: str | Path) -> dict:
+    """The run's ``run.json`` as a dict; ``{}`` for a run older than the record (only ``.hydra/``)."""
+    path = Path(run_dir) / "run.json"
+    data = read_json(path, "run record", ToolError) if path.is_file() else {}
+    return data if isinstance(data, dict) else {}
+
+
+def match_classes(dataset: CocoDetection, recorded: list[dict] | None, run_dir: str | Path) -> None:
+    """Make the dataset's label k the class the run learned as label k, matched by name.
+
+    ``recorded``: run.json's ``classes`` (label order). The same names under other ids (or in another id
+    order) are remapped and said; other names are refused, naming what is missing and what is new. A run
+    recorded before classes were (``None``): label k stays the file's k-th category by id, with a warning.
+    """
+    names = list(dataset.class_names)
+    if not recorded:
+        warn(f"{Path(run_dir) / 'run.json'} records no classes (an older run): label k is taken to be the k-th "
+             f"category by id of {dataset.ann_file} ({', '.join(names)}); check that is the order it trained on")
+        return
+    learned = [str(c["name"]) for c in recorded]
+    if learned == names:
+        return
+    if Counter(learned) != Counter(names) or len(set(names)) != len(names):
+        missing = sorted((Counter(learned) - Counter(names)).elements())
+        new = sorted((Counter(names) - Counter(learned)).elements())
+        raise ToolError(f"{dataset.ann_file}: its classes are not the ones run {run_dir} learned (run.json "
+                        f"'classes': {', '.join(learned)}; the file: {', '.join(names)}; missing: {missing or 'none'},"
+                        f" not learned: {new or 'none'}, or names repeated); evaluate on data with the run's classes")
+    ids = {c["name"]: c["id"] for c in dataset.coco.cats.values()}
+    dataset.set_label_order([ids[n] for n in learned])
+    warn(f"{dataset.ann_file}: the run's classes under other ids, matched by name: "
+         + ", ".join(f"{c['name']} (run id {c['id']} -> file id {ids[c['name']]})" for c in recorded))
+
+
+def check_val_file(val_set: CocoDetection, record: dict, run_dir: str | Path) -> None:
+    """Warn, naming the file, when the val annotations are not those the run recorded (their sha256)."""
+    from detlib.engine.run_record import fingerprint
+
+    old = (record.get("identity") or {}).get("data.fingerprint.val")
+    if old is None:
+        return
+    now = fingerprint(val_set)
+    if now != old:
+        recorded = (record.get("data_files") or {}).get("val", "?")
+        warn(f"{val_set.ann_file}: not the val annotations run {run_dir} recorded ({recorded}, sha256 {old[:12]}; "
+             f"now sha256 {now[:12]}): the AP is not comparable with the run's own metrics")

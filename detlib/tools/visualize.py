@@ -102,7 +102,7 @@ def from_results(by_image: dict[int, list[dict]], cat_to_label: dict[int, int], 
 def open_source(args: argparse.Namespace) -> tuple[CocoDetection, Callable[[Tensor, dict], dict]]:
     """The images to draw and a function ``(image, target) -> predictions``: a run's model or a detections file."""
     if args.run is not None:
-        model, dataset = build_from_run(load_run_config(args.run))
+        model, dataset = build_from_run(load_run_config(args.run), args.run)
         load_weights(model, args.checkpoint or args.run / "checkpoints" / "last.pt")
         device = resolve_device(args.device)
         model.to(device).eval()
