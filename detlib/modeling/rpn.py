@@ -33,9 +33,12 @@ class RPN(RegionProposalNetwork):
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         feats = list(features.values())
         objectness, deltas = self.head(feats)
-        anchors = self.anchor_generator(images, feats)
+        # Boxes stay float32 under autocast: the anchor generator takes the feature maps' dtype and
+        # BoxCoder.decode the deltas', and bf16 would put a box centre 2-4 px off at 512-2047 px.
+        anchors = self.anchor_generator(images, [torch.empty(f.shape[-2:], device=f.device) for f in feats])
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        objectness, deltas = objectness.float(), deltas.float()
         proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
         boxes, _scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
         losses: dict[str, Tensor] = {}
@@ -58,7 +61,7 @@ class RPN(RegionProposalNetwork):
         labels_all = torch.cat(labels)
         num_sampled = max(sampled.numel(), 1)
         anchors_all, gt_all = torch.cat(anchors), torch.cat(matched_gt)
-        loss_box = self.box_loss(deltas[pos].float(), anchors_all[pos], gt_all[pos], self.box_coder)
+        loss_box = self.box_loss(deltas[pos], anchors_all[pos], gt_all[pos], self.box_coder)
         loss_cls = F.binary_cross_entropy_with_logits(
-            objectness.flatten()[sampled].float(), labels_all[sampled], reduction="sum") / num_sampled
+            objectness.flatten()[sampled], labels_all[sampled], reduction="sum") / num_sampled
         return {"loss_rpn_cls": loss_cls, "loss_rpn_box_reg": loss_box / num_sampled}
