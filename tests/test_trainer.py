@@ -181,3 +181,19 @@ def test_an_image_that_fails_to_decode_mid_run_stops_with_a_checkpoint_naming_th
         train(model, train_set, val_set, tcfg, typed.eval, tmp_path / "run", 2, 0, 0, {"identity": {}})
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert 1 <= state["iteration"] < 8  # what was trained before the bad image is kept
+
+
+def test_fp16_gradient_norm_logged_is_the_true_gradients_norm(parts, tmp_path):
+    """GradScaler.step has unscaled the gradients when the norm is read: it must not be divided again."""
+    import json
+
+    cfg, typed, train_set, _ = parts
+    model = _model(cfg, train_set.num_classes)
+    _run(parts, tmp_path, model=model, amp="fp16", max_iters=2, log_period=1, checkpoint_period=0)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in lines if "train/grad_norm/total" in r][-1]
+    assert logged["iteration"] == 2
+    by_hand = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in model.parameters()
+                                                    if p.grad is not None]))
+    assert logged["train/grad_norm/total"] == pytest.approx(float(by_hand), rel=1e-5)
+    assert logged["train/grad_norm/total"] > 1e-3  # not 65,536x too small

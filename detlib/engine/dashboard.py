@@ -112,13 +112,14 @@ def detections_grid(model: nn.Module, val_set: CocoDetection, device: torch.devi
 
 
 @torch.no_grad()
-def grad_norms(model: nn.Module, scale: float = 1.0) -> dict[str, float]:
-    """L2 norms of the current gradients (divided by the AMP ``scale`` when still scaled): the whole model's
-    and each group the model names in ``grad_norm_groups()`` (e.g. ``box_head``)."""
+def grad_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norms of the current gradients: the whole model's and each group the model names in
+    ``grad_norm_groups()`` (e.g. ``box_head``). Read after the optimizer step: with fp16, ``GradScaler.step``
+    has unscaled them in place by then, so these are the true gradients' norms."""
 
     def norm(params) -> torch.Tensor:
         gs = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-        return torch.stack(gs).norm() / scale if gs else torch.zeros(())
+        return torch.stack(gs).norm() if gs else torch.zeros(())
 
     groups = model.grad_norm_groups() if hasattr(model, "grad_norm_groups") else {}
     return {f"train/grad_norm/{k}": float(norm(v)) for k, v in groups.items()} | {

@@ -117,7 +117,6 @@ class StepResult:
     out: dict  # the model's output: losses, diagnostics
     skipped: bool  # a non-finite loss under on_nonfinite=skip: no update
     stopping: bool  # a stop was asked for (on any rank)
-    grad_scale: float  # the AMP scale the gradients still carry (for their norms)
 
 
 def step(state: TrainState, net: nn.Module, images: list, targets: list, cfg: TrainerConfig,
@@ -128,20 +127,17 @@ def step(state: TrainState, net: nn.Module, images: list, targets: list, cfg: Tr
         out = net(images, targets, diagnostics=log_now)
     loss = sum(out["losses"].values())
     bad_here, bad, stopping = guard.check(loss, stop_asked, device)
-    grad_scale = 1.0
     if bad:
         guard.handle(state.iteration, bad_here, out, targets)  # raises, unless this step is to be skipped
         state.optimizer.zero_grad(set_to_none=True)
     else:
         guard.in_row = 0
-        if log_now and state.scaler.is_enabled() and not cfg.clip_grad_norm:  # still scaled after the step
-            grad_scale = state.scaler.get_scale()
         optimizer_step(loss, state.optimizer, state.scaler, state.optimizer.param_groups[0]["params"],
                        cfg.clip_grad_norm)
         state.window.add(out["losses"])
     state.scheduler.step()
     state.iteration += 1
-    return StepResult(out, bad, stopping, grad_scale)
+    return StepResult(out, bad, stopping)
 
 
 def optimizer_step(
@@ -167,7 +163,7 @@ def _log_step(state: TrainState, means_t: dict, result: StepResult, writer: Summ
     means = {k: float(v) for k, v in means_t.items()}  # the one sync per log period
     means["loss"] = sum(means.values())
     diagnostics = result.out.get("diagnostics") or {}
-    scalars = {f"train/{k}": v for k, v in means.items()} | dashboard.grad_norms(state.model, result.grad_scale)
+    scalars = {f"train/{k}": v for k, v in means.items()} | dashboard.grad_norms(state.model)
     scalars |= {k: float(v) for k, v in diagnostics.items() if v.dim() == 0} | {"train/lr": state.lr}
     for k, v in scalars.items():
         writer.add_scalar(k, v, done)
