@@ -161,3 +161,31 @@ def test_disk_full_on_a_real_tiny_filesystem_says_no_space_and_the_path(tmp_path
         assert list(mnt.iterdir()) == []  # no temp file left behind
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_checkpoint_stores_the_current_cuda_devices_rng_only_and_resumes_on_fewer_devices(monkeypatch):
+    """A checkpoint from an 8-GPU machine must resume on one: only the current device's CUDA RNG is stored,
+    and an older checkpoint holding every device's restores this device's. (CUDA's RNG calls are stood in
+    for here; the gpu-marked tests save and resume on a real device.)"""
+    import torch
+
+    mine = torch.tensor([7, 7, 7], dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": mine)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [mine] * 8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(s))
+
+    def set_all(states):
+        raise RuntimeError(f"{len(states)} states for 1 device")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    state = checkpoint.rng_state()
+    assert torch.equal(state["cuda"], mine)
+    checkpoint.set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], mine)
+    older = state | {"cuda": [torch.tensor([k], dtype=torch.uint8) for k in range(8)]}
+    checkpoint.set_rng_state(older)
+    assert torch.equal(restored[-1], older["cuda"][0])

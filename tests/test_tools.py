@@ -644,3 +644,26 @@ def test_compare_runs_lists_diverged_runs(tmp_path):
     assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "comparison.md").read_text()
     assert "## Diverged runs" in md and "non-finite loss at iteration 7" in md and "`" + str(bad) + "`" in md
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: device-side assert triggered"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
+])
+def test_a_cuda_failure_in_a_tool_keeps_its_traceback(error, capsys):
+    """Bad input is one line; an out-of-memory or CUDA error is not bad input and must not be shortened."""
+    from detlib.tools.cli import cli
+
+    def run(_argv):
+        raise error
+
+    with pytest.raises(type(error)):
+        cli(run, [], "evaluate.py")
+    assert "error:" not in capsys.readouterr().err
+
+    def bad_input(_argv):
+        raise RuntimeError("checkpoint x.pt does not fit the run's model")
+
+    assert cli(bad_input, [], "evaluate.py") == 1
+    assert capsys.readouterr().err == "evaluate.py: error: checkpoint x.pt does not fit the run's model\n"

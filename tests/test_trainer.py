@@ -197,3 +197,18 @@ def test_fp16_gradient_norm_logged_is_the_true_gradients_norm(parts, tmp_path):
                                                     if p.grad is not None]))
     assert logged["train/grad_norm/total"] == pytest.approx(float(by_hand), rel=1e-5)
     assert logged["train/grad_norm/total"] > 1e-3  # not 65,536x too small
+
+
+def test_out_of_memory_names_the_batch_size_and_image_size(parts, tmp_path, caplog, monkeypatch):
+    """An OOM keeps its own exception (and traceback) and the log says what the step was at."""
+    from detlib.engine import trainer
+
+    def oom(*_a, **_k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trainer, "step", oom)  # the allocator's failure, which no CPU run can provoke
+    with caplog.at_level(logging.ERROR), pytest.raises(torch.cuda.OutOfMemoryError):
+        _run(parts, tmp_path, max_iters=2)
+    msg = caplog.text
+    assert "out of memory at iteration 1: batch of 4 images (data.batch_size)" in msg
+    assert "input sizes [(" in msg and "min_size [" in msg

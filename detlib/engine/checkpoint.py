@@ -248,7 +248,9 @@ def rng_state() -> dict:
         "numpy": {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, np.int64).copy()),
                   "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # The current device's generator only: a checkpoint from an 8-GPU machine resumes on one GPU
+        # (each DDP rank stores its own device's, in rng_per_rank).
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
     }
 
 
@@ -259,5 +261,9 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((npy["bit_generator"], np.asarray(npy["key"].tolist(), np.uint32), npy["pos"],
                          npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # written by an older detlib: every visible device's; take ours
+        cuda = cuda[torch.cuda.current_device()] if cuda and torch.cuda.is_available() \
+            and torch.cuda.current_device() < len(cuda) else (cuda[0] if cuda else None)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)

@@ -77,7 +77,12 @@ def train(
             for images, targets in loader:
                 images, targets = to_device(device, images, targets)
                 log_now = (state.iteration + 1) % cfg.log_period == 0 or state.iteration + 1 == cfg.max_iters
-                result = step(state, net, images, targets, cfg, amp_dtype, guard, signals.signum is not None, log_now)
+                try:
+                    result = step(state, net, images, targets, cfg, amp_dtype, guard, signals.signum is not None,
+                                  log_now)
+                except torch.cuda.OutOfMemoryError:
+                    log.error("out of memory at iteration %d: %s", state.iteration + 1, _batch_size_note(model, images))
+                    raise
                 bar.update(1)
                 done = state.iteration
                 if result.skipped:
@@ -110,6 +115,14 @@ def train(
         if writer is not None:
             writer.close()
     return stats
+
+
+def _batch_size_note(model: nn.Module, images: list) -> str:
+    """What an out-of-memory step was at: the batch size, the images' sizes and the model's resize."""
+    sizes = sorted({tuple(im.shape[-2:]) for im in images})
+    resize = f"min_size {list(model.min_size)}, max_size {model.max_size}" if hasattr(model, "max_size") else ""
+    return (f"batch of {len(images)} images (data.batch_size), input sizes {sizes}, resized to {resize}; "
+            "lower data.batch_size or model.min_size/max_size, or use trainer.amp=bf16")
 
 
 @dataclass

@@ -9,14 +9,15 @@ from pathlib import Path
 from omegaconf.errors import OmegaConfBaseException
 
 from detlib.data.validation import AnnotationError
-from detlib.errors import CheckpointError
+from detlib.errors import CheckpointError, is_device_failure
 
 
 class ToolError(ValueError):
     """Bad input to a tool; the message names the file, the field and the value."""
 
 
-# Errors a user can cause with a bad path or file: reported as one line, no traceback.
+# Errors a user can cause with a bad path or file: reported as one line, no traceback (CUDA failures,
+# RuntimeErrors too, are not: ``is_device_failure``).
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError, RuntimeError, CheckpointError,
                AnnotationError, OmegaConfBaseException)
 
@@ -33,6 +34,8 @@ def cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None, 
     try:
         return run(argv)
     except USER_ERRORS as e:
+        if is_device_failure(e):  # a CUDA error or out of memory is not bad input: keep its traceback
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog_name(script)}: error: {msg}", file=sys.stderr)
         return 1
