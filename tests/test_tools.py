@@ -339,7 +339,7 @@ def test_compare_runs_numbers_and_outputs(sweeps, tmp_path, capsys):
     assert base["APl"] == ""  # null in every run
     md = (out / "comparison.md").read_text()
     assert "| loss=smooth_l1 | 3 | 52.00 ± 2.00 |" in md and "| baseline |" in md
-    assert "| loss=l1 | 1 | 40.00 |" in md and "| -12.00 | n/a | 1 |" in md
+    assert "| loss=l1 | 1 | 40.00 |" in md and "| -14.00 | undefined | 1 |" in md  # its one pair: seed 1
     assert "3_loss=l2,seed=1`: no metrics.json (unfinished)" in md
     assert "4_broken`: unreadable .hydra files" in md
     assert "![AP at each IoU threshold](ap_per_iou.png)" in md and "Not in the AP-per-IoU figure" not in md
@@ -640,3 +640,34 @@ def test_compare_runs_lists_diverged_runs(tmp_path):
     assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "comparison.md").read_text()
     assert "## Diverged runs" in md and "non-finite loss at iteration 7" in md and "`" + str(bad) + "`" in md
+
+
+def test_compare_runs_delta_ci_and_p_are_over_the_same_pairs_and_unpaired_seeds_are_named(tmp_path, capsys):
+    base = [0.50, 0.52, 0.40, 0.40, 0.40]  # seeds 0-4
+    for seed, ap in enumerate(base):
+        fake_run(tmp_path / f"b{seed}", "smooth_l1", seed, ap)
+    fake_run(tmp_path / "l0", "l1", 0, 0.53)  # seeds 0-1 only: paired differences +3 and +4 points
+    fake_run(tmp_path / "l1", "l1", 1, 0.56)
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    row = read_csv(tmp_path / "r" / "comparison.csv")["loss=l1"]
+    diff, lo, hi = float(row["AP_diff"]), float(row["AP_ci_lo"]), float(row["AP_ci_hi"])
+    assert diff == pytest.approx(0.035)  # over the pairs, not the means of unequal seed sets (+10.10)
+    assert lo < diff < hi and row["AP_pairs"] == "2"
+    assert row["AP_unpaired"] == "seeds 2 3 4 only in the baseline"
+    md = (tmp_path / "r" / "comparison.md").read_text()
+    assert "| +3.50 |" in md and "seeds 2 3 4 only in the baseline" in md and "+10.10" not in md
+
+
+def test_compare_runs_shows_zero_spread_statistics_as_undefined_with_the_reason(tmp_path, capsys):
+    for seed, ap in enumerate([0.50, 0.52, 0.40]):
+        fake_run(tmp_path / f"b{seed}", "smooth_l1", seed, ap)
+        fake_run(tmp_path / f"l{seed}", "l1", seed, ap + 0.02)  # +2 points on every seed
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    row = read_csv(tmp_path / "r" / "comparison.csv")["loss=l1"]
+    assert float(row["AP_diff"]) == pytest.approx(0.02)
+    assert row["AP_p"] == row["AP_ci_lo"] == row["AP_mde"] == "" and "no spread" in row["AP_undefined"]
+    line = next(x for x in (tmp_path / "r" / "comparison.md").read_text().splitlines() if x.startswith("| loss=l1"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[-6:-1] == ["+2.00", "undefined", "3", "undefined", "undefined"], cells
+    assert "all 3 paired differences are equal (+2.00 points)" in cells[-1]
+    assert "±0.00" not in line
