@@ -671,3 +671,27 @@ def test_compare_runs_shows_zero_spread_statistics_as_undefined_with_the_reason(
     assert cells[-6:-1] == ["+2.00", "undefined", "3", "undefined", "undefined"], cells
     assert "all 3 paired differences are equal (+2.00 points)" in cells[-1]
     assert "±0.00" not in line
+
+
+def test_compare_runs_keeps_runs_at_other_inference_settings_apart_and_does_not_call_them_one_setup(tmp_path, capsys):
+    """score_thresh and detections_per_img are not in run_record's identity (they may change on resume) but change
+    the metrics: two runs of one seed at other settings are two groups, not one set-up averaged."""
+    eval_keys = {"model.roi_head.score_thresh": 0.05, "model.roi_head.detections_per_img": 100}
+    for name, ap, settings in (("a", 0.00126, {}), ("b", 0.0, {"model.roi_head.score_thresh": 0.99}),
+                               ("c", 0.3, {"model.roi_head.detections_per_img": 1})):
+        run = recorded_run(tmp_path / name, "L1", 0, ap)
+        record = json.loads((run / "run.json").read_text())
+        record["eval"] = eval_keys | settings
+        (run / "run.json").write_text(json.dumps(record))
+    # a resume at another threshold: metrics.json holds what eval_detail.json's settings produced
+    late = recorded_run(tmp_path / "d", "L1", 0, 0.2)
+    record = json.loads((late / "run.json").read_text())
+    (late / "run.json").write_text(json.dumps(record | {"eval": eval_keys}))
+    (late / "eval_detail.json").write_text(json.dumps({"stats": {"AP": 0.2},
+                                                       "eval_settings": eval_keys | {"model.roi_head.score_thresh": 0.5}}))
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    rows = read_csv(tmp_path / "r" / "comparison.csv")
+    assert sorted(r["n"] for r in rows.values()) == ["1", "1", "1", "1"], rows
+    assert "share seed" not in err
+    assert any("score_thresh=0.99" in g for g in rows) and any("detections_per_img=1" in g for g in rows)

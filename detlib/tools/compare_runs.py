@@ -9,8 +9,8 @@ Every folder under the DIRs with a ``run.json`` (or, made by older detlib, ``.hy
 a run (a multirun folder, a single run, or a folder of sweeps all work). A run's set-up is read from
 its ``run.json``, written once when it started, never from Hydra's ``.hydra`` files (a later launch
 in the folder rewrites those). Runs whose identity (``detlib.engine.run_record``: the config minus
-the keys that don't change results, plus world size and a fingerprint of the annotation files) is
-equal except for the seed form a group, so runs on different data never share one;
+the keys that don't change results, plus world size and a fingerprint of the annotation files, plus
+the inference settings its metrics were computed with) is equal except for the seed form a group, so runs on different data never share one;
 named by the overrides that tell the groups apart (``loss=huber``); a key overridden in one sweep
 and left at its default in another is named in both (``loss=l2,data.noise.outliers=0.0``), so
 sweeps run at different times combine. Runs made by older code still
