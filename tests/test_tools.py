@@ -695,3 +695,36 @@ def test_compare_runs_keeps_runs_at_other_inference_settings_apart_and_does_not_
     assert sorted(r["n"] for r in rows.values()) == ["1", "1", "1", "1"], rows
     assert "share seed" not in err
     assert any("score_thresh=0.99" in g for g in rows) and any("detections_per_img=1" in g for g in rows)
+
+
+def test_a_diverged_run_writes_null_where_coco_has_no_such_objects(coco_files, tmp_path):
+    """The val set has no large objects: a finished run's APl and ARl are null, so a diverged run's are too
+    (they were 0.0); AP and the small/medium stats are 0, the collapse it is."""
+    import train
+    from detlib.engine.guards import NonFiniteLossError
+    from detlib.evaluation.coco_eval import evaluate_coco
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(coco_files["gt"]))
+    finished, _ = evaluate_coco(gt, json.loads(coco_files["dt"].read_text()))
+    stats = train.record_divergence(tmp_path, NonFiniteLossError("non-finite loss at iteration 2\n..."), gt,
+                                    [1, 10, 100])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == stats and list(written) == list(STAT_NAMES)
+    assert written["APl"] is None and written["ARl"] is None
+    assert {k for k, v in written.items() if v is None} == {k for k, v in finished.items() if v is None}
+    assert {v for v in written.values() if v is not None} == {0.0}
+    assert json.loads((tmp_path / "diverged.json").read_text()) == {"reason": "non-finite loss at iteration 2"}
+
+
+def test_compare_runs_does_not_average_a_diverged_runs_fake_zero_into_a_null_metric(tmp_path):
+    """A diverged run written by older detlib (0.0 everywhere) next to finished runs whose APl is null."""
+    fake_run(tmp_path / "a0", "l1", 0, 0.5)
+    fake_run(tmp_path / "a1", "smooth_l1", 0, 0.5)
+    old = fake_run(tmp_path / "a2", "l1", 1, 0.0)
+    (old / "metrics.json").write_text(json.dumps(dict.fromkeys(STAT_NAMES, 0.0)))
+    (old / "diverged.json").write_text(json.dumps({"reason": "non-finite loss at iteration 7"}))
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    row = read_csv(tmp_path / "r" / "comparison.csv")["loss=l1"]
+    assert row["n"] == "2" and float(row["AP"]) == pytest.approx(0.25)  # AP 0 is what it scored: averaged in
+    assert row["APl"] == ""  # null in every finished run: no large objects, not a 0

@@ -40,7 +40,7 @@ from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.compare_errors import error_rows, error_table, errors_section
 from detlib.tools.compare_plots import plot_against, plot_ap_per_iou, plot_bar
 from detlib.tools.groups import Group, group_runs, legacy_warnings, seed_warnings
-from detlib.tools.runs import Run, find_runs, load_run
+from detlib.tools.runs import Run, find_runs, load_run, reconcile_diverged
 from detlib.tools.stats import mean_std, paired
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -150,7 +150,8 @@ def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], met
                   "`tools/evaluate.py --run RUN` writes one to RUN/eval/."]
     diverged = [r for g in groups for r in g.runs if r.diverged]
     if diverged:
-        parts += ["", "## Diverged runs (non-finite loss; scored AP 0)", ""] + [
+        parts += ["", "## Diverged runs (non-finite loss; scored as no detections: AP 0, null where the "
+                      "val set has no such objects)", ""] + [
             f"- `{r.path}`: {r.diverged}" for r in diverged]
     if unfinished:
         parts += ["", "## Unfinished or unreadable runs", ""] + [f"- `{r.path}`: {r.problem}" for r in unfinished]
@@ -176,6 +177,7 @@ def _groups_and_baseline(dirs: Sequence[Path], wanted: str | None) -> tuple[list
     if not done:
         raise ToolError(f"no finished runs (with metrics.json) under {', '.join(map(str, dirs))}"
                         f" ({len(unfinished)} unfinished)")
+    reconcile_diverged(done)
     groups = group_runs(done)
     for warning in seed_warnings(groups) + legacy_warnings(done):
         print(f"{prog_name('compare_runs.py')}: warning: {warning}", file=sys.stderr)

@@ -151,6 +151,20 @@ def _with_metrics(run: Run) -> Run:
     return run
 
 
+def reconcile_diverged(runs: Sequence[Run]) -> None:
+    """Older detlib wrote 0.0 for every stat of a diverged run, also where COCO says null (no large objects in the
+    val set: APl, ARl). A diverged run's 0.0 is read as None where every finished run on the same val data
+    (``data.fingerprint.val``) reports None, so groups never average in a 0 that no real evaluation gives."""
+    for r in runs:
+        if not (r.diverged and r.metrics):
+            continue
+        val = r.identity.get("data.fingerprint.val")
+        peers = [p for p in runs if p.metrics and not p.diverged and p.identity.get("data.fingerprint.val") == val]
+        for k, v in r.metrics.items():
+            if v == 0.0 and peers and all(p.metrics.get(k) is None for p in peers):
+                r.metrics[k] = None
+
+
 def _from_eval_detail(path: Path, ap: float | None, key: str) -> dict | None:
     """``key`` of the trainer's ``eval_detail.json``, else of one ``tools/evaluate.py`` wrote afterwards
     (``RUN/eval/``, for runs older than the key) if it evaluated the same thing (same AP)."""
