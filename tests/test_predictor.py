@@ -57,6 +57,29 @@ def test_predictor_takes_paths_pil_numpy_and_tensors_alike(trained):
         p(np.zeros((4, 4)))
 
 
+def test_predictor_scales_integer_dtypes_by_their_range_and_refuses_floats_outside_0_1(trained):
+    """The same image as uint16, int64 or float: the uint8 image's detections, or a refusal naming the range
+    (a float image in [0, 255] or int64 values above 255 used to give 0 detections, silently)."""
+    run_dir, val_ann, _ = trained
+    p = detlib.Predictor.from_run(run_dir, device="cpu")
+    arr = np.array(Image.open(val_ann.parent / json.loads(val_ann.read_text())["images"][0]["file_name"]).convert("RGB"))
+    ref = p(arr)
+    assert len(ref["boxes"]) > 0
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
+    for image in (arr.astype(np.int64), arr.astype(np.uint16) * 257, chw.to(torch.int64), chw.to(torch.int32),
+                  chw.to(torch.uint16) * 257, arr.astype(np.float64) / 255):
+        out = p(image)
+        torch.testing.assert_close(out["boxes"], ref["boxes"], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(out["scores"], ref["scores"], atol=1e-5, rtol=1e-4)
+    for image, needle in ((arr.astype(np.float32), r"float image values must lie in \[0, 1\], got min \d+, max 2"),
+                          (chw.float(), r"must lie in \[0, 1\].*divide 8-bit values by 255"),
+                          (arr.astype(np.int64) * 4, r"torch.int64 image values must lie in \[0, 255\]"),
+                          (np.full_like(arr, np.nan, dtype=np.float32), r"must lie in \[0, 1\], got min nan"),
+                          (arr > 0, "dtype torch.bool")):
+        with pytest.raises(ValueError, match=needle):
+            p(image)
+
+
 def test_predict_tool_writes_coco_results_and_drawings(trained, tmp_path, capsys):
     run_dir, val_ann, _ = trained
     folder = tmp_path / "photos"
@@ -75,3 +98,4 @@ def test_predict_tool_writes_coco_results_and_drawings(trained, tmp_path, capsys
     assert "3 images" in capsys.readouterr().out
     assert predict.main(["--run", str(run_dir), "--images", str(tmp_path / "none*.jpg"), "--out", str(out)]) == 1
     assert "no image files found" in capsys.readouterr().err
+
