@@ -29,6 +29,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+from pycocotools.coco import COCO
 
 from detlib import distributed as dist
 from detlib.config import Config, check_ranges, register
@@ -39,8 +40,7 @@ from detlib.engine.checkpoint import CheckpointError
 from detlib.engine.device import busy_cores, resolve_device, thread_advice
 from detlib.engine.guards import Interrupted, NonFiniteLossError
 from detlib.engine.trainer import train
-from detlib.evaluation.coco_eval import STAT_NAMES
-from detlib.evaluation.report import METRICS
+from detlib.evaluation.report import METRICS, no_detection_metrics
 from detlib.jsonio import write_json
 from detlib.modeling.proposals import check_proposal_ids
 
@@ -195,14 +195,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     except NonFiniteLossError as e:
         if typed.trainer.on_nonfinite != "record":
             raise
-        stats = record_divergence(run_dir, e)
+        stats = record_divergence(run_dir, e, val_set.coco, list(typed.eval.max_dets))
     return stats.get("AP")
 
 
-def record_divergence(run_dir: Path, error: NonFiniteLossError) -> dict:
-    """``trainer.on_nonfinite=record``: a diverged run is a result (a stability sweep goes on): every AP and AR
-    is 0 in ``metrics.json`` (the collapse it is), and ``diverged.json`` says why."""
-    stats = dict.fromkeys(STAT_NAMES, 0.0)
+def record_divergence(run_dir: Path, error: NonFiniteLossError, gt: COCO, max_dets: list[int]) -> dict:
+    """``trainer.on_nonfinite=record``: a diverged run is a result (a stability sweep goes on): ``metrics.json``
+    holds what COCO says of no detections on the val set ``gt`` (0 where it has such objects, null where it
+    has none, as a finished run's), and ``diverged.json`` says why."""
+    stats = no_detection_metrics(gt, max_dets)
     if dist.is_main():
         write_json(run_dir / "diverged.json", {"reason": str(error).splitlines()[0]})
         write_json(run_dir / METRICS, stats)

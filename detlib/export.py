@@ -1,6 +1,7 @@
 """Export a trained detector for deployment as TorchScript, by tracing the inference path of one image.
 
     uv run tools/export.py --run RUN --out model.ts
+    import torch, torchvision   # torchvision registers torchvision::nms and roi_align: load fails without it
     m = torch.jit.load("model.ts"); boxes, scores, labels = m(image)   # image: (3, H, W) float in [0, 1]
 
 Tracing, not scripting: ``torch.jit.script`` refuses the model (dataclasses, dicts of tensors and Python

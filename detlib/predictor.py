@@ -4,6 +4,9 @@
     p = Predictor.from_run("outputs/2026-11-24/10-00-00")   # the run's config and checkpoints/last.pt
     dets = p("street.jpg")    # a path, PIL image, numpy (H, W, 3) array or (3, H, W) tensor
 
+Arrays and tensors: uint8 0-255, uint16 0-65535 (any unsigned dtype: 0 to its maximum), signed integers 0-255,
+floats 0-1; anything else is refused with the range found (``to_image_tensor``).
+
 ``dets``: ``boxes (D, 4)`` xyxy in the input image's pixels, ``scores (D,)``, ``labels (D,)`` (1..K-1),
 ``category_ids`` and ``names`` (from the run's dataset), sorted by score, on the CPU.
 """
@@ -23,10 +26,36 @@ from detlib.engine.device import resolve_device
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
 
+def _scaled(image: Tensor) -> Tensor:
+    """``image``'s values as float32 in [0, 1] by its dtype's convention (see ``to_image_tensor``)."""
+    if image.dtype == torch.bool or image.is_complex():
+        raise ValueError(f"image tensor of dtype {image.dtype}: expected an integer or float image")
+    if image.is_floating_point():
+        dtype, image = image.dtype, image.float()
+        if image.numel() and not (torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
+            raise ValueError(f"float image values must lie in [0, 1], got min {image.min().item():g}, max "
+                             f"{image.max().item():g} ({dtype}); divide 8-bit values by 255, or pass the uint8 "
+                             "array")
+        return image
+    info = torch.iinfo(image.dtype)
+    if image.dtype == torch.uint8:
+        return image.float().div(255)  # as the decoder does
+    if info.min == 0:  # uint16, uint32, ...: 0 .. the dtype's maximum
+        return (image.to(torch.float64) / info.max).float()
+    low, high = (int(image.min()), int(image.max())) if image.numel() else (0, 0)
+    if low < 0 or high > 255:  # a signed dtype has no pixel range of its own (int64 is what np.array(list) gives)
+        raise ValueError(f"{image.dtype} image values must lie in [0, 255] (8-bit values), got min {low}, "
+                         f"max {high}; pass 16-bit images as uint16 (scaled by 65535) or floats in [0, 1]")
+    return image.float().div(255)
+
+
 def to_image_tensor(image: ImageLike, exif_orientation: str = "apply") -> Tensor:
     """``(3, H, W)`` float32 RGB in [0, 1] from a path (detlib's decoder, with ``exif_orientation`` as in
-    training), a PIL image (any mode the decoder takes; its pixels as they are), an ``(H, W, 3)`` uint8 or
-    [0, 1] float array, or a ``(3, H, W)`` uint8 or float tensor."""
+    training), a PIL image (any mode the decoder takes; its pixels as they are), an ``(H, W, 3)`` array or a ``(3, H, W)`` tensor. Arrays and tensors are read by dtype: unsigned
+    integers (uint8, uint16, ...) scale by the dtype's maximum (``/ 255``, ``/ 65535``); signed integers (int64
+    from ``np.array`` of Python ints, int32, ...) must hold 8-bit values in [0, 255] and scale by 255; floats
+    must lie in [0, 1]. Values outside those ranges raise ``ValueError`` naming the range found, rather than
+    detecting nothing on a wrongly scaled image."""
     if isinstance(image, (str, Path)):
         return read_image(image, exif_orientation)
     if isinstance(image, Image.Image):
@@ -34,11 +63,13 @@ def to_image_tensor(image: ImageLike, exif_orientation: str = "apply") -> Tensor
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
+        if image.dtype.kind == "u" and image.dtype != np.uint8:  # torch's uint16/32/64 support few operations
+            image = image.astype(np.float64) / np.iinfo(image.dtype).max
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
     if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a path, PIL image, (H, W, 3) array or (3, H, W) tensor, got {type(image).__name__}"
                          + (f" of shape {tuple(image.shape)}" if hasattr(image, "shape") else ""))
-    return image.float().div(255) if image.dtype == torch.uint8 else image.float()
+    return _scaled(image)
 
 
 class Predictor:

@@ -61,7 +61,7 @@ def test_boxes_stay_float32_under_bf16_autocast(model_name):
     model.eval()
     with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
         dets = model(images)
-    assert all(l.dtype == torch.float32 for l in out["losses"].values())
+    assert all(v.dtype == torch.float32 for v in out["losses"].values())
     assert seen["anchors"] == seen["proposals"] == [torch.float32]
     assert seen["sampled"] == [torch.float32] * 2  # proposals with GT appended, and their matched GT
     assert dets["detections"][0]["boxes"].dtype == torch.float32

@@ -42,9 +42,18 @@ def test_detectable_difference_has_the_stated_power():
     assert stats.detectable_difference(sd, 2) > 0  # one degree of freedom: scipy's far tail is NaN, handled
 
 
-def test_degenerate_inputs():
-    assert stats.paired([0.5], [0.4]) is None  # one pair: nothing to test
-    same = stats.paired([0.5, 0.6], [0.4, 0.5])  # every pair differs by 0.1: no spread
-    assert (same.diff, same.lo, same.hi, same.p, same.mde) == (pytest.approx(0.1), pytest.approx(0.1),
-                                                               pytest.approx(0.1), 0.0, 0.0)
-    assert stats.paired([0.5, 0.6], [0.5, 0.6]).p == 1.0
+def test_zero_spread_of_paired_differences_is_undefined_not_certain():
+    same = stats.paired([0.5, 0.6], [0.4, 0.5])  # every pair differs by 0.1: no spread, the t statistic is 0/0
+    assert same.n == 2 and same.diff == pytest.approx(0.1)
+    assert (same.lo, same.hi, same.p, same.mde) == (None, None, None, None)  # never p 0, never ±0
+    assert "no spread" in same.undefined and "+10.00 points" in same.undefined
+    assert stats.paired([0.5, 0.6], [0.5, 0.6]).p is None  # equal runs: not "p 1" either
+    with pytest.raises(ValueError, match="no spread"):
+        stats.detectable_difference(0.0, 5)
+
+
+def test_one_pair_or_none_gives_the_difference_and_says_why_the_rest_is_undefined():
+    one = stats.paired([0.5], [0.4])
+    assert one.diff == pytest.approx(0.1) and one.p is None and "one pair" in one.undefined
+    none = stats.paired([], [])
+    assert none.n == 0 and none.diff is None and "no seed in common" in none.undefined

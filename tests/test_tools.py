@@ -343,7 +343,7 @@ def test_compare_runs_numbers_and_outputs(sweeps, tmp_path, capsys):
     assert base["APl"] == ""  # null in every run
     md = (out / "comparison.md").read_text()
     assert "| loss=smooth_l1 | 3 | 52.00 ± 2.00 |" in md and "| baseline |" in md
-    assert "| loss=l1 | 1 | 40.00 |" in md and "| -12.00 | n/a | 1 |" in md
+    assert "| loss=l1 | 1 | 40.00 |" in md and "| -14.00 | undefined | 1 |" in md  # its one pair: seed 1
     assert "3_loss=l2,seed=1`: no metrics.json (unfinished)" in md
     assert "4_broken`: unreadable .hydra files" in md
     assert "![AP at each IoU threshold](ap_per_iou.png)" in md and "Not in the AP-per-IoU figure" not in md
@@ -667,3 +667,91 @@ def test_a_cuda_failure_in_a_tool_keeps_its_traceback(error, capsys):
 
     assert cli(bad_input, [], "evaluate.py") == 1
     assert capsys.readouterr().err == "evaluate.py: error: checkpoint x.pt does not fit the run's model\n"
+
+
+def test_compare_runs_delta_ci_and_p_are_over_the_same_pairs_and_unpaired_seeds_are_named(tmp_path, capsys):
+    base = [0.50, 0.52, 0.40, 0.40, 0.40]  # seeds 0-4
+    for seed, ap in enumerate(base):
+        fake_run(tmp_path / f"b{seed}", "smooth_l1", seed, ap)
+    fake_run(tmp_path / "l0", "l1", 0, 0.53)  # seeds 0-1 only: paired differences +3 and +4 points
+    fake_run(tmp_path / "l1", "l1", 1, 0.56)
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    row = read_csv(tmp_path / "r" / "comparison.csv")["loss=l1"]
+    diff, lo, hi = float(row["AP_diff"]), float(row["AP_ci_lo"]), float(row["AP_ci_hi"])
+    assert diff == pytest.approx(0.035)  # over the pairs, not the means of unequal seed sets (+10.10)
+    assert lo < diff < hi and row["AP_pairs"] == "2"
+    assert row["AP_unpaired"] == "seeds 2 3 4 only in the baseline"
+    md = (tmp_path / "r" / "comparison.md").read_text()
+    assert "| +3.50 |" in md and "seeds 2 3 4 only in the baseline" in md and "+10.10" not in md
+
+
+def test_compare_runs_shows_zero_spread_statistics_as_undefined_with_the_reason(tmp_path, capsys):
+    for seed, ap in enumerate([0.50, 0.52, 0.40]):
+        fake_run(tmp_path / f"b{seed}", "smooth_l1", seed, ap)
+        fake_run(tmp_path / f"l{seed}", "l1", seed, ap + 0.02)  # +2 points on every seed
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    row = read_csv(tmp_path / "r" / "comparison.csv")["loss=l1"]
+    assert float(row["AP_diff"]) == pytest.approx(0.02)
+    assert row["AP_p"] == row["AP_ci_lo"] == row["AP_mde"] == "" and "no spread" in row["AP_undefined"]
+    line = next(x for x in (tmp_path / "r" / "comparison.md").read_text().splitlines() if x.startswith("| loss=l1"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[-6:-1] == ["+2.00", "undefined", "3", "undefined", "undefined"], cells
+    assert "all 3 paired differences are equal (+2.00 points)" in cells[-1]
+    assert "±0.00" not in line
+
+
+def test_compare_runs_keeps_runs_at_other_inference_settings_apart_and_does_not_call_them_one_setup(tmp_path, capsys):
+    """score_thresh and detections_per_img are not in run_record's identity (they may change on resume) but change
+    the metrics: two runs of one seed at other settings are two groups, not one set-up averaged."""
+    eval_keys = {"model.roi_head.score_thresh": 0.05, "model.roi_head.detections_per_img": 100}
+    for name, ap, settings in (("a", 0.00126, {}), ("b", 0.0, {"model.roi_head.score_thresh": 0.99}),
+                               ("c", 0.3, {"model.roi_head.detections_per_img": 1})):
+        run = recorded_run(tmp_path / name, "L1", 0, ap)
+        record = json.loads((run / "run.json").read_text())
+        record["eval"] = eval_keys | settings
+        (run / "run.json").write_text(json.dumps(record))
+    # a resume at another threshold: metrics.json holds what eval_detail.json's settings produced
+    late = recorded_run(tmp_path / "d", "L1", 0, 0.2)
+    record = json.loads((late / "run.json").read_text())
+    (late / "run.json").write_text(json.dumps(record | {"eval": eval_keys}))
+    (late / "eval_detail.json").write_text(json.dumps({"stats": {"AP": 0.2},
+                                                       "eval_settings": eval_keys | {"model.roi_head.score_thresh": 0.5}}))
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    rows = read_csv(tmp_path / "r" / "comparison.csv")
+    assert sorted(r["n"] for r in rows.values()) == ["1", "1", "1", "1"], rows
+    assert "share seed" not in err
+    assert any("score_thresh=0.99" in g for g in rows) and any("detections_per_img=1" in g for g in rows)
+
+
+def test_a_diverged_run_writes_null_where_coco_has_no_such_objects(coco_files, tmp_path):
+    """The val set has no large objects: a finished run's APl and ARl are null, so a diverged run's are too
+    (they were 0.0); AP and the small/medium stats are 0, the collapse it is."""
+    import train
+    from detlib.engine.guards import NonFiniteLossError
+    from detlib.evaluation.coco_eval import evaluate_coco
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(coco_files["gt"]))
+    finished, _ = evaluate_coco(gt, json.loads(coco_files["dt"].read_text()))
+    stats = train.record_divergence(tmp_path, NonFiniteLossError("non-finite loss at iteration 2\n..."), gt,
+                                    [1, 10, 100])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == stats and list(written) == list(STAT_NAMES)
+    assert written["APl"] is None and written["ARl"] is None
+    assert {k for k, v in written.items() if v is None} == {k for k, v in finished.items() if v is None}
+    assert {v for v in written.values() if v is not None} == {0.0}
+    assert json.loads((tmp_path / "diverged.json").read_text()) == {"reason": "non-finite loss at iteration 2"}
+
+
+def test_compare_runs_does_not_average_a_diverged_runs_fake_zero_into_a_null_metric(tmp_path):
+    """A diverged run written by older detlib (0.0 everywhere) next to finished runs whose APl is null."""
+    fake_run(tmp_path / "a0", "l1", 0, 0.5)
+    fake_run(tmp_path / "a1", "smooth_l1", 0, 0.5)
+    old = fake_run(tmp_path / "a2", "l1", 1, 0.0)
+    (old / "metrics.json").write_text(json.dumps(dict.fromkeys(STAT_NAMES, 0.0)))
+    (old / "diverged.json").write_text(json.dumps({"reason": "non-finite loss at iteration 7"}))
+    assert compare_runs.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    row = read_csv(tmp_path / "r" / "comparison.csv")["loss=l1"]
+    assert row["n"] == "2" and float(row["AP"]) == pytest.approx(0.25)  # AP 0 is what it scored: averaged in
+    assert row["APl"] == ""  # null in every finished run: no large objects, not a 0

@@ -15,7 +15,13 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from detlib.data.validation import category_labels
-from detlib.evaluation.coco_eval import STAT_NAMES, ap_per_iou, per_class_ap, true_positive_ious
+from detlib.evaluation.coco_eval import (
+    STAT_NAMES,
+    ap_per_iou,
+    evaluate_coco,
+    per_class_ap,
+    true_positive_ious,
+)
 from detlib.evaluation.tide import tide_errors
 from detlib.jsonio import write_json
 
@@ -34,6 +40,13 @@ def category_names(coco: COCO) -> dict[int, str]:
 def metrics(stats: dict[str, float | None]) -> dict[str, float | None]:
     """``metrics.json``'s content: the 12 COCO stats in ``STAT_NAMES`` order."""
     return {k: stats[k] for k in STAT_NAMES}
+
+
+def no_detection_metrics(gt: COCO, max_dets: list[int] | tuple[int, ...] = (1, 10, 100)) -> dict[str, float | None]:
+    """``metrics`` of a model that detects nothing (a diverged run), as COCO scores it: 0 wherever ``gt`` has
+    objects of that kind, None where it has none (no large objects: APl and ARl are null, as for any run on
+    the data), so a diverged run never adds a 0 that a finished run would not have."""
+    return metrics(evaluate_coco(gt, [], max_dets)[0])
 
 
 def eval_detail(iteration: int | None, stats: dict, E: Any, names: dict[int, str], val_losses: dict | None = None,

@@ -9,8 +9,8 @@ Every folder under the DIRs with a ``run.json`` (or, made by older detlib, ``.hy
 a run (a multirun folder, a single run, or a folder of sweeps all work). A run's set-up is read from
 its ``run.json``, written once when it started, never from Hydra's ``.hydra`` files (a later launch
 in the folder rewrites those). Runs whose identity (``detlib.engine.run_record``: the config minus
-the keys that don't change results, plus world size and a fingerprint of the annotation files) is
-equal except for the seed form a group, so runs on different data never share one;
+the keys that don't change results, plus world size and a fingerprint of the annotation files, plus
+the inference settings its metrics were computed with) is equal except for the seed form a group, so runs on different data never share one;
 named by the overrides that tell the groups apart (``loss=huber``); a key overridden in one sweep
 and left at its default in another is named in both (``loss=l2,data.noise.outliers=0.0``), so
 sweeps run at different times combine. Runs made by older code still
@@ -40,30 +40,39 @@ from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.compare_errors import error_rows, error_table, errors_section
 from detlib.tools.compare_plots import plot_against, plot_ap_per_iou, plot_bar
 from detlib.tools.groups import Group, group_runs, legacy_warnings, seed_warnings
-from detlib.tools.runs import Run, find_runs, load_run
+from detlib.tools.runs import Run, find_runs, load_run, reconcile_diverged
 from detlib.tools.stats import mean_std, paired
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def unpaired_seeds(group: dict[int, float], baseline: dict[int, float]) -> str:
+    """The seeds of one side without a partner on the other, named (``""`` when every seed pairs)."""
+    only_g, only_b = sorted(set(group) - set(baseline)), sorted(set(baseline) - set(group))
+    parts = ([f"seeds {' '.join(map(str, only_g))} only here"] if only_g else []) + \
+        ([f"seeds {' '.join(map(str, only_b))} only in the baseline"] if only_b else [])
+    return "; ".join(parts)
+
+
 def compare(groups: Sequence[Group], baseline: Group) -> list[dict]:
-    """One row per group: n, seeds, mean/std per metric, difference from baseline, paired p-value, pairs."""
+    """One row per group: n, seeds, mean/std per metric; against the baseline, over the seeds both have (the
+    same pairs for every number): the mean paired difference, its CI, p, detectable difference, the number of
+    pairs, the seeds left unpaired and why a statistic is undefined (``{m}_undefined``)."""
     rows = []
     for g in groups:
         row: dict = {"group": g.name, "n": len(g.runs), "seeds": sorted({r.seed for r in g.runs})}
         for m in METRICS:
-            mean, std = mean_std(g.values(m))
-            base_mean, _ = mean_std(baseline.values(m))
+            row[m], row[f"{m}_std"] = mean_std(g.values(m))
             a, b = g.by_seed(m), baseline.by_seed(m)
             common = sorted(set(a) & set(b))
-            row[m] = mean
-            row[f"{m}_std"] = std
-            row[f"{m}_diff"] = None if mean is None or base_mean is None else mean - base_mean
             test = None if g is baseline else paired([a[s] for s in common], [b[s] for s in common])
-            row[f"{m}_p"] = None if test is None else test.p
-            row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = (None, None) if test is None else (test.lo, test.hi)
-            row[f"{m}_mde"] = None if test is None else test.mde
+            for key in ("diff", "ci_lo", "ci_hi", "p", "mde", "undefined"):
+                row[f"{m}_{key}"] = None
+            if test is not None:
+                row[f"{m}_diff"], row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = test.diff, test.lo, test.hi
+                row[f"{m}_p"], row[f"{m}_mde"], row[f"{m}_undefined"] = test.p, test.mde, test.undefined
             row[f"{m}_pairs"] = len(common)
+            row[f"{m}_unpaired"] = "" if g is baseline else unpaired_seeds(a, b)
         rows.append(row)
     return rows
 
@@ -72,14 +81,14 @@ def _pct(v: float | None, sign: bool = False) -> str:
     return "n/a" if v is None else (f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}")
 
 
-def _p(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3g}"
+def _p(v: float | None, undefined: str | None = None) -> str:
+    return ("undefined" if undefined else "n/a") if v is None else f"{v:.3g}"
 
 
 def table(rows: list[dict], metric: str, baseline: str) -> list[list[str]]:
     """Header and formatted cells (AP in %, mean ± std)."""
-    head = ["group", "n"] + list(METRICS) + [f"Δ{metric} vs {baseline}", "p (paired t)", "pairs", "95% CI",
-                                            "detectable (80% power)"]
+    head = ["group", "n"] + list(METRICS) + [f"Δ{metric} vs {baseline} (paired)", "p (paired t)", "pairs",
+                                            "95% CI", "detectable (80% power)", "note"]
     body = [head]
     for r in rows:
         cells = [r["group"], str(r["n"])]
@@ -88,10 +97,14 @@ def table(rows: list[dict], metric: str, baseline: str) -> list[list[str]]:
             cells.append(_pct(r[m]) + ("" if std is None else f" ± {_pct(std)}"))
         is_base = r["group"] == baseline
         lo, hi, mde = r[f"{metric}_ci_lo"], r[f"{metric}_ci_hi"], r[f"{metric}_mde"]
-        ci = "n/a" if lo is None else f"[{_pct(lo, sign=True)}, {_pct(hi, sign=True)}]"
+        why = r[f"{metric}_undefined"]
+        missing = "undefined" if why else "n/a"
+        ci = missing if lo is None else f"[{_pct(lo, sign=True)}, {_pct(hi, sign=True)}]"
+        note = "; ".join(x for x in (r[f"{metric}_unpaired"], why) if x)
         cells += ["baseline" if is_base else _pct(r[f"{metric}_diff"], sign=True),
-                  "" if is_base else _p(r[f"{metric}_p"]), "" if is_base else str(r[f"{metric}_pairs"]),
-                  "" if is_base else ci, "" if is_base else ("n/a" if mde is None else f"±{_pct(mde)}")]
+                  "" if is_base else _p(r[f"{metric}_p"], why), "" if is_base else str(r[f"{metric}_pairs"]),
+                  "" if is_base else ci, "" if is_base else (missing if mde is None else f"±{_pct(mde)}"),
+                  "" if is_base else note]
         body.append(cells)
     return body
 
@@ -111,7 +124,8 @@ def format_markdown(body: list[list[str]]) -> str:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     cols = ["group", "n", "seeds"] + [f"{m}{s}" for m in METRICS
-                                      for s in ("", "_std", "_diff", "_ci_lo", "_ci_hi", "_p", "_mde", "_pairs")]
+                                      for s in ("", "_std", "_diff", "_ci_lo", "_ci_hi", "_p", "_mde", "_pairs", "_unpaired",
+                                                "_undefined")]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -122,10 +136,12 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], metric: str, dirs: Sequence[Path],
                    drawn: list[str], groups: Sequence[Group]) -> None:
     parts = [f"# Run comparison\n\nRuns under: {', '.join(map(str, dirs))}\n",
-             f"Metrics in %, mean ± sample std over runs. Against the baseline, on {metric}, runs matched by seed: "
-             "Δ (difference of the means), the 95 % confidence interval of the mean paired difference, the paired "
-             "t-test's p, and the smallest true difference the test detects with 80 % power at this n and spread "
-             "(a non-significant Δ means: no difference larger than that, at 80 % power).\n", format_markdown(body), "", f"![{metric} per group](ap_bar.png)"]
+             f"Metrics in %, mean ± sample std over runs. Against the baseline, on {metric}, over the seeds both "
+             "groups have (every number over the same pairs; seeds without a partner are named in the note): "
+             "Δ (the mean paired difference), its 95 % confidence interval, the paired t-test's p, and the smallest "
+             "true difference the test detects with 80 % power at this n and spread (a non-significant Δ means: no "
+             "difference larger than that, at 80 % power). Where the differences have no spread (or there is one "
+             "pair) these are undefined, and the note says why.\n", format_markdown(body), "", f"![{metric} per group](ap_bar.png)"]
     if drawn:
         parts.append("![AP at each IoU threshold](ap_per_iou.png)")
     missing = [g.name for g in groups if g.name not in drawn]
@@ -134,7 +150,8 @@ def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], met
                   "`tools/evaluate.py --run RUN` writes one to RUN/eval/."]
     diverged = [r for g in groups for r in g.runs if r.diverged]
     if diverged:
-        parts += ["", "## Diverged runs (non-finite loss; scored AP 0)", ""] + [
+        parts += ["", "## Diverged runs (non-finite loss; scored as no detections: AP 0, null where the "
+                      "val set has no such objects)", ""] + [
             f"- `{r.path}`: {r.diverged}" for r in diverged]
     if unfinished:
         parts += ["", "## Unfinished or unreadable runs", ""] + [f"- `{r.path}`: {r.problem}" for r in unfinished]
@@ -160,6 +177,7 @@ def _groups_and_baseline(dirs: Sequence[Path], wanted: str | None) -> tuple[list
     if not done:
         raise ToolError(f"no finished runs (with metrics.json) under {', '.join(map(str, dirs))}"
                         f" ({len(unfinished)} unfinished)")
+    reconcile_diverged(done)
     groups = group_runs(done)
     for warning in seed_warnings(groups) + legacy_warnings(done):
         print(f"{prog_name('compare_runs.py')}: warning: {warning}", file=sys.stderr)

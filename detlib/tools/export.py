@@ -1,4 +1,4 @@
-"""Export a run's model as TorchScript (``detlib.export``): ``--out model.ts``, loadable with ``torch.jit.load``.
+"""Export a run's model as TorchScript (``detlib.export``): ``--out model.ts``, loadable with ``torch.jit.load`` after ``import torchvision`` (which registers ``torchvision::nms``).
 
     uv run tools/export.py --run RUN --out model.ts [--checkpoint P] [--example IMAGE]
 
@@ -47,7 +47,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if not same:
         raise ToolError(f"the traced model's detections differ from the eager model's on the example; {args.out} "
                         "is written but should not be used")
-    print(f"wrote {args.out} (TorchScript; {len(scripted[0])} detections on the example, equal to the eager model's)")
+    print(f"wrote {args.out} (TorchScript; {len(scripted[0])} detections on the example, equal to the eager model's); "
+          "load it with: import torch, torchvision; m = torch.jit.load(...)")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Group runs that differ only in the seed, and name each group by what tells it apart (``loss=huber``).
 
 Runs whose identity (``detlib.engine.run_record``: the config minus execution keys, plus world size and a
-fingerprint of the annotation files) is equal except for the seed form a group, so runs on different
+fingerprint of the annotation files, plus the inference settings of their metrics: ``score_thresh``,
+``detections_per_img``, ...) is equal except for the seed form a group, so runs on different
 data never share one. A key that only some runs have, with one value wherever it appears (added to a
 config file since), is left out. A key overridden in one sweep and left at its default in another is
 named in both (``loss=l2,data.noise.outliers=0.0``), so sweeps run at different times combine.

@@ -2,7 +2,9 @@
 
 A run is a folder with a ``run.json`` (or, made by older detlib, ``.hydra/config.yaml``). Its set-up is
 read from ``run.json``, written once when it started, never from Hydra's ``.hydra`` files (a later
-launch in the folder rewrites those); for older runs the ``.hydra`` files are all there is, and keys
+launch in the folder rewrites those), plus the inference settings its metrics were computed with
+(``eval_detail.json``'s ``eval_settings``, else the record's ``eval``): runs that differ in them are not
+one set-up; for older runs the ``.hydra`` files are all there is, and keys
 added to ``detlib.config`` since take their defaults so old and new runs compare.
 """
 
@@ -34,7 +36,7 @@ IGNORED = ("seed", "trainer.progress", "trainer.device", "trainer.resume", "trai
 class Run:
     path: Path
     seed: int
-    identity: dict[str, object]  # flattened config minus IGNORED
+    identity: dict[str, object]  # flattened config minus IGNORED, with the inference settings of its metrics
     overrides: list[str]  # overrides.yaml minus IGNORED
     choices: dict[str, str] = field(default_factory=dict)  # config group -> option (hydra.runtime.choices)
     metrics: dict | None = None  # None: unfinished
@@ -99,8 +101,10 @@ def _from_record(path: Path) -> Run:
         record = run_record.read_record(path)
     except run_record.RunIdentityError as e:
         return Run(path, -1, {}, [], problem=str(e))
-    identity = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in record["identity"].items()
-                if k != "seed"}
+    # Inference settings (score threshold, detections per image, ...) are left out of run_record's identity, as
+    # they may change on resume, but they change the metrics: runs compare only at equal settings.
+    settings = record["identity"] | (record.get("eval") or {})
+    identity = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in settings.items() if k != "seed"}
     overrides = [o for o in record.get("overrides", []) if not ignored(o.split("=", 1)[0])]
     return Run(path, int(record["identity"].get("seed", 0)), identity, overrides,
                {k: str(v) for k, v in (record.get("choices") or {}).items()})
@@ -136,11 +140,29 @@ def _with_metrics(run: Run) -> Run:
         run.problem = f"{METRICS} unreadable or without AP"
         return run
     run.metrics = metrics
+    detail = _read_json(run.path / EVAL_DETAIL)
+    used = detail.get("eval_settings") if isinstance(detail, dict) and not run.legacy else None
+    if isinstance(used, dict):  # the settings metrics.json was computed with (a resume may have changed them)
+        run.identity |= {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in used.items()}
     diverged = _read_json(run.path / "diverged.json")
     run.diverged = str(diverged.get("reason", "?")) if isinstance(diverged, dict) else None
     run.ap_per_iou, run.tide, run.tp_iou = (_from_eval_detail(run.path, metrics["AP"], k)
                                             for k in ("ap_per_iou", "tide", "tp_iou"))
     return run
+
+
+def reconcile_diverged(runs: Sequence[Run]) -> None:
+    """Older detlib wrote 0.0 for every stat of a diverged run, also where COCO says null (no large objects in the
+    val set: APl, ARl). A diverged run's 0.0 is read as None where every finished run on the same val data
+    (``data.fingerprint.val``) reports None, so groups never average in a 0 that no real evaluation gives."""
+    for r in runs:
+        if not (r.diverged and r.metrics):
+            continue
+        val = r.identity.get("data.fingerprint.val")
+        peers = [p for p in runs if p.metrics and not p.diverged and p.identity.get("data.fingerprint.val") == val]
+        for k, v in r.metrics.items():
+            if v == 0.0 and peers and all(p.metrics.get(k) is None for p in peers):
+                r.metrics[k] = None
 
 
 def _from_eval_detail(path: Path, ap: float | None, key: str) -> dict | None:

@@ -34,21 +34,26 @@ def t_pvalue(t: float, df: int) -> float:
 class Paired:
     """``x - y`` over ``n`` pairs: mean ``diff``, its confidence interval ``[lo, hi]``, the two-sided paired t-test's
     ``p``, and ``mde``: the smallest true mean difference this test detects with the given power at this n and
-    the observed spread of the differences ("no significant difference" reads "none larger than mde")."""
+    the observed spread of the differences ("no significant difference" reads "none larger than mde").
+
+    Where a statistic is undefined (no pairs, one pair, or differences without spread: a t-test divides by their
+    standard deviation) it is None and ``undefined`` says why; a zero spread is never reported as certainty."""
 
     n: int
-    diff: float
-    lo: float
-    hi: float
-    p: float
-    mde: float
+    diff: float | None
+    lo: float | None
+    hi: float | None
+    p: float | None
+    mde: float | None
+    undefined: str | None = None
 
 
 def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
     """The true mean difference a two-sided paired t-test at level ``alpha`` rejects with probability ``power``,
-    for ``n`` pairs whose differences have standard deviation ``sd`` (exact, by the noncentral t)."""
+    for ``n`` pairs whose differences have standard deviation ``sd`` (exact, by the noncentral t). Undefined
+    (ValueError) for ``sd`` 0: the test statistic divides by it."""
     if sd < 1e-12:
-        return 0.0
+        raise ValueError(f"detectable difference: sd {sd!r} has no spread; the paired t-test is undefined")
     df, crit = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
 
     def shortfall(delta: float) -> float:
@@ -62,14 +67,21 @@ def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float =
     return float(optimize.brentq(shortfall, 0.0, hi, xtol=1e-12 * sd))
 
 
-def paired(x: Sequence[float], y: Sequence[float], confidence: float = 0.95, power: float = 0.8) -> Paired | None:
-    """The paired comparison of ``x`` and ``y`` (same order: same seed); None for fewer than 2 pairs."""
+def paired(x: Sequence[float], y: Sequence[float], confidence: float = 0.95, power: float = 0.8) -> Paired:
+    """The paired comparison of ``x`` and ``y`` (same order: same seed). Every statistic is over these pairs;
+    those that need a spread (interval, p, mde) are None, with the reason in ``undefined``, for fewer than 2
+    pairs or differences that are all equal (to rounding)."""
     d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
-    if d.size < 2:
-        return None
-    m, sd = float(d.mean()), float(d.std(ddof=1))
-    if sd < 1e-12:  # every pair differs by the same amount (to rounding): no spread to test against
-        return Paired(d.size, m, m, m, 1.0 if m == 0 else 0.0, 0.0)
+    if d.size == 0:
+        return Paired(0, None, None, None, None, None, "no seed in common with the baseline")
+    m = float(d.mean())
+    if d.size == 1:
+        return Paired(1, m, None, None, None, None, "one pair: no spread to test against")
+    sd = float(d.std(ddof=1))
+    if sd < 1e-12:
+        return Paired(d.size, m, None, None, None, None,
+                      f"all {d.size} paired differences are equal ({100 * m:+.2f} points): no spread, so the "
+                      "interval, p and detectable difference are undefined")
     res = stats.ttest_rel(x, y)
     ci = res.confidence_interval(confidence)
     return Paired(d.size, m, float(ci.low), float(ci.high), float(res.pvalue),
@@ -77,6 +89,5 @@ def paired(x: Sequence[float], y: Sequence[float], confidence: float = 0.95, pow
 
 
 def paired_t(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Two-sided p-value of the paired t-test of ``x - y``; None for fewer than 2 pairs."""
-    r = paired(x, y)
-    return None if r is None else r.p
+    """Two-sided p-value of the paired t-test of ``x - y``; None where undefined (``Paired.undefined``)."""
+    return paired(x, y).p
