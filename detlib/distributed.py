@@ -60,6 +60,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if dist.is_initialized() else 0
 
 
+def local_world_size() -> int:
+    """Processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``), 1 without DDP."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.is_initialized() else 1
+
+
 _STAMP: list[str] = []
 _STORE: list = []  # torchrun's agent store (one per torchrun invocation, kept across restarts)
 

@@ -212,3 +212,40 @@ def test_out_of_memory_names_the_batch_size_and_image_size(parts, tmp_path, capl
     msg = caplog.text
     assert "out of memory at iteration 1: batch of 4 images (data.batch_size)" in msg
     assert "input sizes [(" in msg and "min_size [" in msg
+
+
+def test_deferred_nonfinite_check_reads_the_device_once_and_names_the_first_bad_iteration(tmp_path):
+    """On CUDA the guard keeps its flag on the device (no host sync before every backward) and is read at
+    the loop's boundaries: it must still name the first bad iteration, and never skip in skip mode."""
+    from detlib.engine.guards import NonFiniteGuard
+
+    guard = NonFiniteGuard("stop", 5, tmp_path, None, deferred=True)
+    losses = [1.0, 2.0, float("nan"), float("inf"), 3.0]
+    for it, v in enumerate(losses):
+        assert guard.check(torch.tensor(v), False, torch.device("cpu"), it) == (False, False, False)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration 3 \(found at iteration 5"):
+        guard.raise_if_bad(5)
+    clean = NonFiniteGuard("record", 5, tmp_path, None, deferred=True)
+    clean.check(torch.tensor(1.0), False, torch.device("cpu"), 0)
+    clean.raise_if_bad(1)  # nothing bad: no error
+    assert not NonFiniteGuard("skip", 5, tmp_path, None, deferred=True).deferred  # skip must know at once
+    assert NonFiniteGuard("stop", 5, tmp_path, None, deferred=False).check(
+        torch.tensor(float("nan")), False, torch.device("cpu"), 0)[0]
+
+
+def test_cudnn_benchmark_defaults_on_only_for_one_input_size(parts, tmp_path):
+    """Variable COCO/VOC sizes would retune every convolution: auto is on only for fixed-size inputs."""
+    from detlib.data.coco import CocoDetection
+    from detlib.engine.trainer import default_num_workers, fixed_input_size
+
+    from .fixtures import write_coco
+
+    cfg, _, train_set, _ = parts
+    model = _model(cfg, train_set.num_classes)
+    assert fixed_input_size(model, train_set)  # the built-in data: one size
+    paths = write_coco(tmp_path)  # two image sizes
+    assert not fixed_input_size(model, CocoDetection(paths["train"], tmp_path / "images", train=True))
+    multi = build_model(compose_cfg("experiment=smoke", "model.min_size=[48,64]"), train_set.num_classes)
+    assert not fixed_input_size(multi, train_set)  # multi-scale training: several sizes
+    assert default_num_workers(torch.device("cpu")) == 0
+    assert 0 <= default_num_workers(torch.device("cuda")) <= 8

@@ -61,17 +61,43 @@ class SignalGuard:
 
 
 class NonFiniteGuard:
-    def __init__(self, on_nonfinite: str, max_in_row: int, run_dir: Path, dataset) -> None:
+    """``check`` every step; with ``deferred`` (one process on CUDA, ``on_nonfinite`` stop or record) the
+    check stays on the device, so no step waits for the GPU before its backward, and ``raise_if_bad`` reads
+    it at the loop's boundaries (log, evaluation, checkpoint, end), naming the first bad iteration; the
+    batch is no longer at hand to dump then. ``skip`` and DDP need the answer at once: every step."""
+
+    def __init__(self, on_nonfinite: str, max_in_row: int, run_dir: Path, dataset, deferred: bool = False) -> None:
         self.on_nonfinite, self.max_in_row, self.run_dir, self.dataset = on_nonfinite, max_in_row, run_dir, dataset
         self.in_row = 0
+        self.deferred = deferred and on_nonfinite != "skip" and dist.world_size() == 1
+        self.first_bad: Tensor | None = None  # deferred: the first non-finite iteration (1-based), -1 if none
 
-    def check(self, loss: Tensor, stop_asked: bool, device: torch.device) -> tuple[bool, bool, bool]:
-        """``(bad here, bad on any rank, stop asked on any rank)``: one scalar read, one all-reduce under DDP."""
+    def check(self, loss: Tensor, stop_asked: bool, device: torch.device, iteration: int = 0
+              ) -> tuple[bool, bool, bool]:
+        """``(bad here, bad on any rank, stop asked on any rank)``: one scalar read, one all-reduce under DDP;
+        deferred: no read (``iteration``, 0-based, is the step's own)."""
+        if self.deferred:
+            if self.first_bad is None:
+                self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+            bad = ~torch.isfinite(loss.detach())
+            self.first_bad = torch.where(bad & (self.first_bad < 0), iteration + 1, self.first_bad)
+            return False, False, stop_asked
         bad_here = not torch.isfinite(loss)
         if dist.world_size() == 1:
             return bad_here, bad_here, stop_asked
         flags = dist.any_true(torch.tensor([bad_here, stop_asked], device=device))
         return bad_here, bool(flags[0]), bool(flags[1])
+
+    def raise_if_bad(self, done: int) -> None:
+        """Deferred: raise ``NonFiniteLossError`` if a step up to ``done`` had a non-finite loss (one read)."""
+        if self.first_bad is None:
+            return
+        first = int(self.first_bad)
+        if first >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {first} (found at iteration {done}: on CUDA the check is read at "
+                "each log, evaluation and checkpoint step; trainer.on_nonfinite=skip checks every step and "
+                "dumps the batch)")
 
     def handle(self, it: int, bad_here: bool, out: dict, targets: list) -> None:
         """A non-finite step: raise, or log and let the caller skip it."""

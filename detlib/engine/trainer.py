@@ -11,6 +11,7 @@ the whole ``TrainState`` is saved atomically. SIGINT/SIGTERM save at the next st
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def train(
     model: nn.Module, train_set: CocoDetection, val_set: CocoDetection, cfg: TrainerConfig, eval_cfg: EvalConfig,
-    run_dir: str | Path, batch_size: int, num_workers: int = 0, seed: int = 0, meta: dict | None = None,
+    run_dir: str | Path, batch_size: int, num_workers: int | None = 0, seed: int = 0, meta: dict | None = None,
     hparams: dict | None = None,
 ) -> dict[str, float | None]:
     """Train ``model`` for ``cfg.max_iters`` iterations; return the final COCO stats (12 floats or None).
@@ -56,7 +57,8 @@ def train(
     run_dir, meta, main = Path(run_dir), dict(meta or {}), dist.is_main()
     device = resolve_device(cfg.device)
     amp_dtype = autocast_dtype(cfg.amp)
-    state = TrainState.create(_prepare(model, device, cfg), cfg, device)
+    state = TrainState.create(_prepare(model, device, cfg, fixed_input_size(model, train_set)), cfg, device)
+    num_workers = default_num_workers(device) if num_workers is None else num_workers
     resumed = resume(state, cfg.resume, run_dir / "checkpoints", meta, device)
     # Rotation deletes only this run's checkpoints: those it writes, and on resume those of its identity before.
     owned = set() if resumed is None else checkpoint.run_files(run_dir / "checkpoints", meta.get("identity"), resumed)
@@ -67,7 +69,7 @@ def train(
     save = partial(_save, state, run_dir / "checkpoints", cfg.keep_last, meta, loader.batch_sampler, owned)
     evaluate_now = partial(evaluate_and_log, model, val_set, device, eval_cfg, amp_dtype, writer=writer,
                            run_dir=run_dir, eval_settings=meta.get("eval", {}))
-    guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, run_dir, train_set)
+    guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, run_dir, train_set, deferred=device.type == "cuda")
     bar = tqdm(total=cfg.max_iters, initial=state.iteration, disable=None if cfg.progress and main else True,
                dynamic_ncols=True, desc="train")
     histograms = None
@@ -87,14 +89,18 @@ def train(
                 done = state.iteration
                 if result.skipped:
                     continue
+                eval_now = bool(cfg.eval_period) and done % cfg.eval_period == 0 and done < cfg.max_iters
+                save_now = (bool(cfg.checkpoint_period) and done % cfg.checkpoint_period == 0) \
+                    or done == cfg.max_iters or result.stopping
+                if log_now or eval_now or save_now:
+                    guard.raise_if_bad(done)  # deferred on CUDA: nothing non-finite is logged or saved
                 if log_now:
                     means = state.window.flush()  # on every rank: averaged over them
                     histograms = _log_step(state, means, result, writer, bar, cfg.max_iters,
                                            run_dir) if main else None
-                if cfg.eval_period and done % cfg.eval_period == 0 and done < cfg.max_iters:
+                if eval_now:
                     evaluate_now(done, histograms=histograms)
-                if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == cfg.max_iters \
-                        or result.stopping:
+                if save_now:
                     signals.saved_at = save()
                 if result.stopping:
                     raise Interrupted(signals.signum or signal.SIGTERM, done)  # no signal here: another rank's
@@ -139,7 +145,7 @@ def step(state: TrainState, net: nn.Module, images: list, targets: list, cfg: Tr
     with autocast(device, amp_dtype):
         out = net(images, targets, diagnostics=log_now)
     loss = sum(out["losses"].values())
-    bad_here, bad, stopping = guard.check(loss, stop_asked, device)
+    bad_here, bad, stopping = guard.check(loss, stop_asked, device, state.iteration)
     if bad:
         guard.handle(state.iteration, bad_here, out, targets)  # raises, unless this step is to be skipped
         state.optimizer.zero_grad(set_to_none=True)
@@ -276,10 +282,27 @@ def _open_writer(run_dir: Path, start: int, train_set: CocoDetection) -> Summary
     return writer
 
 
-def _prepare(model: nn.Module, device: torch.device, cfg: TrainerConfig) -> nn.Module:
+def _prepare(model: nn.Module, device: torch.device, cfg: TrainerConfig, fixed_size: bool = False) -> nn.Module:
     model.to(device)
     if device.type == "cuda":  # the GPU fast path; CPU convolutions gain nothing from either
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cudnn.benchmark = fixed_size if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark
         if cfg.channels_last:
             model.backbone.to(memory_format=torch.channels_last)
     return model
+
+
+def fixed_input_size(model: nn.Module, dataset: CocoDetection) -> bool:
+    """Whether every training batch reaches the backbone at one size (so cuDNN's benchmark pays off): one
+    training scale and one image size in the dataset, as in the built-in data."""
+    scales = set(getattr(model, "min_size", ()) or ())
+    sizes = {(im.get("width"), im.get("height")) for im in dataset.coco.imgs.values()}
+    return len(scales) <= 1 and len(sizes) == 1
+
+
+def default_num_workers(device: torch.device) -> int:
+    """``data.num_workers=null``: no workers on CPU (decoding beside training was slower on 2 cores); on CUDA
+    the cores this process can share (one left for the main process), at most 8."""
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, dist.local_world_size()) - 1))
