@@ -46,3 +46,19 @@ def test_tiny_cpu_run_writes_the_report(tmp_path, data_root, capsys):
         assert ev["ratio"] is None
     table = capsys.readouterr().out
     assert "| images/s" in table and "faster_coco_eval" in table
+
+
+def test_a_timing_run_on_random_images_builds_no_dataset_and_reports_tf32(tmp_path):
+    """The CUDA path's bias: no 3,300-image dataset for a timing run, batches built before the windows."""
+    root = tmp_path / "never-built"
+    report = benchmark.run([
+        "--device", "cpu", "--data", "random", "--image-size", "64", "--iters", "2", "--warmup", "1",
+        "--windows", "2", "--batch", "2", "--eval-images", "0", "--threads", "1", "--data-root", str(root),
+        "--distinct-batches", "2", "--out", str(tmp_path / "b.json")])
+    assert not root.exists()
+    s = report["settings"]
+    assert s["data"] == "random" and set(s["tf32"]) == {"matmul", "cudnn_conv"} and s["distinct_batches"] == 2
+    assert "eval" not in report
+    for side in ("ours", "torchvision"):  # pre-built: fetching a batch is no work
+        assert report[side]["phases_s"]["data"] < 0.05 * report[side]["step_s"]
+        assert report[side]["syncs_per_step"] is None  # counted on CUDA only

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import math
 import resource
 import statistics
 import time
+import warnings
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from detlib.config import TrainerConfig
-from detlib.engine.device import autocast, autocast_dtype, to_device
-from detlib.engine.trainer import lr_lambda, optimizer_step
+from detlib.engine.device import autocast, autocast_dtype
+from detlib.engine.guards import NonFiniteGuard
+from detlib.engine.state import TrainState
+from detlib.engine.trainer import step
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -40,24 +44,31 @@ def _peak_rss_mib() -> float:
 
 
 class Side:
-    """One model with its optimizer, loader and the step torchvision's reference or our trainer takes."""
+    """One model with its optimizer, the batches and the step torchvision's reference or our trainer takes.
 
-    def __init__(self, name: str, model: torch.nn.Module, loader: DataLoader, device: torch.device,
+    ``batches``: already on the device, shared by both sides and cycled, so no window pays for loading,
+    host-to-device copies or drawing random images. Ours is ``detlib.engine.trainer.step`` itself (its
+    ``TrainState``, non-finite guard and metrics window); torchvision's is its detection reference's
+    ``train_one_epoch`` step (``loss.item()`` finite check before backward, ``.item()`` of every term after).
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, batches: list, device: torch.device,
                  amp: str, total_steps: int) -> None:
         self.name, self.model, self.device = name, model.to(device).train(), device
-        self.batches = iter(loader)
-        tc = TrainerConfig(max_iters=max(total_steps, 1))
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))  # warm-up, as both do
+        self.batches = itertools.cycle(batches)
+        self.cfg = TrainerConfig(max_iters=max(total_steps, 1), amp=amp)
         self.dtype = autocast_dtype(amp)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.accum: dict[str, torch.Tensor] = {}
+        self.state = TrainState.create(model, self.cfg, device)  # SGD + warm-up, as both do
+        self.guard = NonFiniteGuard("stop", 1, Path("."), None, deferred=device.type == "cuda")
         self.logged: dict[str, float] = {}
-        self._mark: list[float] = []
-        # optimizer_step does zero_grad + backward + step in one call: this marks where backward ends.
-        self.optimizer.register_step_pre_hook(lambda *_: self._mark.append(self._now()))
+        self._mark: dict[str, float] = {}
+        # One call does forward, backward and step: hooks mark where forward and backward end.
+        self.model.register_forward_hook(lambda *_: self._mark_end("forward"))
+        self.state.optimizer.register_step_pre_hook(lambda *_: self._mark_end("backward"))
         self.sync_phases = False
+
+    def _mark_end(self, phase: str) -> None:  # a hook: returns None, so the output is left alone
+        self._mark.setdefault(phase, self._now())
 
     def _now(self) -> float:
         if self.sync_phases and self.device.type == "cuda":
@@ -67,35 +78,48 @@ class Side:
     def step(self) -> dict[str, float]:
         """One training step; returns the seconds per phase (exact on CPU, or when ``sync_phases``)."""
         t0 = self._now()
-        images, targets = to_device(self.device, *next(self.batches))
+        images, targets = next(self.batches)
         t1 = self._now()
-        with autocast(self.device, self.dtype):
-            out = self.model(images, targets)
         self._mark.clear()
         if self.name == "ours":  # detlib.engine.trainer.train's step
-            losses = out["losses"]
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"ours: non-finite loss {loss}")
-            t2 = self._now()
-            optimizer_step(loss, self.optimizer, self.scaler, self.params, None)
-            self.scheduler.step()
-            for k, v in losses.items():
-                self.accum[k] = self.accum.get(k, 0) + v.detach().float()
+            step(self.state, self.model, images, targets, self.cfg, self.dtype, self.guard, False, False)
         else:  # torchvision/references/detection/engine.py train_one_epoch
+            opt, scaler = self.state.optimizer, self.state.scaler
+            with autocast(self.device, self.dtype):
+                out = self.model(images, targets)
             loss = sum(out.values())
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"torchvision: non-finite loss {loss}")
-            t2 = self._now()
-            self.optimizer.zero_grad()
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            self.state.scheduler.step()
             self.logged = {k: v.item() for k, v in {"loss": loss, **out}.items()}  # its MetricLogger.update
         t4 = self._now()
-        t3 = self._mark[0] if self._mark else t4
+        t2 = self._mark.get("forward", t1)
+        t3 = self._mark.get("backward", t4)
         return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3}
+
+    def finish(self) -> None:
+        """Raise if ours had a non-finite loss (on CUDA the guard is read here, as the trainer reads it at
+        its log steps)."""
+        self.guard.raise_if_bad(self.state.iteration)
+
+
+def sync_count(side: Side) -> int | None:
+    """Host-device synchronisations in one step of ``side`` (``torch.cuda.set_sync_debug_mode``); None on CPU."""
+    if side.device.type != "cuda":
+        return None
+    torch.cuda.synchronize(side.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            side.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _window(side: Side, n: int, r: dict, device: torch.device, can_reset: bool) -> None:
@@ -141,6 +165,9 @@ def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -
             side.sync_phases = True
             res[side.name]["phases"] = [side.step() for _ in range(max(3, min(args.iters, 10)))]
             side.sync_phases = False
+    for side in sides:
+        res[side.name]["syncs_per_step"] = sync_count(side)
+        side.finish()
     gc.unfreeze()
     return {name: _summary(r, args.batch, cuda, can_reset) for name, r in res.items()}
 
@@ -161,6 +188,7 @@ def _summary(r: dict, batch: int, cuda: bool, can_reset: bool) -> dict:
         "peak_memory_mib": r["peak_mib"],
         "rss_before_mib": None if cuda or not can_reset else r["rss_before_mib"],
         "memory_method": method,
+        "syncs_per_step": r.get("syncs_per_step"),
     }
 
 

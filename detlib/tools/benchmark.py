@@ -4,7 +4,8 @@
     uv run tools/benchmark.py --device cuda --model faster_rcnn_r50_fpn --image-size 800 --batch 8 \\
         --amp bf16 --channels-last                                          # vs torchvision in fp32
 
-One process, the same data for both. "ours" is ``configs/model/*.yaml`` composed with Hydra and
+One process, the same batches for both, built on the device before timing (no loading, copying or
+random drawing inside the timed windows); a timing run on random images builds no dataset. "ours" is ``configs/model/*.yaml`` composed with Hydra and
 trained through ``detlib.engine.trainer.optimizer_step``, as ``train.py`` does. "torchvision" is
 ``torchvision.models.detection.FasterRCNN`` built from copies of our backbone, anchor generator,
 RPN head, RoIAlign and box head (same types, same weights), with the same sizes, proposal counts
@@ -34,7 +35,8 @@ from detlib.config import DataConfig
 from detlib.data.build import build_datasets
 from detlib.data.coco import collate
 from detlib.data.sampler import TrainBatchSampler
-from detlib.engine.device import AMP_DTYPES, resolve_device
+from detlib.data.synthetic import CLASSES
+from detlib.engine.device import AMP_DTYPES, resolve_device, to_device
 from detlib.jsonio import write_json
 from detlib.tools.bench_eval import detections, time_eval
 from detlib.tools.bench_models import RandomDetection, build_ours, build_torchvision
@@ -60,7 +62,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None, help="min_size = max_size of the transform (default: the model's)")
     p.add_argument("--data", choices=("auto", "synthetic", "random"), default="auto",
                    help="built-in synthetic images, or random ones (auto: random above 256 px)")
-    p.add_argument("--eval-images", type=int, default=300, help="val images whose detections are evaluated (0: skip)")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="val images whose detections are evaluated (0: skip; default 300 on CPU, 0 on GPU)")
+    p.add_argument("--distinct-batches", type=int, default=4,
+                   help="batches built on the device before timing and cycled (no loading inside the windows)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our backbone (inductor)")
     p.add_argument("--eval-repeats", type=int, default=3, help="evaluate_coco runs per backend (median)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--data-root", default=DataConfig().root, help="the synthetic data's cache folder")
@@ -93,7 +99,11 @@ def table(report: dict) -> str:
         rows.append(f"| &nbsp; {k}, ms (median step) | {ms(a)} | {ms(b)} | {a / b if b else float('nan'):.3f} |")
     rows.append(f"| peak memory, MiB | {o['peak_memory_mib']:.0f} | {t['peak_memory_mib']:.0f} | "
                 f"{o['peak_memory_mib'] / max(t['peak_memory_mib'], 1e-9):.3f} |")
-    rows.append(f"\nMemory: {o['memory_method']}.")
+    if o.get("syncs_per_step") is not None:
+        rows.append(f"| host syncs in one step | {o['syncs_per_step']} | {t['syncs_per_step']} | |")
+    rows.append(f"\nMemory: {o['memory_method']}. Batches pre-built on the device. TF32: matmul "
+                f"{'on' if s['tf32']['matmul'] else 'off'}, cuDNN convolutions {'on' if s['tf32']['cudnn_conv'] else 'off'}"
+                f" (torch's defaults; they apply to the fp32 side).")
     e = report.get("eval")
     if e:
         rows += ["", f"COCO evaluation of the same {e['num_detections']} detections on {e['num_images']} images "
@@ -116,13 +126,23 @@ def settings(args: argparse.Namespace, argv: Sequence[str] | None, model: str, d
         "data": data, "eval_repeats": args.eval_repeats, "note": args.note,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn_conv": torch.backends.cudnn.allow_tf32},
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "compile": args.compile, "distinct_batches": args.distinct_batches,
         "torch": torch.__version__, "python": sys.version.split()[0],
         "command": sys.argv[1:] if argv is None else list(argv),
     }
 
 
+def prebuilt_batches(data, batch: int, n: int, seed: int, device: torch.device) -> list:
+    """``n`` distinct batches of ``data`` (the trainer's sampler and collate), moved to ``device`` once."""
+    sampler = TrainBatchSampler(len(data), batch, seed, 0, n)
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+    return [to_device(device, images, targets) for images, targets in loader]
+
+
 def run(argv: Sequence[str] | None = None) -> dict:
-    """Build both models on the same data, time them, time the evaluation; write ``--out``, print the table,
+    """Build both models on the same batches, time them, time the evaluation; write ``--out``, print the table,
     return the report."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -130,30 +150,33 @@ def run(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # every batch has one size here
     model_name = args.model or ("small" if device.type == "cpu" else "faster_rcnn_r50_fpn")
-    dcfg = DataConfig(root=args.data_root)
-    dcfg.synthetic.num_train, dcfg.synthetic.num_val = args.num_train, args.num_val
-    train_set, val_set = build_datasets(dcfg)
-    ours = build_ours(model_name, train_set.num_classes, args.image_size)
+    eval_images = args.eval_images if args.eval_images is not None else (300 if device.type == "cpu" else 0)
+    num_classes = len(CLASSES) + 1
+    ours = build_ours(model_name, num_classes, args.image_size)
     size = int(ours.transform.min_size[0])
     kind = args.data if args.data != "auto" else ("random" if size > 256 else "synthetic")
-    data = train_set if kind == "synthetic" else RandomDetection(size, num_classes=train_set.num_classes)
-    tv = build_torchvision(ours, train_set.num_classes)
+    val_set = None
+    if kind == "synthetic" or eval_images > 0:  # a pure timing run on random images builds no dataset
+        dcfg = DataConfig(root=args.data_root)
+        dcfg.synthetic.num_train, dcfg.synthetic.num_val = args.num_train, args.num_val
+        train_set, val_set = build_datasets(dcfg)
+    data = train_set if kind == "synthetic" else RandomDetection(size, num_classes=num_classes)
+    assert val_set is None or train_set.num_classes == num_classes, "the built-in data's classes changed"
+    tv = build_torchvision(ours, num_classes)
     if args.channels_last:
         ours.backbone.to(memory_format=torch.channels_last)
+    if args.compile:
+        ours.backbone = torch.compile(ours.backbone)
     total = args.warmup + args.iters + 10
-
-    def loader() -> DataLoader:  # the same batches, in the same order, for both
-        return DataLoader(data, batch_sampler=TrainBatchSampler(len(data), args.batch, args.seed, 0, total),
-                          collate_fn=collate, pin_memory=device.type == "cuda")
-
-    sides = [Side("ours", ours, loader(), device, args.amp, total),
-             Side("torchvision", tv, loader(), device, args.amp if args.baseline_amp == "same" else "off", total)]
+    batches = prebuilt_batches(data, args.batch, args.distinct_batches, args.seed, device)  # the same for both
+    sides = [Side("ours", ours, batches, device, args.amp, total),
+             Side("torchvision", tv, batches, device, args.amp if args.baseline_amp == "same" else "off", total)]
     res = measure(sides, args, device)
     report = {"settings": settings(args, argv, model_name, device, size, kind), **res, "ratio": ratios(res)}
-    if args.eval_images > 0:
-        results, gt = detections(ours, val_set, min(args.eval_images, len(val_set)), device, 8)
+    if eval_images > 0:
+        results, gt = detections(ours, val_set, min(eval_images, len(val_set)), device, 8)
         report["eval"] = time_eval(results, gt, args.eval_repeats)
     write_json(args.out, report)
     print(table(report))
