@@ -54,3 +54,13 @@ def trained(tmp_path_factory, data_root) -> tuple[Path, Path, list[dict]]:
                               "--dets", str(dets)]) == 0
     train_ann = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["meta"]["data_files"]["train"]
     return run_dir, Path(train_ann).with_name("instances_val.json"), json.loads(dets.read_text())
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker): run `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
