@@ -70,7 +70,7 @@ if want preflight; then
     --batch "$BATCH" --out "$OUT/preflight.json"
 fi
 if want pytest; then
-  run_step pytest 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -x tests/test_gpu.py
+  run_step pytest 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --durations=10 tests/test_gpu.py
 fi
 if want default; then
   # shellcheck disable=SC2086
