@@ -17,6 +17,7 @@ from detlib.engine import evaluation
 from detlib.engine.build import build_model
 from detlib.engine.ema import ModelEMA, ema_decay_at
 from detlib.engine.trainer import train
+from detlib.evaluation.coco_eval import evaluate_coco
 
 from .conftest import compose_cfg, run_train
 
@@ -73,7 +74,7 @@ def _run(parts, run_dir, **trainer):
 
 
 @pytest.mark.slow
-def test_the_evaluated_weights_are_the_ema_saved_in_the_checkpoint(parts, tmp_path, monkeypatch):
+def test_the_evaluated_weights_are_the_ema_saved_in_the_checkpoint_and_its_detections_are_kept(parts, tmp_path, monkeypatch):
     seen = []
     real = evaluation.evaluate
 
@@ -82,7 +83,7 @@ def test_the_evaluated_weights_are_the_ema_saved_in_the_checkpoint(parts, tmp_pa
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "evaluate", spy)
-    _run(parts, tmp_path)
+    stats = _run(parts, tmp_path)
     saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert saved["ema"]["updates"] == saved["iteration"] == 6 and saved["ema"]["decay"] == 0.9
     assert len(seen) == 1
@@ -90,6 +91,10 @@ def test_the_evaluated_weights_are_the_ema_saved_in_the_checkpoint(parts, tmp_pa
         assert torch.equal(seen[0][k], v), k
     assert any(not torch.equal(saved["model"][k], v) for k, v in saved["ema"]["model"].items())
     assert json.loads((tmp_path / "eval_detail.json").read_text())["weights"] == "ema"
+    # The scored detections are kept (compare_runs bootstraps them): pycocotools on them gives the run's stats.
+    dets = json.loads((tmp_path / "detections.json").read_text())
+    assert dets
+    assert evaluate_coco(parts[3].coco, dets, tuple(parts[1].eval.max_dets))[0] == stats
 
 
 @pytest.mark.slow
