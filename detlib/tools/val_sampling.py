@@ -212,7 +212,8 @@ def decompose_table(drows: Sequence[dict], metric: str) -> list[list[str]]:
     for r in drows:
         parts = [r["val"], r["seed"], r["chaos"]]
         total = sum(p for p in parts if p is not None)
-        share = " / ".join("n/a" if p is None else f"{100 * p / total:.0f} %" for p in parts) if total else "n/a"
+        share = " / ".join("n/a" if p is None else f"{100 * p / total:.0f} %" for p in parts) \
+            if total and r["seed"] is not None else "n/a (needs 2+ pairs)"
         sd = ["n/a" if p is None else f"{100 * math.sqrt(p):.2f}" for p in parts]
         if r["chaos"] is not None:
             sd[2] += f" (df {r['chaos_df']})"
