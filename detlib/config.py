@@ -138,6 +138,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto: continue the folder's last checkpoint (skip if finished) | new: start over, new folder | "" | PATH
     amp: Amp = Amp.off
     clip_grad_norm: float | None = None
+    ema_decay: float | None = None  # evaluate an EMA of the weights (detlib/engine/ema.py), e.g. 0.999; null or 0: off
     on_nonfinite: OnNonFinite = OnNonFinite.stop
     max_nonfinite: int = 5  # with skip: stop after this many non-finite steps in a row
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -205,6 +206,8 @@ def check_ranges(cfg: Config) -> None:
         ("trainer.keep_last", t.keep_last >= 1, t.keep_last, ">= 1"),
         ("trainer.clip_grad_norm", t.clip_grad_norm is None or t.clip_grad_norm > 0, t.clip_grad_norm,
          "> 0 (or null to disable)"),
+        ("trainer.ema_decay", t.ema_decay is None or 0 <= t.ema_decay < 1, t.ema_decay,
+         "in [0, 1) (null or 0: no EMA)"),
         ("trainer.max_nonfinite", t.max_nonfinite >= 1, t.max_nonfinite, ">= 1"),
         ("trainer.num_threads", t.num_threads >= 0, t.num_threads, ">= 0 (0: torch's default)"),
         ("data.noise.jitter", d.noise.jitter >= 0, d.noise.jitter, ">= 0"),

@@ -23,13 +23,13 @@ def read_json(path: str | Path, what: str = "file", invalid: type[Exception] = V
         raise invalid(f"{path}: not valid JSON ({e})") from e
 
 
-def write_json(path: str | Path, obj: object) -> Path:
-    """Write ``obj`` as indented JSON through a temp file and ``os.replace`` (readers never see half a
-    file), creating the parent folder if needed."""
+def write_json(path: str | Path, obj: object, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON (``indent``; None: compact) through a temp file and ``os.replace`` (readers never
+    see half a file), creating the parent folder if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     os.replace(tmp, path)
     return path
 

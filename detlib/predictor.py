@@ -13,6 +13,7 @@ floats 0-1; anything else is refused with the range found (``to_image_tensor``).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 
 from detlib.data.image import _to_array, read_image
 from detlib.engine.device import resolve_device
+
+log = logging.getLogger(__name__)
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
@@ -82,21 +85,27 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.names, self.label_to_cat = names, label_to_cat
         self.exif_orientation = str(exif_orientation)
+        self.weights = "model"  # which weights: ``model``, or ``ema`` (from_run of a run with trainer.ema_decay)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
-                 device: str | torch.device = "auto") -> Predictor:
-        """The run's model (its ``run.json`` / ``.hydra`` config) with ``checkpoint`` (default its last)."""
-        from detlib.tools.rundir import build_from_run, load_run_config, load_weights
+                 device: str | torch.device = "auto", weights: str = "auto") -> Predictor:
+        """The run's model (its ``run.json`` / ``.hydra`` config) with ``checkpoint`` (default its last); ``weights``:
+        ``auto`` takes the EMA of the weights where the run kept one (what it evaluated), ``ema`` or ``model``
+        (see ``detlib.tools.rundir.load_weights``); which was loaded is logged and kept in ``self.weights``."""
+        from detlib.tools.rundir import build_from_run, load_run_config, load_weights, weights_note
 
         cfg = load_run_config(run_dir)
         if cfg.model.get("proposals") is not None:
             raise ValueError(f"{run_dir}: a Fast R-CNN run reads proposals from a file by image id; it cannot "
                              "detect on new images (train a Faster R-CNN model, with an RPN)")
         model, val_set = build_from_run(cfg, run_dir)
-        load_weights(model, checkpoint or Path(run_dir) / "checkpoints" / "last.pt")
+        state = load_weights(model, checkpoint or Path(run_dir) / "checkpoints" / "last.pt", weights)
+        log.info("%s: %s", run_dir, weights_note(state))
         names = {label: val_set.coco.cats[cat]["name"] for label, cat in val_set.label_to_cat.items()}
-        return cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation)
+        predictor = cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation)
+        predictor.weights = state["loaded"]
+        return predictor
 
     @torch.no_grad()
     def __call__(self, image: ImageLike) -> dict:

@@ -155,6 +155,7 @@ def test_typos_and_wrong_types_fail_at_compose(override, error):
     ("trainer.lr=-1", "trainer.lr"),
     ("data.batch_size=0", "data.batch_size"),
     ("trainer.clip_grad_norm=0", "trainer.clip_grad_norm"),
+    ("trainer.ema_decay=1.0", "trainer.ema_decay"),
     ("trainer.device=tpu", "trainer.device"),
     ("data.invalid=ignore", "data.invalid"),
 ])

@@ -1,4 +1,5 @@
-"""Evaluation during and after training: score the val set, write TensorBoard and ``eval_detail.json``.
+"""Evaluation during and after training: score the val set, write TensorBoard, ``eval_detail.json`` and the
+scored detections (``detections.json``, so a run's AP can be bootstrapped over val images afterwards).
 
 Every rank evaluates its shard (``inference.evaluate``); rank 0 writes. The metrics are COCO box AP
 plus whatever the dataset asks for (``detlib.evaluation.evaluators``).
@@ -20,8 +21,8 @@ from detlib.data.coco import CocoDetection
 from detlib.engine import dashboard
 from detlib.evaluation.evaluators import extra_metrics
 from detlib.evaluation.inference import evaluate
-from detlib.evaluation.report import EVAL_DETAIL, METRICS_JSONL, category_names, write_eval_detail
-from detlib.jsonio import append_jsonl
+from detlib.evaluation.report import DETECTIONS, EVAL_DETAIL, METRICS_JSONL, category_names, write_eval_detail
+from detlib.jsonio import append_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,14 @@ log = logging.getLogger(__name__)
 def evaluate_and_log(
     model: nn.Module, val_set: CocoDetection, device: torch.device, eval_cfg: EvalConfig,
     amp_dtype: torch.dtype | None, iteration: int, writer: SummaryWriter | None, run_dir: Path,
-    eval_settings: dict, histograms: dict[str, Tensor] | None = None,
+    eval_settings: dict, histograms: dict[str, Tensor] | None = None, weights: str = "model",
 ) -> dict[str, float | None]:
     """The 12 COCO stats (on every rank); on rank 0 also TensorBoard scalars, figures, ``histograms`` (the
-    last logged training step's diagnostics) and ``run_dir/eval_detail.json``."""
+    last logged training step's diagnostics), ``run_dir/eval_detail.json`` and ``run_dir/detections.json``. ``weights``: which weights
+    ``model`` holds (``model``, or ``ema``: their moving average), recorded in ``eval_detail.json``."""
     t0 = time.perf_counter()
-    log.info("evaluating %d val images at iteration %d", len(val_set), iteration)
+    log.info("evaluating %d val images at iteration %d%s", len(val_set), iteration,
+             " (EMA weights)" if weights == "ema" else "")
     stats, val_losses, results, E = evaluate(
         model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype, eval_cfg.backend)
     if not dist.is_main():
@@ -51,8 +54,9 @@ def evaluate_and_log(
     for k, v in (histograms or {}).items():
         writer.add_histogram(k, v.cpu(), iteration)
     writer.flush()
+    write_json(run_dir / DETECTIONS, results, indent=None)  # before eval_detail: a detail always has its dets
     detail = write_eval_detail(run_dir / EVAL_DETAIL, iteration, stats, E, category_names(val_set.coco),
-                               val_losses, eval_settings, **extra)
+                               val_losses, eval_settings, weights=weights, **extra)
     for k, v in ((detail["tide"] or {}).get("dAP") or {}).items():
         writer.add_scalar(f"val/tide/dAP_{k}", v, iteration)
     if detail["tp_iou"]:

@@ -1,7 +1,8 @@
 """What a run is at an iteration: the training state and the metrics window, saved and restored whole.
 
-``TrainState`` holds the model, optimizer, LR scheduler, grad scaler, the iteration and the
-``MetricsWindow`` (loss terms accumulated since the last log step). ``state_dict()`` is what a
+``TrainState`` holds the model, optimizer, LR scheduler, grad scaler, the iteration, the
+``MetricsWindow`` (loss terms accumulated since the last log step) and, with ``trainer.ema_decay``, the
+``ModelEMA`` of the weights (the evaluated model). ``state_dict()`` is what a
 checkpoint stores; ``load_state_dict()`` puts it back, so a resumed run continues bit for bit.
 """
 
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 
 from detlib import distributed as dist
 from detlib.config import TrainerConfig
+from detlib.engine.ema import ModelEMA
+from detlib.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +74,23 @@ class TrainState:
     scaler: torch.amp.GradScaler
     iteration: int = 0
     window: MetricsWindow = field(default_factory=MetricsWindow)
+    ema: ModelEMA | None = None  # the weights' moving average: what is evaluated, when set
 
     @classmethod
     def create(cls, model: nn.Module, cfg: TrainerConfig, device: torch.device) -> TrainState:
-        """SGD with momentum on the trainable parameters, warmup + cosine/step LR, a scaler for fp16."""
+        """SGD with momentum on the trainable parameters, warmup + cosine/step LR, a scaler for fp16, the EMA
+        of the weights with ``cfg.ema_decay`` (a copy of ``model`` as it is now, on its device)."""
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        return cls(model, optimizer, scheduler, scaler)
+        ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+        return cls(model, optimizer, scheduler, scaler, ema=ema)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model evaluations score: the EMA of the weights when there is one, else the model."""
+        return self.model if self.ema is None else self.ema.module
 
     @property
     def lr(self) -> float:
@@ -88,13 +99,19 @@ class TrainState:
     def state_dict(self) -> dict:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), iteration=self.iteration,
-                    log_accum={k: v.cpu() for k, v in self.window.accum.items()}, log_count=self.window.count)
+                    log_accum={k: v.cpu() for k, v in self.window.accum.items()}, log_count=self.window.count) \
+            | ({} if self.ema is None else {"ema": self.ema.state_dict()})
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if (self.ema is None) != ("ema" not in state):  # the run identity has trainer.ema_decay: never met
+            raise CheckpointError("the checkpoint " + ("holds no" if self.ema else "holds an")
+                                  + " EMA of the weights, this run " + ("has one" if self.ema else "has none"))
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.iteration = state["iteration"]
         self.window = MetricsWindow({k: v.to(device) for k, v in state["log_accum"].items()}, state["log_count"],
                                     it_start=self.iteration)

@@ -1,7 +1,7 @@
 """The training loop: read ``train`` top to bottom.
 
 Each iteration is one ``step``: forward -> guard against non-finite losses -> backward -> (clip) ->
-optimizer and LR step. Every ``log_period`` the metrics window is read once (the loop's only host
+optimizer and LR step -> (the EMA of the weights, ``trainer.ema_decay``: then it is what is evaluated). Every ``log_period`` the metrics window is read once (the loop's only host
 sync) and written as TensorBoard scalars and a log line with ETA, with the model's diagnostics (shadow
 losses, foreground IoU); every ``eval_period`` the val set is evaluated; every ``checkpoint_period``
 the whole ``TrainState`` is saved atomically. SIGINT/SIGTERM save at the next step boundary and raise
@@ -67,8 +67,11 @@ def train(
     writer = _open_writer(run_dir, state.iteration, train_set) if main else None
     loader = _loader(train_set, batch_size, num_workers, seed, state.iteration, cfg.max_iters, device)
     save = partial(_save, state, run_dir / "checkpoints", cfg.keep_last, meta, loader.batch_sampler, owned)
-    evaluate_now = partial(evaluate_and_log, model, val_set, device, eval_cfg, amp_dtype, writer=writer,
-                           run_dir=run_dir, eval_settings=meta.get("eval", {}))
+    if state.ema is not None:
+        log.info("evaluating the EMA of the weights (decay %g); checkpoints keep both", state.ema.decay)
+    evaluate_now = partial(evaluate_and_log, state.evaluated, val_set, device, eval_cfg, amp_dtype, writer=writer,
+                           run_dir=run_dir, eval_settings=meta.get("eval", {}),
+                           weights="model" if state.ema is None else "ema")
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, run_dir, train_set, deferred=device.type == "cuda")
     bar = tqdm(total=cfg.max_iters, initial=state.iteration, disable=None if cfg.progress and main else True,
                dynamic_ncols=True, desc="train")
@@ -140,7 +143,7 @@ class StepResult:
 
 def step(state: TrainState, net: nn.Module, images: list, targets: list, cfg: TrainerConfig,
          amp_dtype: torch.dtype | None, guard: NonFiniteGuard, stop_asked: bool, log_now: bool) -> StepResult:
-    """One iteration: forward (diagnostics on log steps), non-finite guard, backward, optimizer, LR step."""
+    """One iteration: forward (diagnostics on log steps), non-finite guard, backward, optimizer, EMA, LR step."""
     device = images[0].device
     with autocast(device, amp_dtype):
         out = net(images, targets, diagnostics=log_now)
@@ -154,6 +157,8 @@ def step(state: TrainState, net: nn.Module, images: list, targets: list, cfg: Tr
         optimizer_step(loss, state.optimizer, state.scaler, state.optimizer.param_groups[0]["params"],
                        cfg.clip_grad_norm)
         state.window.add(out["losses"])
+        if state.ema is not None:
+            state.ema.update(state.model)
     state.scheduler.step()
     state.iteration += 1
     return StepResult(out, bad, stopping)

@@ -4,6 +4,8 @@
 * ``eval_detail.json``: ``{iteration, stats, val_losses, ap_per_iou, per_class_ap, tide, tp_iou, eval_settings,
   **extra}`` (``eval_detail``): ``tide`` the TIDE error decomposition (``detlib.evaluation.tide``), ``tp_iou``
   the true positives' IoU distribution; ``compare_runs.py`` reads ``ap_per_iou``, ``stats``, ``tide``, ``tp_iou``.
+* ``detections.json``: the detections that evaluation scored, a COCO results file in the scored order
+  (``tools/evaluate.py --gt --dt`` gives the same numbers); ``compare_runs.py`` bootstraps val images from it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from detlib.jsonio import write_json
 
 METRICS = "metrics.json"
 EVAL_DETAIL = "eval_detail.json"
+DETECTIONS = "detections.json"  # the last evaluation's detections, COCO results format
 METRICS_JSONL = "metrics.jsonl"  # one JSON line per log step (train/*) and per evaluation (val/*), as detectron2's
 TP_IOU_BINS = np.linspace(0.5, 1.0, 21)  # 0.025 wide, from the match threshold up
 

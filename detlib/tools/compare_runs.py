@@ -22,6 +22,11 @@ weights and batch order): mean difference, its 95 % confidence interval, the p-v
 minimum detectable difference (MDE: the true difference this test finds with 80 % power at that n
 and the observed spread), so "not significant" reads "no difference larger than the MDE".
 
+Beside the between-seed CI, the val-sampling CI of each paired difference: a paired bootstrap over val images
+(``--bootstrap N`` resamples, 0: off) of each run's ``detections.json``, with which of the two dominates, and the
+variance of a pair's difference split into val sampling, seeds and floating-point chaos (same-seed reruns, e.g.
+``trainer.num_threads=1``); ``detlib.tools.val_sampling``.
+
 Writes ``comparison.md``, ``comparison.csv``, ``ap_per_iou.png`` and ``ap_bar.png`` into ``--out``; with
 TIDE data in the runs' ``eval_detail.json``, also the error decomposition per group (``tide.png``,
 ``tp_iou.png``; ``detlib.tools.compare_errors``).
@@ -42,6 +47,7 @@ from detlib.tools.compare_plots import plot_against, plot_ap_per_iou, plot_bar
 from detlib.tools.groups import Group, group_runs, legacy_warnings, seed_warnings
 from detlib.tools.runs import Run, find_runs, load_run, reconcile_diverged
 from detlib.tools.stats import mean_std, paired
+from detlib.tools.val_sampling import ReplicateCache, decompose, decompose_table, val_rows, val_table
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -167,7 +173,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="folder for comparison.md/.csv and the figures (default: first DIR)")
     p.add_argument("--x", metavar="KEY", help="also plot the metric against this config key, one line per other "
                    "setting (e.g. --x data.noise.outliers: AP against outlier fraction, per loss)")
+    p.add_argument("--bootstrap", type=int, default=500, metavar="N",
+                   help="val-sampling CIs from N paired bootstrap resamples of the val images (AP, AP50, AP75; "
+                        "about 10 ms per run and resample on 300 images); 0: off (default: 500)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resamples (default: 0)")
     return p.parse_args(argv)
+
+
+def val_sampling_section(groups: Sequence[Group], baseline: Group, rows: list[dict], metric: str, n_boot: int,
+                         seed: int) -> tuple[str, str]:
+    """The markdown section and the printed text of the val-sampling CIs and the variance decomposition."""
+    cache = ReplicateCache(metric, n_boot, seed)
+    vbody = val_table(val_rows(groups, baseline, rows, cache), metric, baseline.name)
+    dbody = decompose_table(decompose(groups, baseline, cache), metric)
+    if not any(v is not None for v in cache.done.values()):
+        note = ("no val-sampling CIs: no run has its detections (detections.json; for a run made before detlib "
+                "kept them, tools/evaluate.py --run RUN writes RUN/eval/detections.json)")
+        return f"\n{note[0].upper()}{note[1:]}.\n", f"\n{note}"
+    notes = "".join(f"\n- {p}" for p in cache.problems)
+    md = (f"\n## Val-sampling uncertainty ({n_boot} paired bootstrap resamples of the val images)\n\n"
+          "The seed CI (above) is the spread over training seeds on this val set; the val-sampling CI is how far the "
+          "difference moves on another val set of the same size (images drawn with replacement, the same draws for "
+          "every run). Whichever is wider limits what the study can resolve.\n\n" + format_markdown(vbody)
+          + "\n\nThe variance of one pair's difference, as SDs in points: val sampling (bootstrap), seeds (the "
+          "spread of the pairs' differences less the chaos part) and floating-point chaos (2× the variance between "
+          "same-seed reruns of one set-up).\n\n" + format_markdown(dbody) + "\n"
+          + (f"\nLeft out of the bootstrap:{notes}\n" if notes else ""))
+    text = ("\nVal-sampling CI (paired bootstrap over val images) beside the seed CI:\n" + format_text(vbody)
+            + "\n\nVariance of a pair's difference (SD in points):\n" + format_text(dbody)
+            + "".join(f"\nbootstrap: {p}" for p in cache.problems))
+    return md, text
 
 
 def _groups_and_baseline(dirs: Sequence[Path], wanted: str | None) -> tuple[list[Group], Group, list[Run]]:
@@ -210,6 +245,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     if errors:
         with (out / "comparison.md").open("a") as f:
             f.write(errors)
+    sampling = None
+    if args.bootstrap > 0 and args.metric in ("AP", "AP50", "AP75"):
+        sampling = val_sampling_section(groups, baseline, rows, args.metric, args.bootstrap, args.bootstrap_seed)
+        with (out / "comparison.md").open("a") as f:
+            f.write(sampling[0])
     if args.x:
         figure = out / f"{args.metric}_vs_{args.x.replace('.', '_')}.png"
         plot_against(groups, args.x, args.metric, figure)
@@ -220,6 +260,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if errors:
         print("\nTIDE (AP points lost to each error type; TP IoU in %), mean ± 95% CI:")
         print(format_text(error_table(error_rows(groups))))
+    if sampling:
+        print(sampling[1])
     for r in unfinished:
         print(f"unfinished: {r.path}: {r.problem}")
     print(f"\nwrote {out / 'comparison.md'}, comparison.csv, ap_bar.png" + (", ap_per_iou.png" if drawn else "")

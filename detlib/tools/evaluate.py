@@ -38,6 +38,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     src.add_argument("--config-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                      help="changes to the run's config, e.g. data=coco data.root=/data/coco ...")
     src.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    src.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                     help="auto: the EMA of the weights when the run kept one (what its own evaluation scored), "
+                          "else the weights; ema | model: those")
     src.add_argument("--dets", type=Path, help="where to write the detections (default: next to --out)")
     files = p.add_argument_group("file mode")
     files.add_argument("--gt", type=Path, help="COCO ground-truth annotation file")
@@ -84,12 +87,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from detlib.engine import run_record
     from detlib.engine.device import autocast_dtype, resolve_device
     from detlib.evaluation.inference import evaluate
-    from detlib.tools.rundir import build_from_run, load_run_config, load_weights
+    from detlib.tools.rundir import build_from_run, load_run_config, load_weights, weights_note
 
     cfg = load_run_config(args.run, args.config_overrides)
     ckpt = args.checkpoint or args.run / "checkpoints" / "last.pt"
     model, val_set = build_from_run(cfg, args.run)
-    state = load_weights(model, ckpt)
+    state = load_weights(model, ckpt, args.weights)
     device = resolve_device(args.device)
     model.to(device)
     backend = args.backend or OmegaConf.select(cfg, "eval.backend", default="pycocotools")
@@ -100,8 +103,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     dets = args.dets or out.with_name("detections.json")
     write_json(dets, results)
     settings = run_record.eval_settings(OmegaConf.to_container(cfg, resolve=False))
-    detail = eval_detail(state["iteration"], stats, E, category_names(val_set.coco), losses, settings)
-    report(detail, out, f"{ckpt} (iteration {state['iteration']}) on {len(val_set)} images of {val_set.ann_file}")
+    detail = eval_detail(state["iteration"], stats, E, category_names(val_set.coco), losses, settings,
+                         weights=state["loaded"])
+    report(detail, out, f"{ckpt} (iteration {state['iteration']}, {weights_note(state)}) on {len(val_set)} images "
+                        f"of {val_set.ann_file}")
     print(f"detections written to {dets}")
     return stats
 

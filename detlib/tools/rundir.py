@@ -156,14 +156,31 @@ def build_from_run(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[
     return model, val_set
 
 
-def load_weights(model: nn.Module, path: str | Path) -> dict:
-    """Load a checkpoint's ``model`` state into ``model``; returns the checkpoint (iteration, meta, ...)."""
+def load_weights(model: nn.Module, path: str | Path, weights: str = "auto") -> dict:
+    """Load a checkpoint's weights into ``model``; returns the checkpoint (iteration, meta, ...) with
+    ``loaded`` naming the weights loaded: ``ema`` (the moving average a run with ``trainer.ema_decay``
+    evaluated, and so the default) or ``model`` (the trained weights themselves).
+
+    ``weights``: ``auto`` (the EMA where the checkpoint has one), ``ema`` (an error without one) or ``model``."""
+    if weights not in ("auto", "ema", "model"):
+        raise ToolError(f"weights must be auto|ema|model, got {weights!r}")
     state = load_checkpoint(path)
+    if weights == "ema" and "ema" not in state:
+        raise ToolError(f"checkpoint {path} holds no EMA of the weights (the run had no trainer.ema_decay)")
+    loaded = "ema" if weights != "model" and "ema" in state else "model"
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["ema"]["model"] if loaded == "ema" else state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit the run's model: {str(e).splitlines()[0]}") from e
+    state["loaded"] = loaded
     return state
+
+
+def weights_note(state: dict) -> str:
+    """Which weights ``load_weights`` loaded, for a log line: ``EMA weights (decay 0.999)`` or ``weights``."""
+    if state.get("loaded") == "ema":
+        return f"EMA weights (decay {state['ema']['decay']:g}, {state['ema']['updates']} updates)"
+    return "trained weights" + (" (the run's EMA is in the checkpoint; not used)" if "ema" in state else "")
 
 
 def warn(message: str) -> None:
