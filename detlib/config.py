@@ -167,6 +167,28 @@ class Config:
     rpn_loss: Any = MISSING
 
 
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
+
+
+def job_subdir(name: str) -> str:
+    """A sweep job's folder name (``hydra.sweep.subdir``), shortened deterministically when it exceeds the
+    file-name limit: a long override value would otherwise stop the sweep with a traceback from ``mkdir``.
+    The short name keeps the start and adds a hash of the whole, so it is unique and the same on a relaunch."""
+    import hashlib
+    import sys
+
+    name = str(name)
+    if len(name.encode()) <= NAME_MAX:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    head = name.encode()[:NAME_MAX - 14].decode(errors="ignore")
+    short = f"{head}~{digest}"
+    print(f"hydra.sweep.subdir: the job folder name is {len(name.encode())} bytes, over the {NAME_MAX}-byte "
+          f"file-name limit; using {short[:40]}...~{digest} (set hydra.sweep.subdir='${{hydra.job.num}}' "
+          "for short names)", file=sys.stderr)
+    return short
+
+
 def register() -> None:
     from omegaconf import OmegaConf
 
@@ -174,6 +196,7 @@ def register() -> None:
 
     # A new run directory, claimed once and shared by every torchrun rank (configs/train.yaml: hydra.run.dir).
     OmegaConf.register_new_resolver("detlib_run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("detlib_job_subdir", job_subdir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="detlib_schema", node=Config)
 

@@ -260,3 +260,22 @@ def test_printed_continue_command_for_any_folder_pastes_into_a_shell_and_parses_
     (pasted,) = shlex.split(arg)  # what the shell hands to train.py
     (override,) = OverridesParser.create().parse_overrides([pasted])
     assert (override.key_or_group, override.value()) == ("hydra.run.dir", folder)
+
+
+def test_a_sweep_override_too_long_for_a_folder_name_gets_a_short_unique_folder(tmp_path):
+    """Hydra names each job's folder after its overrides; past the 255-byte file-name limit its mkdir stopped
+    the sweep with a traceback. Now the name is shortened with a hash (stable across relaunches), said in one
+    line, and the job runs (here to its own start-up check of the missing weights file)."""
+    from detlib.config import job_subdir
+
+    long = "w" * 300
+    proc = run_train("-m", "experiment=smoke", "trainer.device=cpu", "data.hflip_prob=0.5",
+                     f"model.backbone.weights=/nonexistent/{long}", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    assert "File name too long" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "hydra.sweep.subdir: the job folder name is" in proc.stderr
+    assert "model.backbone.weights: file not found" in proc.stderr  # the job itself started
+    (job,) = [p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("0_")]
+    assert len(job.name.encode()) <= 255
+    name = "0_" + "x=" + "é" * 200
+    assert job_subdir(name) == job_subdir(name) != job_subdir(name + "y")
+    assert len(job_subdir(name).encode()) <= 255 and job_subdir("0_loss=l1") == "0_loss=l1"
