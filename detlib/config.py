@@ -141,7 +141,7 @@ class TrainerConfig:
     on_nonfinite: OnNonFinite = OnNonFinite.stop
     max_nonfinite: int = 5  # with skip: stop after this many non-finite steps in a row
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    channels_last: bool = True  # CUDA only: backbone in channels_last memory format (faster convs with AMP)
+    channels_last: bool = True  # backbone in channels_last memory format, CPU and GPU (faster convs, most with bf16)
     cudnn_benchmark: bool = True  # CUDA only: let cuDNN pick the fastest conv algorithms per input shape
     progress: bool = True
 

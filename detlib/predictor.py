@@ -8,7 +8,8 @@ Arrays and tensors: uint8 0-255, uint16 0-65535 (any unsigned dtype: 0 to its ma
 floats 0-1; anything else is refused with the range found (``to_image_tensor``).
 
 ``dets``: ``boxes (D, 4)`` xyxy in the input image's pixels, ``scores (D,)``, ``labels (D,)`` (1..K-1),
-``category_ids`` and ``names`` (from the run's dataset), sorted by score, on the CPU.
+``category_ids`` and ``names`` (from the run's dataset), sorted by score, on the CPU; boxes and scores are
+float32 also when the model runs in the run's bf16 (``trainer.amp``; ``amp=`` to change it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from detlib.data.image import _to_array, read_image
-from detlib.engine.device import resolve_device
+from detlib.engine.device import autocast, autocast_dtype, resolve_device
+from detlib.engine.device import channels_last as to_channels_last
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
@@ -76,17 +78,22 @@ class Predictor:
     """A model in eval mode on a device, with its class names; ``predictor(image) -> detections``."""
 
     def __init__(self, model: nn.Module, names: dict[int, str], label_to_cat: dict[int, int],
-                 device: str | torch.device = "auto", exif_orientation: str = "apply") -> None:
-        """``exif_orientation``: how image files are read (the run's ``data.exif_orientation``)."""
+                 device: str | torch.device = "auto", exif_orientation: str = "apply", amp: str = "off",
+                 channels_last: bool = False) -> None:
+        """``exif_orientation``: how image files are read (the run's ``data.exif_orientation``); ``amp``: ``off |
+        bf16 | fp16`` autocast of the forward pass (boxes, scores, RoIAlign and NMS stay float32);
+        ``channels_last``: the backbone in channels_last memory format."""
         self.device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-        self.model = model.to(self.device).eval()
+        self.model = to_channels_last(model.to(self.device).eval(), channels_last)
+        self.amp, self.amp_dtype = str(amp), autocast_dtype(amp)
         self.names, self.label_to_cat = names, label_to_cat
         self.exif_orientation = str(exif_orientation)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
-                 device: str | torch.device = "auto") -> Predictor:
-        """The run's model (its ``run.json`` / ``.hydra`` config) with ``checkpoint`` (default its last)."""
+                 device: str | torch.device = "auto", amp: str | None = None) -> Predictor:
+        """The run's model (its ``run.json`` / ``.hydra`` config) with ``checkpoint`` (default its last), in the
+        run's ``trainer.amp`` precision (``amp`` to change it) and ``trainer.channels_last`` layout."""
         from detlib.tools.rundir import build_from_run, load_run_config, load_weights
 
         cfg = load_run_config(run_dir)
@@ -96,7 +103,9 @@ class Predictor:
         model, val_set = build_from_run(cfg, run_dir)
         load_weights(model, checkpoint or Path(run_dir) / "checkpoints" / "last.pt")
         names = {label: val_set.coco.cats[cat]["name"] for label, cat in val_set.label_to_cat.items()}
-        return cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation)
+        trainer = cfg.get("trainer") or {}
+        return cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation,
+                   str(trainer.get("amp", "off")) if amp is None else amp, bool(trainer.get("channels_last", True)))
 
     @torch.no_grad()
     def __call__(self, image: ImageLike) -> dict:
@@ -106,7 +115,8 @@ class Predictor:
     def predict(self, images: list[ImageLike]) -> list[dict]:
         """Detections of each image (one batch)."""
         tensors = [to_image_tensor(im, self.exif_orientation).to(self.device) for im in images]
-        out = self.model(tensors, None, detect=True)["detections"]
+        with autocast(self.device, self.amp_dtype):
+            out = self.model(tensors, None, detect=True)["detections"]
         results = []
         for det in out:
             det = {k: v.cpu() for k, v in det.items()}
