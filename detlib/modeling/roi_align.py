@@ -23,7 +23,8 @@ pooler gives under autocast.
 
 ``MultiScaleRoIAlign`` is ``torchvision.ops.MultiScaleRoIAlign`` (same arguments, level mapping and scales
 inferred from the first batch) with ``aligned`` and ``impl``: ``gather`` (this), ``torchvision`` (its
-kernel) or ``auto``: ``gather`` on the CPU, torchvision's kernel on other devices (untested here).
+kernel) or ``auto``: ``gather`` on the CPU, torchvision's kernel on other devices (untested here) and
+under ``torch.jit.trace`` (``detlib.export``: the traced op works at any input size).
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         rois = _convert_to_roi_format(boxes)
         levels = self.map_levels(boxes) if len(feats) > 1 else torch.zeros(rois.shape[0], dtype=torch.int64,
                                                                              device=rois.device)
-        if self.impl == "gather" or (self.impl == "auto" and feats[0].device.type == "cpu"):
+        # A trace (detlib.export) keeps torchvision's op: the gather's sizes would be baked in as constants.
+        gather = self.impl == "gather" or (self.impl == "auto" and feats[0].device.type == "cpu")
+        if gather and not torch.jit.is_tracing():
             return multi_level_roi_align(feats, rois, levels.long(), self.scales, self.output_size,
                                          self.sampling_ratio, self.aligned)
         result = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
