@@ -142,7 +142,7 @@ class TrainerConfig:
     on_nonfinite: OnNonFinite = OnNonFinite.stop
     max_nonfinite: int = 5  # with skip: stop after this many non-finite steps in a row
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    channels_last: bool = True  # CUDA only: backbone in channels_last memory format (faster convs with AMP)
+    channels_last: bool = True  # backbone in channels_last memory format, CPU and GPU (faster convs, most with bf16)
     # CUDA only: let cuDNN time and pick the fastest conv algorithms per input shape. null: on when every
     # training input has one size (the built-in data), off for COCO/VOC sizes, which would retune each shape.
     cudnn_benchmark: bool | None = None

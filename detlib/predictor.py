@@ -8,7 +8,8 @@ Arrays and tensors: uint8 0-255, uint16 0-65535 (any unsigned dtype: 0 to its ma
 floats 0-1; anything else is refused with the range found (``to_image_tensor``).
 
 ``dets``: ``boxes (D, 4)`` xyxy in the input image's pixels, ``scores (D,)``, ``labels (D,)`` (1..K-1),
-``category_ids`` and ``names`` (from the run's dataset), sorted by score, on the CPU.
+``category_ids`` and ``names`` (from the run's dataset), sorted by score, on the CPU; boxes and scores are
+float32 also when the model runs in the run's bf16 (``trainer.amp``; ``amp=`` to change it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from detlib.data.image import _to_array, read_image
-from detlib.engine.device import resolve_device
+from detlib.engine.device import autocast, autocast_dtype, resolve_device
+from detlib.engine.device import channels_last as to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +81,23 @@ class Predictor:
     """A model in eval mode on a device, with its class names; ``predictor(image) -> detections``."""
 
     def __init__(self, model: nn.Module, names: dict[int, str], label_to_cat: dict[int, int],
-                 device: str | torch.device = "auto", exif_orientation: str = "apply") -> None:
-        """``exif_orientation``: how image files are read (the run's ``data.exif_orientation``)."""
+                 device: str | torch.device = "auto", exif_orientation: str = "apply", amp: str = "off",
+                 channels_last: bool = False) -> None:
+        """``exif_orientation``: how image files are read (the run's ``data.exif_orientation``); ``amp``: ``off |
+        bf16 | fp16`` autocast of the forward pass (boxes, scores, RoIAlign and NMS stay float32);
+        ``channels_last``: the backbone in channels_last memory format."""
         self.device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-        self.model = model.to(self.device).eval()
+        self.model = to_channels_last(model.to(self.device).eval(), channels_last)
+        self.amp, self.amp_dtype = str(amp), autocast_dtype(amp)
         self.names, self.label_to_cat = names, label_to_cat
         self.exif_orientation = str(exif_orientation)
         self.weights = "model"  # which weights: ``model``, or ``ema`` (from_run of a run with trainer.ema_decay)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
-                 device: str | torch.device = "auto", weights: str = "auto") -> Predictor:
-        """The run's model (its ``run.json`` / ``.hydra`` config) with ``checkpoint`` (default its last); ``weights``:
+                 device: str | torch.device = "auto", weights: str = "auto", amp: str | None = None) -> Predictor:
+        """The run's model (its ``run.json`` / ``.hydra`` config) with ``checkpoint`` (default its last), in the
+        run's ``trainer.amp`` precision (``amp`` to change it) and ``trainer.channels_last`` layout; ``weights``:
         ``auto`` takes the EMA of the weights where the run kept one (what it evaluated), ``ema`` or ``model``
         (see ``detlib.tools.rundir.load_weights``); which was loaded is logged and kept in ``self.weights``."""
         from detlib.tools.rundir import build_from_run, load_run_config, load_weights, weights_note
@@ -103,7 +110,10 @@ class Predictor:
         state = load_weights(model, checkpoint or Path(run_dir) / "checkpoints" / "last.pt", weights)
         log.info("%s: %s", run_dir, weights_note(state))
         names = {label: val_set.coco.cats[cat]["name"] for label, cat in val_set.label_to_cat.items()}
-        predictor = cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation)
+        trainer = cfg.get("trainer") or {}
+        predictor = cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation,
+                        str(trainer.get("amp", "off")) if amp is None else amp,
+                        bool(trainer.get("channels_last", True)))
         predictor.weights = state["loaded"]
         return predictor
 
@@ -115,7 +125,8 @@ class Predictor:
     def predict(self, images: list[ImageLike]) -> list[dict]:
         """Detections of each image (one batch)."""
         tensors = [to_image_tensor(im, self.exif_orientation).to(self.device) for im in images]
-        out = self.model(tensors, None, detect=True)["detections"]
+        with autocast(self.device, self.amp_dtype):
+            out = self.model(tensors, None, detect=True)["detections"]
         results = []
         for det in out:
             det = {k: v.cpu() for k, v in det.items()}

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
 
 from detlib.engine.build import build_model
 from detlib.modeling.detector import FasterRCNN
@@ -43,6 +44,14 @@ def build_ours(model: str, num_classes: int, image_size: int | None) -> FasterRC
     return build_model(compose_train(overrides), num_classes)
 
 
+def _torchvision_pooler(pool: MultiScaleRoIAlign) -> MultiScaleRoIAlign:
+    """torchvision's own pooler (its RoIAlign kernel) with ``pool``'s settings: the reference is torchvision's."""
+    if getattr(pool, "aligned", False):
+        raise ValueError("torchvision's MultiScaleRoIAlign has no aligned=True")
+    return MultiScaleRoIAlign(list(pool.featmap_names), pool.output_size, pool.sampling_ratio,
+                              canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+
+
 def build_torchvision(ours: FasterRCNN, num_classes: int) -> TVFasterRCNN:
     """torchvision's ``FasterRCNN`` from copies of our parts (same types and weights), same settings."""
     rpn, head = ours.rpn, ours.roi_head
@@ -62,7 +71,7 @@ def build_torchvision(ours: FasterRCNN, num_classes: int) -> TVFasterRCNN:
         rpn_fg_iou_thresh=rpn.proposal_matcher.high_threshold, rpn_bg_iou_thresh=rpn.proposal_matcher.low_threshold,
         rpn_batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
         rpn_positive_fraction=rpn.fg_bg_sampler.positive_fraction,
-        box_roi_pool=copy.deepcopy(head.roi_align), box_head=box_head, box_predictor=predictor,
+        box_roi_pool=_torchvision_pooler(head.roi_align), box_head=box_head, box_predictor=predictor,
         box_score_thresh=head.score_thresh, box_nms_thresh=head.nms_thresh,
         box_detections_per_img=head.detections_per_img, box_fg_iou_thresh=head.matcher.high_threshold,
         box_bg_iou_thresh=head.matcher.low_threshold, box_batch_size_per_image=head.sampler.batch_size_per_image,

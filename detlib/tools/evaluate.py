@@ -3,11 +3,14 @@
     uv run tools/evaluate.py --run RUN_DIR                              # checkpoints/last.pt on the run's val set
     uv run tools/evaluate.py --run RUN_DIR --checkpoint RUN_DIR/checkpoints/model_0000500.pt --device cpu
     uv run tools/evaluate.py --run RUN_DIR --config-overrides data=coco data.root=/data/coco ...
+    uv run tools/evaluate.py --run RUN_DIR --amp off                    # fp32 whatever the run trained in
     uv run tools/evaluate.py --gt instances_val.json --dt detections.json --out metrics.json
 
 Both modes write the 12 COCO stats with the keys of a run's ``metrics.json`` (``--out``) and print
 them as a table, followed by AP per class. Checkpoint mode also writes the detections as a
-COCO-results file (``--dets``), which file mode and ``tools/visualize.py`` read back.
+COCO-results file (``--dets``), which file mode and ``tools/visualize.py`` read back. Checkpoint mode runs
+the model as the run's own validation did: its ``trainer.amp`` autocast (CPU included; ``--amp`` to change
+it) and its ``trainer.channels_last`` backbone.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     src.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                      help="auto: the EMA of the weights when the run kept one (what its own evaluation scored), "
                           "else the weights; ema | model: those")
+    src.add_argument("--amp", choices=("run", "off", "bf16", "fp16"), default="run",
+                     help="autocast precision (default: the run's trainer.amp, on any device, as its own validation)")
     src.add_argument("--dets", type=Path, help="where to write the detections (default: next to --out)")
     files = p.add_argument_group("file mode")
     files.add_argument("--gt", type=Path, help="COCO ground-truth annotation file")
@@ -85,7 +90,7 @@ def report(detail: dict, out: Path | None, title: str, with_detail: bool = True)
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
     from detlib.engine import run_record
-    from detlib.engine.device import autocast_dtype, resolve_device
+    from detlib.engine.device import autocast_dtype, channels_last, resolve_device
     from detlib.evaluation.inference import evaluate
     from detlib.tools.rundir import build_from_run, load_run_config, load_weights, weights_note
 
@@ -94,9 +99,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     model, val_set = build_from_run(cfg, args.run)
     state = load_weights(model, ckpt, args.weights)
     device = resolve_device(args.device)
-    model.to(device)
+    channels_last(model.to(device), bool(OmegaConf.select(cfg, "trainer.channels_last", default=True)))
     backend = args.backend or OmegaConf.select(cfg, "eval.backend", default="pycocotools")
-    amp = autocast_dtype(cfg.trainer.amp) if device.type == "cuda" else None
+    amp = autocast_dtype(cfg.trainer.amp if args.amp == "run" else args.amp)
     stats, losses, results, E = evaluate(model, val_set, device, cfg.eval.batch_size, tuple(cfg.eval.max_dets),
                                           amp, backend)
     out = args.out or args.run / "eval" / "metrics.json"

@@ -45,6 +45,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="folder for detections.json and the drawn images")
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections at or above this (default 0.5)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--amp", choices=("run", "off", "bf16", "fp16"), default="run",
+                   help="autocast precision (default: the run's trainer.amp, on any device)")
     p.add_argument("--scale", type=int, default=1, help="draw the images this many times larger (default 1)")
     return p.parse_args(argv)
 
@@ -88,7 +90,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise ToolError(f"run directory not found: {args.run}")
     files = find_images(args.images)
     check_out(args.out, files)
-    predictor = Predictor.from_run(args.run, args.checkpoint, args.device)
+    predictor = Predictor.from_run(args.run, args.checkpoint, args.device, None if args.amp == "run" else args.amp)
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     index: list[dict] = []

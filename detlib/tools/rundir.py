@@ -43,6 +43,7 @@ TRUSTED_TARGETS = frozenset({
     "detlib.modeling.detector.build_faster_rcnn",
     "detlib.modeling.detector.build_rpn",
     "detlib.modeling.proposals.build_proposal_source",
+    "detlib.modeling.roi_align.MultiScaleRoIAlign",
     "torchvision.ops.MultiScaleRoIAlign",
 })
 
