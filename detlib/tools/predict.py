@@ -90,7 +90,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise ToolError(f"run directory not found: {args.run}")
     files = find_images(args.images)
     check_out(args.out, files)
-    predictor = Predictor.from_run(args.run, args.checkpoint, args.device, None if args.amp == "run" else args.amp)
+    predictor = Predictor.from_run(args.run, args.checkpoint, args.device,
+                                   amp=None if args.amp == "run" else args.amp)
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     index: list[dict] = []
