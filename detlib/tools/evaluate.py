@@ -90,14 +90,16 @@ def report(detail: dict, out: Path | None, title: str, with_detail: bool = True)
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
     from detlib.engine import run_record
+    from detlib.engine.checkpoint import load as load_checkpoint
     from detlib.engine.device import autocast_dtype, channels_last, resolve_device
     from detlib.evaluation.inference import evaluate
     from detlib.tools.rundir import build_from_run, load_run_config, load_weights, weights_note
 
     cfg = load_run_config(args.run, args.config_overrides)
     ckpt = args.checkpoint or args.run / "checkpoints" / "last.pt"
+    saved = load_checkpoint(ckpt)  # a bad checkpoint is refused before any data is built
     model, val_set = build_from_run(cfg, args.run)
-    state = load_weights(model, ckpt, args.weights)
+    state = load_weights(model, ckpt, args.weights, saved)
     device = resolve_device(args.device)
     channels_last(model.to(device), bool(OmegaConf.select(cfg, "trainer.channels_last", default=True)))
     backend = args.backend or OmegaConf.select(cfg, "eval.backend", default="pycocotools")
@@ -110,7 +112,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     settings = run_record.eval_settings(OmegaConf.to_container(cfg, resolve=False))
     detail = eval_detail(state["iteration"], stats, E, category_names(val_set.coco), losses, settings,
                          weights=state["loaded"])
-    report(detail, out, f"{ckpt} (iteration {state['iteration']}, {weights_note(state)}) on {len(val_set)} images "
+    report(detail, out, f"{ckpt} (iteration {state['iteration']}) with its {weights_note(state)} on {len(val_set)} images "
                         f"of {val_set.ann_file}")
     print(f"detections written to {dets}")
     return stats

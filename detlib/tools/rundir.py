@@ -157,15 +157,16 @@ def build_from_run(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[
     return model, val_set
 
 
-def load_weights(model: nn.Module, path: str | Path, weights: str = "auto") -> dict:
+def load_weights(model: nn.Module, path: str | Path, weights: str = "auto", state: dict | None = None) -> dict:
     """Load a checkpoint's weights into ``model``; returns the checkpoint (iteration, meta, ...) with
     ``loaded`` naming the weights loaded: ``ema`` (the moving average a run with ``trainer.ema_decay``
     evaluated, and so the default) or ``model`` (the trained weights themselves).
 
-    ``weights``: ``auto`` (the EMA where the checkpoint has one), ``ema`` (an error without one) or ``model``."""
+    ``weights``: ``auto`` (the EMA where the checkpoint has one), ``ema`` (an error without one) or ``model``.
+    ``state``: the checkpoint at ``path`` already loaded (a tool checks it before building anything)."""
     if weights not in ("auto", "ema", "model"):
         raise ToolError(f"weights must be auto|ema|model, got {weights!r}")
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     if weights == "ema" and "ema" not in state:
         raise ToolError(f"checkpoint {path} holds no EMA of the weights (the run had no trainer.ema_decay)")
     loaded = "ema" if weights != "model" and "ema" in state else "model"

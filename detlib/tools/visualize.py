@@ -25,6 +25,7 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from detlib.data.coco import CocoDetection
+from detlib.engine.checkpoint import load as load_checkpoint
 from detlib.engine.device import resolve_device, to_device
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.results import check_results_file, read_results
@@ -102,8 +103,10 @@ def from_results(by_image: dict[int, list[dict]], cat_to_label: dict[int, int], 
 def open_source(args: argparse.Namespace) -> tuple[CocoDetection, Callable[[Tensor, dict], dict]]:
     """The images to draw and a function ``(image, target) -> predictions``: a run's model or a detections file."""
     if args.run is not None:
+        ckpt = args.checkpoint or args.run / "checkpoints" / "last.pt"
+        saved = load_checkpoint(ckpt)  # a bad checkpoint is refused before any data is built
         model, dataset = build_from_run(load_run_config(args.run), args.run)
-        load_weights(model, args.checkpoint or args.run / "checkpoints" / "last.pt")
+        load_weights(model, ckpt, state=saved)
         device = resolve_device(args.device)
         model.to(device).eval()
         return dataset, partial(predict_one, model, device=device)
