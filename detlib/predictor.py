@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from detlib import runs
 from detlib.data.image import _to_array, read_image
 from detlib.engine.device import resolve_device
 
@@ -100,7 +101,7 @@ class Predictor:
             raise ValueError(f"{run_dir}: a Fast R-CNN run reads proposals from a file by image id; it cannot "
                              "detect on new images (train a Faster R-CNN model, with an RPN)")
         model, val_set = build_from_run(cfg, run_dir)
-        state = load_weights(model, checkpoint or Path(run_dir) / "checkpoints" / "last.pt", weights)
+        state = load_weights(model, checkpoint or runs.last_checkpoint(run_dir), weights)
         log.info("%s: %s", run_dir, weights_note(state))
         names = {label: val_set.coco.cats[cat]["name"] for label, cat in val_set.label_to_cat.items()}
         predictor = cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation)

@@ -13,8 +13,8 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from detlib.runs.groups import Group
 from detlib.tools.cli import ToolError
-from detlib.tools.groups import Group
 from detlib.tools.stats import mean_std
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from detlib import runs
 from detlib.config import Config, check_ranges, register
 from detlib.data.build import build_datasets
 from detlib.data.coco import CocoDetection
@@ -64,17 +65,13 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
     A group choice (``data=coco``) replaces that whole node with the group's yaml, composed by
     Hydra from ``configs/``; a dotted key (``data.root=/x``) changes one value of the saved config.
     """
-    record = Path(run_dir) / "run.json"
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if record.is_file():  # the config the run started with; .hydra/ is rewritten by every launch in the folder
-        data = read_json(record, "run record", ToolError)
-        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-            raise ToolError(f"{record}: not a detlib run record (no 'config' object)")
-        cfg = OmegaConf.create(data["config"])
-    elif path.is_file():
-        cfg = OmegaConf.load(path)
-    else:
-        raise ToolError(f"not a run directory (no run.json or .hydra/config.yaml): {run_dir}")
+    record = Path(run_dir) / runs.RECORD
+    if not record.is_file():  # the config the run started with; .hydra/ is rewritten by every launch in the folder
+        raise ToolError(f"not a run directory (no {runs.RECORD}): {run_dir}")
+    data = read_json(record, "run record", ToolError)
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ToolError(f"{record}: not a detlib run record (no 'config' object)")
+    cfg = OmegaConf.create(data["config"])
     groups, keys = _parse_overrides(overrides)
     if groups:
         composed = compose_train(groups)
@@ -189,7 +186,7 @@ def warn(message: str) -> None:
 
 def read_record(run_dir: str | Path) -> dict:
     """The run's ``run.json`` as a dict; ``{}`` for a run older than the record (only ``.hydra/``)."""
-    path = Path(run_dir) / "run.json"
+    path = Path(run_dir) / runs.RECORD
     data = read_json(path, "run record", ToolError) if path.is_file() else {}
     return data if isinstance(data, dict) else {}
 
@@ -203,7 +200,7 @@ def match_classes(dataset: CocoDetection, recorded: list[dict] | None, run_dir: 
     """
     names = list(dataset.class_names)
     if not recorded:
-        warn(f"{Path(run_dir) / 'run.json'} records no classes (an older run): label k is taken to be the k-th "
+        warn(f"{Path(run_dir) / runs.RECORD} records no classes (an older run): label k is taken to be the k-th "
              f"category by id of {dataset.ann_file} ({', '.join(names)}); check that is the order it trained on")
         return
     learned = [str(c["name"]) for c in recorded]
@@ -212,7 +209,7 @@ def match_classes(dataset: CocoDetection, recorded: list[dict] | None, run_dir: 
     if Counter(learned) != Counter(names) or len(set(names)) != len(names):
         missing = sorted((Counter(learned) - Counter(names)).elements())
         new = sorted((Counter(names) - Counter(learned)).elements())
-        raise ToolError(f"{dataset.ann_file}: its classes are not the ones run {run_dir} learned (run.json "
+        raise ToolError(f"{dataset.ann_file}: its classes are not the ones run {run_dir} learned ({runs.RECORD} "
                         f"'classes': {', '.join(learned)}; the file: {', '.join(names)}; missing: {missing or 'none'},"
                         f" not learned: {new or 'none'}, or names repeated); evaluate on data with the run's classes")
     ids = {c["name"]: c["id"] for c in dataset.coco.cats.values()}
@@ -223,12 +220,10 @@ def match_classes(dataset: CocoDetection, recorded: list[dict] | None, run_dir: 
 
 def check_val_file(val_set: CocoDetection, record: dict, run_dir: str | Path) -> None:
     """Warn, naming the file, when the val annotations are not those the run recorded (their sha256)."""
-    from detlib.engine.run_record import fingerprint
-
     old = (record.get("identity") or {}).get("data.fingerprint.val")
     if old is None:
         return
-    now = fingerprint(val_set)
+    now = runs.fingerprint(val_set)
     if now != old:
         recorded = (record.get("data_files") or {}).get("val", "?")
         warn(f"{val_set.ann_file}: not the val annotations run {run_dir} recorded ({recorded}, sha256 {old[:12]}; "
