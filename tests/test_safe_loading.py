@@ -26,10 +26,11 @@ from PIL import Image
 from detlib.data.build import build_datasets
 from detlib.data.synthetic import CLASSES
 from detlib.engine import checkpoint
+from detlib.engine import restore as rundir  # noqa: E402
 from detlib.engine.build import build_model
 from detlib.engine.trainer import train
 from detlib.modeling.proposals import FileProposals, ProposalError, build_proposal_source
-from detlib.tools import evaluate, rundir, visualize  # noqa: E402
+from detlib.tools import evaluate, visualize  # noqa: E402
 
 from .conftest import ROOT, compose_cfg
 

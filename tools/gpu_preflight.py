@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from detlib.compose import compose_train
 from detlib.engine.build import build_model
 from detlib.engine.device import autocast_dtype, resolve_device
 from detlib.engine.guards import NonFiniteGuard
@@ -28,7 +29,6 @@ from detlib.engine.trainer import step
 from detlib.tools.bench_models import RandomDetection
 from detlib.tools.bench_timing import Side, sync_count
 from detlib.tools.benchmark import prebuilt_batches
-from detlib.tools.configs import compose_train
 
 
 def one(model_name: str, amp: str, size: int, batch: int, steps: int, device: torch.device) -> dict:

@@ -10,9 +10,9 @@ from torch.utils.data import Dataset
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
+from detlib.compose import compose_train
 from detlib.engine.build import build_model
 from detlib.modeling.detector import FasterRCNN
-from detlib.tools.configs import compose_train
 
 
 class RandomDetection(Dataset):

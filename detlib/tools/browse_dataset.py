@@ -26,13 +26,13 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from detlib import runs
+from detlib.compose import compose_train
 from detlib.config import Config
 from detlib.data.build import build_datasets
 from detlib.data.coco import CocoDetection, hflip_boxes
 from detlib.data.sampler import TrainBatchSampler
+from detlib.engine.restore import load_run_config, typed_config
 from detlib.tools.cli import ToolError, cli, prog_name
-from detlib.tools.configs import compose_train
-from detlib.tools.rundir import load_run_config, typed_config
 from detlib.tools.visualize import output_path
 
 

@@ -86,8 +86,8 @@ def report(detail: dict, out: Path | None, title: str, with_detail: bool = True)
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
     from detlib.engine.device import autocast_dtype, resolve_device
+    from detlib.engine.restore import build_from_run, load_run_config, load_weights, weights_note
     from detlib.evaluation.inference import evaluate
-    from detlib.tools.rundir import build_from_run, load_run_config, load_weights, weights_note
 
     cfg = load_run_config(args.run, args.config_overrides)
     ckpt = args.checkpoint or runs.last_checkpoint(args.run)

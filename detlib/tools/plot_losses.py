@@ -26,9 +26,9 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.models.detection._utils import BoxCoder
 
 from detlib import losses, runs
+from detlib.engine.restore import check_targets, load_run_config
 from detlib.losses import BoxLoss
 from detlib.tools.cli import ToolError, cli, prog_name
-from detlib.tools.rundir import check_targets, load_run_config
 
 Curve = tuple[str, Callable[[Tensor], Tensor], float | None]  # label, residual (N,) -> loss (N,), kink at |x|
 FILES = {"compare": "loss_shapes.png", "beta": "smooth_l1_beta.png"}

@@ -27,9 +27,9 @@ from torchvision.utils import draw_bounding_boxes
 from detlib import runs
 from detlib.data.coco import CocoDetection
 from detlib.engine.device import resolve_device, to_device
+from detlib.engine.restore import build_from_run, load_run_config, load_weights
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.results import check_results_file, read_results
-from detlib.tools.rundir import build_from_run, load_run_config, load_weights
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
