@@ -35,9 +35,9 @@ from detlib import distributed as dist
 from detlib import runs
 from detlib.config import Config, check_ranges, register
 from detlib.data.build import annotation_files, build_datasets
+from detlib.device import busy_cores, resolve_device, thread_advice
 from detlib.engine.build import build_losses, build_model
 from detlib.engine.checkpoint import CheckpointError
-from detlib.engine.device import busy_cores, resolve_device, thread_advice
 from detlib.engine.guards import Interrupted, NonFiniteLossError
 from detlib.engine.trainer import train
 from detlib.evaluation.report import no_detection_metrics

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from detlib import runs
 from detlib.data.image import _to_array, read_image
-from detlib.engine.device import resolve_device
+from detlib.device import resolve_device
 from detlib.engine.restore import load_run_config, load_weights, model_from_run, weights_note
 
 log = logging.getLogger(__name__)

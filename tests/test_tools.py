@@ -31,6 +31,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from detlib import runs as run_record
 from detlib.config import Config
 from detlib.engine.restore import load_run_config
+from detlib.evaluation import stats as ttest
 from detlib.evaluation.coco_eval import STAT_NAMES
 from detlib.runs.groups import group_runs
 from detlib.runs.results import find_runs, load_run
@@ -44,7 +45,6 @@ from detlib.tools import (
     predict,
     visualize,
 )
-from detlib.tools import stats as ttest
 from detlib.tools.compare_plots import plot_against
 from detlib.tools.sweep_callbacks import CompareRuns
 

@@ -21,8 +21,8 @@ import torch
 from omegaconf import OmegaConf
 
 from detlib.compose import compose_train
+from detlib.device import autocast_dtype, resolve_device
 from detlib.engine.build import build_model
-from detlib.engine.device import autocast_dtype, resolve_device
 from detlib.engine.guards import NonFiniteGuard
 from detlib.engine.state import TrainState
 from detlib.engine.trainer import step

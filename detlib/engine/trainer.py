@@ -32,8 +32,8 @@ from detlib.config import EvalConfig, TrainerConfig
 from detlib.data.coco import CocoDetection, collate
 from detlib.data.image import ImageDecodeError
 from detlib.data.sampler import TrainBatchSampler
+from detlib.device import autocast, autocast_dtype, resolve_device, to_device  # noqa: F401 - re-exported
 from detlib.engine import checkpoint, dashboard
-from detlib.engine.device import autocast, autocast_dtype, resolve_device, to_device  # noqa: F401 - re-exported
 from detlib.engine.evaluation import evaluate_and_log
 from detlib.engine.guards import Interrupted, NonFiniteGuard, NonFiniteLossError, SignalGuard  # noqa: F401
 from detlib.engine.state import TrainState, lr_lambda  # noqa: F401 - lr_lambda: part of the trainer's API

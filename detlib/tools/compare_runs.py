@@ -23,7 +23,7 @@ and the observed spread), so "not significant" reads "no difference larger than 
 Beside the between-seed CI, the val-sampling CI of each paired difference: a paired bootstrap over val images
 (``--bootstrap N`` resamples, 0: off) of each run's ``detections.json``, with which of the two dominates, and the
 variance of a pair's difference split into val sampling, seeds and floating-point chaos (same-seed reruns, e.g.
-``trainer.num_threads=1``); ``detlib.tools.val_sampling``.
+``trainer.num_threads=1``); ``detlib.evaluation.val_sampling``.
 
 Writes ``comparison.md``, ``comparison.csv``, ``ap_per_iou.png`` and ``ap_bar.png`` into ``--out``; with
 TIDE data in the runs' ``eval_detail.json``, also the error decomposition per group (``tide.png``,
@@ -40,13 +40,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from detlib import runs
+from detlib.evaluation.stats import mean_std, paired
+from detlib.evaluation.val_sampling import ReplicateCache, decompose, decompose_table, val_rows, val_table
 from detlib.runs.groups import Group, group_runs, seed_warnings
 from detlib.runs.results import Run, find_runs, load_run, reconcile_diverged
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.compare_errors import error_rows, error_table, errors_section
 from detlib.tools.compare_plots import plot_against, plot_ap_per_iou, plot_bar
-from detlib.tools.stats import mean_std, paired
-from detlib.tools.val_sampling import ReplicateCache, decompose, decompose_table, val_rows, val_table
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

@@ -85,7 +85,7 @@ def report(detail: dict, out: Path | None, title: str, with_detail: bool = True)
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
-    from detlib.engine.device import autocast_dtype, resolve_device
+    from detlib.device import autocast_dtype, resolve_device
     from detlib.engine.restore import build_from_run, load_run_config, load_weights, weights_note
     from detlib.evaluation.inference import evaluate
 

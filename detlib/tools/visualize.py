@@ -26,7 +26,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from detlib import runs
 from detlib.data.coco import CocoDetection
-from detlib.engine.device import resolve_device, to_device
+from detlib.device import resolve_device, to_device
 from detlib.engine.restore import build_from_run, load_run_config, load_weights
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.results import check_results_file, read_results

@@ -1,6 +1,6 @@
 """How much of a paired AP difference is the val sample: a paired bootstrap over val images, beside the seed CI.
 
-The between-seed CI (``detlib.tools.stats.paired``) says how the difference varies with training randomness,
+The between-seed CI (``detlib.evaluation.stats.paired``) says how the difference varies with training randomness,
 on this val set. Another val set of the same size would move every run's AP too; ``val_rows`` draws such sets
 (images with replacement, the same draws for every run: ``detlib.evaluation.bootstrap``) from each run's
 ``detections.json`` (the trainer writes it; older runs: ``tools/evaluate.py --run RUN`` writes
