@@ -68,8 +68,6 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
     data = read_record(run_dir)  # the config the run started with; .hydra/ is rewritten by every launch in the folder
     if not data:
         raise ToolError(f"not a run directory (no {runs.RECORD}): {run_dir}")
-    if not isinstance(data.get("config"), dict):
-        raise ToolError(f"{Path(run_dir) / runs.RECORD}: not a detlib run record (no 'config' object)")
     cfg = OmegaConf.create(data["config"])
     groups, keys = _parse_overrides(overrides)
     if groups:
@@ -206,10 +204,10 @@ def warn(message: str) -> None:
 
 
 def read_record(run_dir: str | Path) -> dict:
-    """The run's ``run.json`` (``detlib.runs.read_record``); ``{}`` where there is none. An unreadable one is a
-    ``ToolError`` naming it."""
+    """The run's ``run.json`` (``detlib.runs.read_record``), which must hold its config; ``{}`` where there is
+    none. An unreadable one is a ``ToolError`` naming it."""
     try:
-        return runs.read_record(run_dir) or {}
+        return runs.read_record(run_dir, need="config") or {}
     except runs.RunIdentityError as e:
         raise ToolError(str(e)) from None
 

@@ -152,8 +152,9 @@ def make_record(config: Mapping, ident: Mapping, *, overrides: list[str], choice
     }
 
 
-def read_record(run_dir: str | Path) -> dict | None:
-    """The run's ``run.json``; None if there is none. An unreadable one is an error naming it."""
+def read_record(run_dir: str | Path, need: str = "identity") -> dict | None:
+    """The run's ``run.json``; None if there is none. An unreadable one, or one without the object ``need``
+    (``identity``; ``config`` to rebuild the run), is an error naming it."""
     path = Path(run_dir) / RECORD
     if not path.is_file():
         return None
@@ -162,8 +163,8 @@ def read_record(run_dir: str | Path) -> dict | None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunIdentityError(f"{path}: unreadable run record ({e}); this folder's results cannot be "
                                "attributed to a set-up: move it away or start a new run directory") from e
-    if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
-        raise RunIdentityError(f"{path}: not a detlib run record (no 'identity' object)")
+    if not isinstance(record, dict) or not isinstance(record.get(need), dict):
+        raise RunIdentityError(f"{path}: not a detlib run record (no '{need}' object)")
     return record
 
 
