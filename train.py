@@ -32,15 +32,15 @@ from omegaconf import DictConfig, OmegaConf
 from pycocotools.coco import COCO
 
 from detlib import distributed as dist
+from detlib import runs
 from detlib.config import Config, check_ranges, register
-from detlib.data.build import build_datasets
-from detlib.engine import run_record
+from detlib.data.build import annotation_files, build_datasets
+from detlib.device import busy_cores, resolve_device, thread_advice
 from detlib.engine.build import build_losses, build_model
 from detlib.engine.checkpoint import CheckpointError
-from detlib.engine.device import busy_cores, resolve_device, thread_advice
 from detlib.engine.guards import Interrupted, NonFiniteLossError
 from detlib.engine.trainer import train
-from detlib.evaluation.report import METRICS, no_detection_metrics
+from detlib.evaluation.report import no_detection_metrics
 from detlib.jsonio import write_json
 from detlib.modeling.proposals import check_proposal_ids
 
@@ -48,7 +48,7 @@ register()
 log = logging.getLogger("train")
 # Errors whose message says everything (bad config, data, checkpoint, folder): one line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, CheckpointError,
-               run_record.RunIdentityError, run_record.RunDirInUse, InstantiationException)
+               runs.RunIdentityError, runs.RunDirInUse, InstantiationException)
 
 
 def continue_command(run_dir: Path) -> str:
@@ -85,11 +85,11 @@ def _to_log_file(msg: str) -> None:
 def _restore_hydra_files(run_dir: Path) -> None:
     """Hydra has rewritten ``.hydra/`` with a launch that was refused: put the recorded run's back."""
     try:
-        record = run_record.read_record(run_dir)
-    except run_record.RunIdentityError:
+        record = runs.read_record(run_dir)
+    except runs.RunIdentityError:
         return
     if record and dist.is_main():
-        run_record.restore_hydra_files(run_dir, record)
+        runs.restore_hydra_files(run_dir, record)
 
 
 def _drop_log_files() -> None:
@@ -104,8 +104,8 @@ def main(cfg: DictConfig) -> float | None:
     if not dist.is_main():  # under torchrun only rank 0 writes train.log
         _drop_log_files()
     try:
-        lock = run_record.RunLock(run_dir).acquire() if dist.is_main() else None
-    except run_record.RunDirInUse:
+        lock = runs.RunLock(run_dir).acquire() if dist.is_main() else None
+    except runs.RunDirInUse:
         _drop_log_files()  # that train.log belongs to the live run
         _restore_hydra_files(run_dir)
         raise
@@ -119,7 +119,7 @@ def main(cfg: DictConfig) -> float | None:
                         e.iteration, continue_command(run_dir))
         sys.exit(128 + e.signum)  # also stops a Hydra multirun: its next job never starts
     except BaseException as e:  # the reason a run died goes into its train.log, not only to stderr
-        if isinstance(e, run_record.RunIdentityError):  # a refused launch: the run in the folder stays as it was
+        if isinstance(e, runs.RunIdentityError):  # a refused launch: the run in the folder stays as it was
             _restore_hydra_files(run_dir)
         elif not isinstance(e, SystemExit):
             _to_log_file(f"run failed: {type(e).__name__}: {e}")
@@ -145,10 +145,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     typed: Config = OmegaConf.to_object(cfg)  # library code gets dataclasses, not a DictConfig
     check_ranges(typed)
     typed.data.root = to_absolute_path(os.path.expanduser(typed.data.root))  # relative to where the user launched
-    if typed.trainer.resume == "" and dist.is_main() and run_record.foreign_files(run_dir):
-        raise run_record.RunIdentityError(
+    if typed.trainer.resume == "" and dist.is_main() and runs.foreign_files(run_dir):
+        raise runs.RunIdentityError(
             f"trainer.resume= (start fresh) but {run_dir} already holds a run "
-            f"({', '.join(run_record.foreign_files(run_dir)[:4])}); start fresh in a new folder instead of mixing "
+            f"({', '.join(runs.foreign_files(run_dir)[:4])}); start fresh in a new folder instead of mixing "
             "two runs in one")
     random.seed(typed.seed)
     np.random.seed(typed.seed)
@@ -161,6 +161,16 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             log.warning(advice)
 
     box_loss, rpn_box_loss = build_losses(cfg)  # fail fast on bad parameters
+    saved = runs.read_record(run_dir) if runs.is_finished(run_dir) else None
+    files = annotation_files(typed.data) if saved is not None else None
+    if files is not None and all(f.is_file() for f in files.values()):
+        # A finished run is recognised before any data is built: its annotation files hashed as they are
+        # (the same bytes: the classes it recorded), the rest of its identity from the config.
+        config = resolved_config(cfg, typed)
+        runs.check(saved, runs.identity(
+            config, world_size=dist.world_size(), num_classes=saved["identity"].get("num_classes"),
+            data_fingerprints={k: runs.file_fingerprint(f) for k, f in files.items()}), run_dir)
+        return skip_finished(run_dir, typed, runs.diff(saved.get("eval", {}), runs.eval_settings(config)))
     if not dist.is_main():
         dist.barrier()  # rank 0 builds the data once, then the others read it
     train_set, val_set = build_datasets(typed.data)
@@ -170,14 +180,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     check_proposal_ids(model, train=train_set.ids, val=val_set.ids)  # Fast R-CNN with a proposals file
 
     record, eval_changes = record_for(cfg, typed, train_set, val_set, run_dir)
-    if (run_dir / "metrics.json").is_file():
-        log.info("%s: this run %s; skipping it (metrics.json kept)", run_dir, "diverged (diverged.json)"
-                 if (run_dir / "diverged.json").is_file() else f"finished at iteration {typed.trainer.max_iters}")
-        if eval_changes:
-            log.warning("its metrics were computed with the recorded inference settings, not these:\n  %s\n"
-                        "to evaluate it with them: uv run tools/evaluate.py --run %s --config-overrides ...",
-                        "\n  ".join(eval_changes), run_dir)
-        return read_metrics(run_dir).get("AP")
+    if runs.is_finished(run_dir):  # data without annotation files of its own (VOC): known once built
+        return skip_finished(run_dir, typed, eval_changes)
     if eval_changes:
         log.warning("inference-only settings differ from the run's record (allowed: they change the "
                     "evaluation, not the training):\n  %s", "\n  ".join(eval_changes))
@@ -191,12 +195,30 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     meta = {k: record[k] for k in ("identity", "eval", "data_files")}
     try:
         stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
-                      typed.data.num_workers, typed.seed, meta, run_record.hparams(record))
+                      typed.data.num_workers, typed.seed, meta, runs.hparams(record))
     except NonFiniteLossError as e:
         if typed.trainer.on_nonfinite != "record":
             raise
         stats = record_divergence(run_dir, e, val_set.coco, list(typed.eval.max_dets))
     return stats.get("AP")
+
+
+def skip_finished(run_dir: Path, typed: Config, eval_changes: list[str]) -> float | None:
+    """A finished run is a result: kept as it is, its AP returned (a sweep's objective)."""
+    log.info("%s: this run %s; skipping it (%s kept)", run_dir, f"diverged ({runs.DIVERGED})"
+             if runs.has_diverged(run_dir) else f"finished at iteration {typed.trainer.max_iters}", runs.METRICS)
+    if eval_changes:
+        log.warning("its metrics were computed with the recorded inference settings, not these:\n  %s\n"
+                    "to evaluate it with them: uv run tools/evaluate.py --run %s --config-overrides ...",
+                    "\n  ".join(eval_changes), run_dir)
+    return read_metrics(run_dir).get("AP")
+
+
+def resolved_config(cfg: DictConfig, typed: Config) -> dict:
+    """The launch's config as plain containers, resolved, with ``data.root`` absolute as the run used it."""
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config["data"]["root"] = typed.data.root
+    return config
 
 
 def record_divergence(run_dir: Path, error: NonFiniteLossError, gt: COCO, max_dets: list[int]) -> dict:
@@ -205,8 +227,8 @@ def record_divergence(run_dir: Path, error: NonFiniteLossError, gt: COCO, max_de
     has none, as a finished run's), and ``diverged.json`` says why."""
     stats = no_detection_metrics(gt, max_dets)
     if dist.is_main():
-        write_json(run_dir / "diverged.json", {"reason": str(error).splitlines()[0]})
-        write_json(run_dir / METRICS, stats)
+        write_json(run_dir / runs.DIVERGED, {"reason": str(error).splitlines()[0]})
+        write_json(run_dir / runs.METRICS, stats)
     log.warning("diverged (non-finite loss), recorded as AP 0: %s", str(error).splitlines()[0])
     return stats
 
@@ -214,36 +236,35 @@ def record_divergence(run_dir: Path, error: NonFiniteLossError, gt: COCO, max_de
 def record_for(cfg: DictConfig, typed: Config, train_set, val_set, run_dir: Path) -> tuple[dict, list[str]]:
     """This launch's record and its inference-only differences from the folder's record; refuses the
     launch if the folder holds a run of another identity, writes the record if the folder has none."""
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    config["data"]["root"] = typed.data.root
-    ident = run_record.identity(
+    config = resolved_config(cfg, typed)
+    ident = runs.identity(
         config, world_size=dist.world_size(), num_classes=train_set.num_classes,
-        data_fingerprints={"train": run_record.fingerprint(train_set), "val": run_record.fingerprint(val_set)})
+        data_fingerprints={"train": runs.fingerprint(train_set), "val": runs.fingerprint(val_set)})
     hc = HydraConfig.get()
-    record = run_record.make_record(
+    record = runs.make_record(
         config, ident, overrides=list(hc.overrides.task),
         choices={k: str(v) for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra/")},
         data_files={"train": str(train_set.ann_file), "val": str(val_set.ann_file)},
         classes=[{"id": c, "name": n} for c, n in zip(train_set.cat_ids, train_set.class_names)])
-    saved = run_record.read_record(run_dir)
+    saved = runs.read_record(run_dir)
     if saved is None:
-        leftovers = [f for f in run_record.foreign_files(run_dir) if f != run_record.RECORD]
+        leftovers = [f for f in runs.foreign_files(run_dir) if f != runs.RECORD]
         if leftovers and dist.is_main():
-            raise run_record.RunIdentityError(
-                f"{run_dir} holds results ({', '.join(leftovers[:4])}) but no {run_record.RECORD}: they cannot be "
+            raise runs.RunIdentityError(
+                f"{run_dir} holds results ({', '.join(leftovers[:4])}) but no {runs.RECORD}: they cannot be "
                 "attributed to a set-up (made by an older detlib, or copied in); use a new folder")
         if dist.is_main():
-            run_record.write_record(run_dir, record)
+            runs.write_record(run_dir, record)
         return record, []
-    run_record.check(saved, ident, run_dir)
-    return saved | {"eval": record["eval"]}, run_record.diff(saved.get("eval", {}), record["eval"])
+    runs.check(saved, ident, run_dir)
+    return saved | {"eval": record["eval"]}, runs.diff(saved.get("eval", {}), record["eval"])
 
 
 def read_metrics(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / "metrics.json").read_text())
+        return json.loads((run_dir / runs.METRICS).read_text())
     except (OSError, ValueError) as e:
-        raise run_record.RunIdentityError(f"{run_dir / 'metrics.json'}: unreadable ({e}); delete it to "
+        raise runs.RunIdentityError(f"{run_dir / runs.METRICS}: unreadable ({e}); delete it to "
                                           "evaluate the run again") from e
 
 

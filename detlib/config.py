@@ -192,7 +192,7 @@ def job_subdir(name: str) -> str:
 def register() -> None:
     from omegaconf import OmegaConf
 
-    from detlib.engine.run_record import run_dir
+    from detlib.runs.lock import run_dir
 
     # A new run directory, claimed once and shared by every torchrun rank (configs/train.yaml: hydra.run.dir).
     OmegaConf.register_new_resolver("detlib_run_dir", run_dir, replace=True)

@@ -72,7 +72,7 @@ _STORE: list = []  # torchrun's agent store (one per torchrun invocation, kept a
 def run_stamp(base: str = "outputs", choose: Callable[[], str] | None = None) -> str:
     """A run directory under ``base``, the same on every rank (Hydra resolver ``detlib_run_dir``).
 
-    ``choose`` picks it (default ``_claim``: a new ``base/DATE/TIME``, claimed with ``mkdir`` so two runs
+    ``choose`` picks it (default ``claim_new_folder``: a new ``base/DATE/TIME``, claimed with ``mkdir`` so two runs
     started in the same second get two folders, the second ``TIME-1``). Under torchrun, rank 0 chooses and
     leaves the name in torchrun's store, where the other ranks, and every rank after a ``--max-restarts``
     restart, read it: the restarted workers continue in the same folder, while another torchrun job gets
@@ -80,7 +80,7 @@ def run_stamp(base: str = "outputs", choose: Callable[[], str] | None = None) ->
     """
     if _STAMP:
         return _STAMP[0]
-    choose = choose or (lambda: _claim(base))
+    choose = choose or (lambda: claim_new_folder(base))
     if world_size() == 1:
         stamp = choose()
     elif _STORE:
@@ -96,7 +96,7 @@ def run_stamp(base: str = "outputs", choose: Callable[[], str] | None = None) ->
     return stamp
 
 
-def _claim(base: str) -> str:
+def claim_new_folder(base: str) -> str:
     parent = Path(base) / time.strftime("%Y-%m-%d")
     parent.mkdir(parents=True, exist_ok=True)
     name = time.strftime("%H-%M-%S")

@@ -5,6 +5,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
+class ToolError(ValueError):
+    """Bad input to a tool (a run folder, a file, an option); the message names the file, the field and the value."""
+
+
 _DEVICE_WORDS = ("CUDA", "cuDNN", "CUDNN", "CUBLAS", "cuBLAS", "NCCL", "device-side assert", "out of memory",
                  "HIP error", "illegal memory access")
 

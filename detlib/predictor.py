@@ -22,9 +22,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from detlib import runs
 from detlib.data.image import _to_array, read_image
-from detlib.engine.device import autocast, autocast_dtype, resolve_device
-from detlib.engine.device import channels_last as to_channels_last
+from detlib.device import autocast, autocast_dtype, resolve_device
+from detlib.device import channels_last as to_channels_last
+from detlib.engine.restore import load_run_config, load_weights, model_from_run, weights_note
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +98,20 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
                  device: str | torch.device = "auto", weights: str = "auto", amp: str | None = None) -> Predictor:
-        """The run's model (its ``run.json`` / ``.hydra`` config) with ``checkpoint`` (default its last), in the
-        run's ``trainer.amp`` precision (``amp`` to change it) and ``trainer.channels_last`` layout; ``weights``:
-        ``auto`` takes the EMA of the weights where the run kept one (what it evaluated), ``ema`` or ``model``
-        (see ``detlib.tools.rundir.load_weights``); which was loaded is logged and kept in ``self.weights``."""
-        from detlib.tools.rundir import build_from_run, load_run_config, load_weights, weights_note
-
+        """The run's model (its ``run.json``: config and classes; no data is read, so a run folder copied
+        without its data predicts) with ``checkpoint`` (default its last), in the run's ``trainer.amp``
+        precision (``amp`` to change it) and ``trainer.channels_last`` layout; ``weights``: ``auto`` takes the
+        EMA of the weights where the run kept one (what it evaluated), ``ema`` or ``model`` (see
+        ``detlib.engine.restore.load_weights``); which was loaded is logged and kept in ``self.weights``."""
         cfg = load_run_config(run_dir)
         if cfg.model.get("proposals") is not None:
             raise ValueError(f"{run_dir}: a Fast R-CNN run reads proposals from a file by image id; it cannot "
                              "detect on new images (train a Faster R-CNN model, with an RPN)")
-        model, val_set = build_from_run(cfg, run_dir)
-        state = load_weights(model, checkpoint or Path(run_dir) / "checkpoints" / "last.pt", weights)
+        model, names, label_to_cat = model_from_run(cfg, run_dir)
+        state = load_weights(model, checkpoint or runs.last_checkpoint(run_dir), weights)
         log.info("%s: %s", run_dir, weights_note(state))
-        names = {label: val_set.coco.cats[cat]["name"] for label, cat in val_set.label_to_cat.items()}
         trainer = cfg.get("trainer") or {}
-        predictor = cls(model, names, dict(val_set.label_to_cat), device, val_set.exif_orientation,
+        predictor = cls(model, names, label_to_cat, device, cfg.data.get("exif_orientation", "apply"),
                         str(trainer.get("amp", "off")) if amp is None else amp,
                         bool(trainer.get("channels_last", True)))
         predictor.weights = state["loaded"]

@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 
 from detlib.data.build import build_datasets
 from detlib.data.coco import collate
+from detlib.device import autocast, channels_last
 from detlib.engine.build import build_model
-from detlib.engine.device import autocast, channels_last
+from detlib.engine.restore import load_run_config
 from detlib.engine.trainer import optimizer_step, train
 from detlib.losses import SmoothL1
 from detlib.predictor import Predictor
-from detlib.tools.rundir import load_run_config
 
 from .conftest import compose_cfg
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from detlib.engine.device import busy_between, busy_cores, thread_advice
+from detlib.device import busy_between, busy_cores, thread_advice
 
 
 def test_busy_cores_from_two_proc_stat_lines():

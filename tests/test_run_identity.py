@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from detlib import distributed as dist
-from detlib.engine import run_record
+from detlib import runs as run_record
 
 from .conftest import ROOT, run_train
 
@@ -109,7 +109,7 @@ def test_a_second_writer_is_refused_naming_the_lock_owner(tmp_path, data_root):
 
 
 def test_lock_is_released_when_its_owner_dies(tmp_path):
-    code = f"from detlib.engine.run_record import RunLock; RunLock({str(tmp_path)!r}).acquire(); import os; os._exit(0)"
+    code = f"from detlib.runs import RunLock; RunLock({str(tmp_path)!r}).acquire(); import os; os._exit(0)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     with run_record.RunLock(tmp_path):  # no stale lock after the owner exited without releasing
         pass
@@ -137,7 +137,7 @@ def test_results_without_a_record_are_not_adopted(tmp_path, data_root):
 
 def test_two_launches_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    claimed = [dist._claim("outputs") for _ in range(3)]
+    claimed = [dist.claim_new_folder("outputs") for _ in range(3)]
     assert len(set(claimed)) == 3 and all(Path(c).is_dir() for c in claimed)
 
 

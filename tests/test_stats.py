@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from detlib.tools import stats
+from detlib.evaluation import stats
 
 X = [0.612, 0.655, 0.641, 0.630, 0.668]  # five paired seeds (AP)
 Y = [0.600, 0.649, 0.617, 0.633, 0.650]

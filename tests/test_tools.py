@@ -28,8 +28,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from detlib.engine.sweep_callbacks import CompareRuns
+from detlib import runs as run_record
+from detlib.config import Config
+from detlib.engine.restore import load_run_config
+from detlib.evaluation import stats as ttest
 from detlib.evaluation.coco_eval import STAT_NAMES
+from detlib.runs.groups import group_runs
+from detlib.runs.results import find_runs, load_run
 from detlib.tools import (
     browse_dataset,
     compare_runs,
@@ -40,11 +45,8 @@ from detlib.tools import (
     predict,
     visualize,
 )
-from detlib.tools import stats as ttest
 from detlib.tools.compare_plots import plot_against
-from detlib.tools.groups import group_runs
-from detlib.tools.rundir import load_run_config
-from detlib.tools.runs import find_runs, load_run
+from detlib.tools.sweep_callbacks import CompareRuns
 
 from .conftest import ROOT, run_train
 
@@ -123,7 +125,7 @@ def test_every_script_is_a_thin_entry_point_and_a_console_script():
     """tools/NAME.py only calls detlib.tools.NAME.main, which pyproject also installs as a detlib-* command."""
     scripts = {ep.value: ep.name for ep in entry_points(group="console_scripts") if ep.value.startswith("detlib.")}
     names = sorted(p.stem for p in TOOLS.glob("*.py") if p.stem != "rundir")  # rundir.py: a shim for old imports
-    assert names == sorted([*ALL, "benchmark"])
+    assert names == sorted([*ALL, "benchmark", "gpu_preflight"])
     for name in names:
         assert f"detlib.tools.{name}:main" in scripts, name
         assert f"from detlib.tools.{name} import main" in (TOOLS / f"{name}.py").read_text()
@@ -193,7 +195,7 @@ def test_evaluate_bad_ground_truth_and_run(tmp_path, capsys):
     assert evaluate.main(["--run", str(tmp_path / "nope")]) == 1
     assert f"run directory not found: {tmp_path / 'nope'}" in capsys.readouterr().err
     assert evaluate.main(["--run", str(tmp_path)]) == 1
-    assert "no run.json or .hydra/config.yaml" in capsys.readouterr().err
+    assert "not a run directory (no run.json)" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +270,9 @@ def test_run_config_overrides(smoke_run):
 
 
 def fake_run(path: Path, loss: str, seed: int, ap: float | None, overrides: list[str] | None = None,
-             device: str = "cpu", curve: bool = True, **extra: object) -> Path:
-    """A run directory in train.py's format, with AP = ``ap`` and the other stats derived from it."""
+             device: str = "cpu", curve: bool = True, choices: dict | None = None, **extra: object) -> Path:
+    """A run directory in train.py's format (run.json of the config on detlib.config's schema, Hydra's .hydra
+    files), with AP = ``ap`` and the other stats derived from it."""
     (path / ".hydra").mkdir(parents=True)
     losses = {"smooth_l1": {"_target_": "detlib.losses.SmoothL1", "weight": 1.0, "beta": 0.111},
               "huber": {"_target_": "detlib.losses.Huber", "weight": 1.0, "delta": 1.0},
@@ -279,6 +282,12 @@ def fake_run(path: Path, loss: str, seed: int, ap: float | None, overrides: list
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     overrides = overrides or [f"loss={loss}", f"seed={seed}", "trainer.progress=False"]
     (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config), cfg), resolve=True,
+                                    enum_to_str=True)
+    ident = run_record.identity(config, world_size=1, num_classes=4, data_fingerprints={"train": "a" * 64,
+                                                                                        "val": "b" * 64})
+    run_record.write_record(path, run_record.make_record(config, ident, overrides=overrides,
+                                                         choices=choices or {"loss": loss}, data_files={}))
     if ap is None:
         return path
     metrics = {k: None for k in STAT_NAMES} | {"AP": ap, "AP50": ap + 0.2, "AP75": ap + 0.1, "APs": ap - 0.1,
@@ -304,8 +313,8 @@ def sweeps(tmp_path) -> Path:
     fake_run(b / "1_loss=huber,seed=1", "huber", 1, 0.56, device="cuda")  # device is not part of identity
     fake_run(b / "2_loss=l1,seed=1", "l1", 1, 0.40)
     fake_run(b / "3_loss=l2,seed=1", "l1", 1, None)  # unfinished
-    (b / "4_broken" / ".hydra").mkdir(parents=True)
-    (b / "4_broken" / ".hydra" / "config.yaml").write_text("seed: [0\n")  # not YAML: listed, not fatal
+    (b / "4_broken").mkdir(parents=True)
+    (b / "4_broken" / "run.json").write_text('{"identity": {"seed": [0\n')  # not JSON: listed, not fatal
     # Newer runs: a model key added to a config file since (one value) does not split a group.
     fake_run(c / "0", "smooth_l1", 2, 0.52, model={"new_knob": 3})
     fake_run(c / "1", "huber", 2, 0.58, overrides=["loss=huber", "loss.delta=1.0", "seed=2"],  # same config
@@ -345,7 +354,7 @@ def test_compare_runs_numbers_and_outputs(sweeps, tmp_path, capsys):
     assert "| loss=smooth_l1 | 3 | 52.00 ± 2.00 |" in md and "| baseline |" in md
     assert "| loss=l1 | 1 | 40.00 |" in md and "| -14.00 | undefined | 1 |" in md  # its one pair: seed 1
     assert "3_loss=l2,seed=1`: no metrics.json (unfinished)" in md
-    assert "4_broken`: unreadable .hydra files" in md
+    assert "4_broken/run.json: unreadable run record" in md
     assert "![AP at each IoU threshold](ap_per_iou.png)" in md and "Not in the AP-per-IoU figure" not in md
     for png in ("ap_per_iou.png", "ap_bar.png"):
         with Image.open(out / png) as im:
@@ -367,12 +376,12 @@ def test_compare_runs_baseline_and_defaults(sweeps, capsys):
 def test_compare_runs_groups_by_config_values(tmp_path):
     fake_run(tmp_path / "0", "smooth_l1", 0, 0.5, overrides=["loss=smooth_l1", "loss.beta=0.111", "seed=0"])
     run = fake_run(tmp_path / "1", "smooth_l1", 0, 0.6, overrides=["loss=smooth_l1", "loss.beta=1.0", "seed=0"])
-    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-    cfg["loss"]["beta"] = 1.0
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["loss"]["beta"] = record["identity"]["loss.beta"] = 1.0
+    (run / "run.json").write_text(json.dumps(record))
     fake_run(tmp_path / "2", "smooth_l1", 1, 0.7, overrides=["loss=smooth_l1", "seed=1"])  # beta 0.111: group 0
     runs = [load_run(p) for p in find_runs([tmp_path])]
-    assert runs[0].identity["trainer.lr"] == 0.02  # filled from detlib.config's schema
+    assert runs[0].identity["trainer.lr"] == 0.02  # the schema's default, as train.py records it
     groups = group_runs(runs)
     assert [(g.name, [r.path.name for r in g.runs]) for g in groups] == [
         ("loss.beta=0.111", ["0", "2"]), ("loss.beta=1.0", ["1"])]
@@ -385,10 +394,8 @@ def test_compare_runs_names_runs_of_different_sweeps_alike(tmp_path):
     fake_run(tmp_path / "a", "smooth_l1", 0, 0.6, overrides=["loss=smooth_l1", "seed=0"], data=noise)
     fake_run(tmp_path / "b", "l1", 0, 0.5, overrides=["loss=l1", "data.noise.outliers=0.2", "seed=0"],
              data={"noise": {"outliers": 0.2}})
-    c = fake_run(tmp_path / "c", "huber", 0, 0.4, overrides=["data.noise.outliers=0.2", "seed=0"],
-                 data={"noise": {"outliers": 0.2}})
-    (c / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
-        {"hydra": {"runtime": {"choices": {"loss": "huber", "data": "synthetic", "hydra/launcher": "basic"}}}}))
+    fake_run(tmp_path / "c", "huber", 0, 0.4, overrides=["data.noise.outliers=0.2", "seed=0"],
+             data={"noise": {"outliers": 0.2}}, choices={"loss": "huber", "data": "synthetic"})
     groups = group_runs([load_run(p) for p in find_runs([tmp_path])])
     assert [g.name for g in groups] == [
         "loss=smooth_l1,data.noise.outliers=0.0", "loss=l1,data.noise.outliers=0.2",
@@ -482,9 +489,9 @@ def test_plot_losses_run_adds_a_tensorboard_figure(smoke_run):
 
 def test_plot_losses_box_space_loss_is_drawn_against_a_shift(tmp_path):
     run = tmp_path / "giou_run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-        {"seed": 0, "loss": {"_target_": "detlib.losses.GIoULoss", "weight": 10.0}}))
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"identity": {}, "config": {
+        "seed": 0, "loss": {"_target_": "detlib.losses.GIoULoss", "weight": 10.0}}}))
     fig = plot_losses.run_figure(run, 3.0)
     assert "shifted along x" in fig._suptitle.get_text()
     loss = instantiate(load_run_config(run).loss)

@@ -42,6 +42,21 @@ def _voc_datasets(cfg: DataConfig, root: Path) -> tuple[CocoDetection, CocoDetec
     return sets[0], sets[1]
 
 
+def annotation_files(cfg: DataConfig) -> dict[str, Path] | None:
+    """``{"train": path, "val": path}``: the annotation files ``build_datasets`` reads, found without reading
+    them (a finished run is recognised by their fingerprints before any data is built): the COCO files as
+    named, the synthetic cache's once it is built; None where there is no such file (VOC is converted in
+    memory, the synthetic data not yet generated)."""
+    root = Path(cfg.root).expanduser()
+    if cfg.name == "coco":
+        return {"train": _under(root, cfg.train_ann, "train_ann"), "val": _under(root, cfg.val_ann, "val_ann")}
+    if cfg.name == "synthetic":
+        folder = root / f"synthetic-{SyntheticSpec(**vars(cfg.synthetic)).key()}"
+        if (folder / "DONE").is_file():
+            return {split: folder / f"instances_{split}.json" for split in ("train", "val")}
+    return None
+
+
 def build_datasets(cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
     """``(train, val)``: the synthetic data is generated once into ``cfg.root``; COCO and VOC are read as given.
 

@@ -90,7 +90,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def set_label_order(self, cat_ids: list[int]) -> None:
         """Labels 1..K are ``cat_ids`` in this order (a trained model's classes, matched by name to this
-        file's ids: ``detlib.tools.rundir.match_classes``); targets are rebuilt with the new labels."""
+        file's ids: ``detlib.engine.restore.match_classes``); targets are rebuilt with the new labels."""
         if sorted(cat_ids) != sorted(self.cat_ids):
             raise ValueError(f"{self.ann_file}: label order {cat_ids} is not a permutation of its ids {self.cat_ids}")
         self.cat_ids = list(cat_ids)

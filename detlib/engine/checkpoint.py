@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from detlib.errors import CheckpointError  # noqa: F401 - raised here; importable without torch from detlib.errors
+from detlib.runs import LAST
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,13 @@ def save(state: dict, folder: str | Path, iteration: int, keep_last: int = 3, ow
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"model_{iteration:07d}.pt"
     atomic_torch_save(state, path)
-    tmp_link = folder / f".last.pt.tmp-{os.getpid()}"
+    tmp_link = folder / f".{LAST}.tmp-{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
     try:
         os.link(path, tmp_link)
     except OSError:  # no hard links on this filesystem: copy (still renamed atomically)
         shutil.copyfile(path, tmp_link)
-    os.replace(tmp_link, folder / "last.pt")
+    os.replace(tmp_link, folder / LAST)
     _fsync_dir(folder)
     if owned is not None:
         owned.add(path)
@@ -146,7 +147,7 @@ def discover(folder: str | Path) -> tuple[Path, dict] | None:
     named and passed over. None when ``folder`` holds no checkpoint at all; numbered files of which none loads:
     ``CheckpointError`` naming them (a fresh start would overwrite and rotate them away)."""
     folder = Path(folder)
-    last = folder / "last.pt"
+    last = folder / LAST
     if last.is_file():
         return last, load(last)
     candidates = numbered(folder)

@@ -21,8 +21,9 @@ from detlib.data.coco import CocoDetection
 from detlib.engine import dashboard
 from detlib.evaluation.evaluators import extra_metrics
 from detlib.evaluation.inference import evaluate
-from detlib.evaluation.report import DETECTIONS, EVAL_DETAIL, METRICS_JSONL, category_names, write_eval_detail
+from detlib.evaluation.report import category_names, write_eval_detail
 from detlib.jsonio import append_jsonl, write_json
+from detlib.runs import DETECTIONS, EVAL_DETAIL, METRICS_JSONL
 
 log = logging.getLogger(__name__)
 

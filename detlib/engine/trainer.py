@@ -27,18 +27,20 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detlib import distributed as dist
+from detlib import runs as run_record
 from detlib.config import EvalConfig, TrainerConfig
 from detlib.data.coco import CocoDetection, collate
 from detlib.data.image import ImageDecodeError
 from detlib.data.sampler import TrainBatchSampler
-from detlib.engine import checkpoint, dashboard, run_record
-from detlib.engine.device import autocast, autocast_dtype, channels_last, resolve_device, to_device  # noqa: F401
+from detlib.device import autocast, autocast_dtype, channels_last, resolve_device, to_device  # noqa: F401
+from detlib.engine import checkpoint, dashboard
 from detlib.engine.evaluation import evaluate_and_log
 from detlib.engine.guards import Interrupted, NonFiniteGuard, NonFiniteLossError, SignalGuard  # noqa: F401
 from detlib.engine.state import TrainState, lr_lambda  # noqa: F401 - lr_lambda: part of the trainer's API
 from detlib.evaluation.coco_eval import format_table
-from detlib.evaluation.report import METRICS, METRICS_JSONL, metrics
+from detlib.evaluation.report import metrics
 from detlib.jsonio import append_jsonl, truncate_jsonl, write_json
+from detlib.runs import METRICS, METRICS_JSONL
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +283,7 @@ def _loader(dataset: CocoDetection, batch_size: int, num_workers: int, seed: int
 def _open_writer(run_dir: Path, start: int, train_set: CocoDetection) -> SummaryWriter:
     # Steps after the checkpoint that a killed run had already logged are dropped, not duplicated.
     truncate_jsonl(run_dir / METRICS_JSONL, start)
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
+    writer = SummaryWriter(str(run_dir / run_record.TB), purge_step=start + 1 if start else None)
     for k, v in (getattr(train_set, "noise_stats", None) or {}).items():  # the realised annotation noise
         writer.add_scalar(f"train/noise/{k}", float(v), 0)
     return writer

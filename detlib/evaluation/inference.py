@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from detlib import distributed as dist
 from detlib.data.coco import CocoDetection, collate
-from detlib.engine.device import autocast, to_device
+from detlib.device import autocast, to_device
 from detlib.evaluation.coco_eval import evaluate_coco, to_coco_results
 
 

@@ -27,10 +27,6 @@ from detlib.evaluation.coco_eval import (
 from detlib.evaluation.tide import tide_errors
 from detlib.jsonio import write_json
 
-METRICS = "metrics.json"
-EVAL_DETAIL = "eval_detail.json"
-DETECTIONS = "detections.json"  # the last evaluation's detections, COCO results format
-METRICS_JSONL = "metrics.jsonl"  # one JSON line per log step (train/*) and per evaluation (val/*), as detectron2's
 TP_IOU_BINS = np.linspace(0.5, 1.0, 21)  # 0.025 wide, from the match threshold up
 
 

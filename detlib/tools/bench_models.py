@@ -11,9 +11,9 @@ from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from detlib.compose import compose_train
 from detlib.engine.build import build_model
 from detlib.modeling.detector import FasterRCNN
-from detlib.tools.configs import compose_train
 
 
 class RandomDetection(Dataset):

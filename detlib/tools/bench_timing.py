@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from detlib.config import TrainerConfig
-from detlib.engine.device import autocast, autocast_dtype
+from detlib.device import autocast, autocast_dtype
 from detlib.engine.guards import NonFiniteGuard
 from detlib.engine.state import TrainState
 from detlib.engine.trainer import step

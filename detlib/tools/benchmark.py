@@ -36,7 +36,7 @@ from detlib.data.build import build_datasets
 from detlib.data.coco import collate
 from detlib.data.sampler import TrainBatchSampler
 from detlib.data.synthetic import CLASSES
-from detlib.engine.device import AMP_DTYPES, resolve_device, to_device
+from detlib.device import AMP_DTYPES, resolve_device, to_device
 from detlib.jsonio import write_json
 from detlib.tools.bench_eval import detections, time_eval
 from detlib.tools.bench_models import RandomDetection, build_ours, build_torchvision

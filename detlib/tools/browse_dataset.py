@@ -25,13 +25,14 @@ from torch.nn.functional import interpolate
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
+from detlib import runs
+from detlib.compose import compose_train
 from detlib.config import Config
 from detlib.data.build import build_datasets
 from detlib.data.coco import CocoDetection, hflip_boxes
 from detlib.data.sampler import TrainBatchSampler
+from detlib.engine.restore import load_run_config, typed_config
 from detlib.tools.cli import ToolError, cli, prog_name
-from detlib.tools.configs import compose_train
-from detlib.tools.rundir import load_run_config, typed_config
 from detlib.tools.visualize import output_path
 
 
@@ -39,7 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name("browse_dataset.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (data=coco, data.noise.jitter=0.1)")
-    p.add_argument("--run", type=Path, help="browse the data of this run (its run.json), overrides on top")
+    p.add_argument("--run", type=Path, help=f"browse the data of this run (its {runs.RECORD}), overrides on top")
     p.add_argument("--iteration", type=int, default=0, help="first training iteration to draw (default 0)")
     p.add_argument("--num", type=int, default=8, help="number of images (default 8; batches in order)")
     p.add_argument("--scale", type=int, default=3, help="upscale factor for the drawings (default 3)")

@@ -9,12 +9,7 @@ from pathlib import Path
 from omegaconf.errors import OmegaConfBaseException
 
 from detlib.data.validation import AnnotationError
-from detlib.errors import CheckpointError, is_device_failure
-
-
-class ToolError(ValueError):
-    """Bad input to a tool; the message names the file, the field and the value."""
-
+from detlib.errors import CheckpointError, ToolError, is_device_failure  # noqa: F401 - ToolError: the tools' error
 
 # Errors a user can cause with a bad path or file: reported as one line, no traceback (CUDA failures,
 # RuntimeErrors too, are not: ``is_device_failure``).

@@ -17,7 +17,7 @@ from scipy import stats
 
 from detlib.evaluation.report import TP_IOU_BINS
 from detlib.evaluation.tide import ERRORS
-from detlib.tools.groups import Group
+from detlib.runs.groups import Group
 
 COLUMNS = tuple(f"dAP {e}" for e in ERRORS) + ("TP IoU mean",)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from detlib.evaluation.stats import mean_std
+from detlib.runs.groups import Group
 from detlib.tools.cli import ToolError
-from detlib.tools.groups import Group
-from detlib.tools.stats import mean_std
 
 
 def _save(fig: Figure, ax: Axes, path: Path, legend: bool = True, **labels: str) -> None:

@@ -5,17 +5,15 @@ p-value and the smallest difference the study could detect; AP vs IoU.
     uv run tools/compare_runs.py /work/sweeps --baseline loss=smooth_l1 --out report/
     uv run tools/compare_runs.py SWEEP_A SWEEP_B --x data.noise.outliers   # + AP against the outlier fraction
 
-Every folder under the DIRs with a ``run.json`` (or, made by older detlib, ``.hydra/config.yaml``) is
-a run (a multirun folder, a single run, or a folder of sweeps all work). A run's set-up is read from
-its ``run.json``, written once when it started, never from Hydra's ``.hydra`` files (a later launch
-in the folder rewrites those). Runs whose identity (``detlib.engine.run_record``: the config minus
+Every folder under the DIRs with a ``run.json`` is a run (a multirun folder, a single run, or a folder
+of sweeps all work). A run's set-up is read from its ``run.json``, written once when it started, never from Hydra's ``.hydra`` files (a later launch
+in the folder rewrites those). Runs whose identity (``detlib.runs.record.comparison_identity``: the config minus
 the keys that don't change results, plus world size and a fingerprint of the annotation files, plus
 the inference settings its metrics were computed with) is equal except for the seed form a group, so runs on different data never share one;
 named by the overrides that tell the groups apart (``loss=huber``); a key overridden in one sweep
 and left at its default in another is named in both (``loss=l2,data.noise.outliers=0.0``), so
-sweeps run at different times combine. Runs made by older code still
-match newer ones: keys added to ``detlib.config`` since take their defaults, and a key that only
-some runs have, with one value wherever it appears, is left out. A run without ``metrics.json``
+sweeps run at different times combine. A key that only some runs have, with one value wherever it
+appears (added to a config file since), is left out. A run without ``metrics.json``
 is listed as unfinished. Differences from the baseline are tested by a paired t-test on the runs
 matched by seed (runs of one seed in one group are averaged first; seed k of every group shares initial
 weights and batch order): mean difference, its 95 % confidence interval, the p-value, and the
@@ -25,7 +23,7 @@ and the observed spread), so "not significant" reads "no difference larger than 
 Beside the between-seed CI, the val-sampling CI of each paired difference: a paired bootstrap over val images
 (``--bootstrap N`` resamples, 0: off) of each run's ``detections.json``, with which of the two dominates, and the
 variance of a pair's difference split into val sampling, seeds and floating-point chaos (same-seed reruns, e.g.
-``trainer.num_threads=1``); ``detlib.tools.val_sampling``.
+``trainer.num_threads=1``); ``detlib.evaluation.val_sampling``.
 
 Writes ``comparison.md``, ``comparison.csv``, ``ap_per_iou.png`` and ``ap_bar.png`` into ``--out``; with
 TIDE data in the runs' ``eval_detail.json``, also the error decomposition per group (``tide.png``,
@@ -41,13 +39,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from detlib import runs
+from detlib.evaluation.stats import mean_std, paired
+from detlib.evaluation.val_sampling import ReplicateCache, decompose, decompose_table, val_rows, val_table
+from detlib.runs.groups import Group, group_runs, seed_warnings
+from detlib.runs.results import Run, find_runs, load_run, reconcile_diverged
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.compare_errors import error_rows, error_table, errors_section
 from detlib.tools.compare_plots import plot_against, plot_ap_per_iou, plot_bar
-from detlib.tools.groups import Group, group_runs, legacy_warnings, seed_warnings
-from detlib.tools.runs import Run, find_runs, load_run, reconcile_diverged
-from detlib.tools.stats import mean_std, paired
-from detlib.tools.val_sampling import ReplicateCache, decompose, decompose_table, val_rows, val_table
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -152,7 +151,7 @@ def write_markdown(path: Path, body: list[list[str]], unfinished: list[Run], met
         parts.append("![AP at each IoU threshold](ap_per_iou.png)")
     missing = [g.name for g in groups if g.name not in drawn]
     if missing:
-        parts += ["", f"Not in the AP-per-IoU figure (no eval_detail.json): {', '.join(missing)}; "
+        parts += ["", f"Not in the AP-per-IoU figure (no {runs.EVAL_DETAIL}): {', '.join(missing)}; "
                   "`tools/evaluate.py --run RUN` writes one to RUN/eval/."]
     diverged = [r for g in groups for r in g.runs if r.diverged]
     if diverged:
@@ -187,8 +186,8 @@ def val_sampling_section(groups: Sequence[Group], baseline: Group, rows: list[di
     vbody = val_table(val_rows(groups, baseline, rows, cache), metric, baseline.name)
     dbody = decompose_table(decompose(groups, baseline, cache), metric)
     if not any(v is not None for v in cache.done.values()):
-        note = ("no val-sampling CIs: no run has its detections (detections.json; for a run made before detlib "
-                "kept them, tools/evaluate.py --run RUN writes RUN/eval/detections.json)")
+        note = (f"no val-sampling CIs: no run has its detections ({runs.DETECTIONS}; for a run made before detlib "
+                f"kept them, tools/evaluate.py --run RUN writes RUN/{runs.EVAL_DIR}/{runs.DETECTIONS})")
         return f"\n{note[0].upper()}{note[1:]}.\n", f"\n{note}"
     notes = "".join(f"\n- {p}" for p in cache.problems)
     md = (f"\n## Val-sampling uncertainty ({n_boot} paired bootstrap resamples of the val images)\n\n"
@@ -207,14 +206,14 @@ def val_sampling_section(groups: Sequence[Group], baseline: Group, rows: list[di
 
 def _groups_and_baseline(dirs: Sequence[Path], wanted: str | None) -> tuple[list[Group], Group, list[Run]]:
     """The finished runs' groups, the baseline group and the unfinished runs; warnings go to stderr."""
-    runs = [load_run(p) for p in find_runs(dirs)]
-    done, unfinished = [r for r in runs if r.metrics], [r for r in runs if not r.metrics]
+    found = [load_run(p) for p in find_runs(dirs)]
+    done, unfinished = [r for r in found if r.metrics], [r for r in found if not r.metrics]
     if not done:
-        raise ToolError(f"no finished runs (with metrics.json) under {', '.join(map(str, dirs))}"
+        raise ToolError(f"no finished runs (with {runs.METRICS}) under {', '.join(map(str, dirs))}"
                         f" ({len(unfinished)} unfinished)")
     reconcile_diverged(done)
     groups = group_runs(done)
-    for warning in seed_warnings(groups) + legacy_warnings(done):
+    for warning in seed_warnings(groups):
         print(f"{prog_name('compare_runs.py')}: warning: {warning}", file=sys.stderr)
     names = [_pairs(g.name) for g in groups]
     wanted = wanted or ("loss=smooth_l1" if _pairs("loss=smooth_l1") in names else groups[0].name)

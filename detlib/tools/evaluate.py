@@ -21,10 +21,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from detlib import runs
 from detlib.data.coco_files import coco_from_dict, load_coco_json
 from detlib.data.validation import evaluation_ground_truth
 from detlib.evaluation.coco_eval import evaluate_coco, format_table
-from detlib.evaluation.report import EVAL_DETAIL, category_names, eval_detail, metrics
+from detlib.evaluation.report import category_names, eval_detail, metrics
 from detlib.jsonio import write_json
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.results import check_results_file, read_results
@@ -37,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("checkpoint mode")
     src.add_argument("--run", type=Path, help="run directory made by train.py")
-    src.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (default: RUN/checkpoints/last.pt)")
+    src.add_argument("--checkpoint", type=Path, help=f"checkpoint to evaluate (default: RUN/{runs.CHECKPOINTS}/{runs.LAST})")
     src.add_argument("--config-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                      help="changes to the run's config, e.g. data=coco data.root=/data/coco ...")
     src.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
@@ -52,9 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     files.add_argument("--dt", type=Path, help="COCO results file (list of image_id, category_id, bbox, score)")
     p.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"],
                    help="COCO evaluation backend (default: the run's eval.backend, else pycocotools)")
-    p.add_argument("--out", type=Path, help="metrics JSON to write (default: RUN/eval/metrics.json in checkpoint "
+    p.add_argument("--out", type=Path, help=f"metrics JSON to write (default: RUN/{runs.EVAL_DIR}/{runs.METRICS} in checkpoint "
                                             "mode, none in file mode)")
-    files.add_argument("--detail", type=Path, help="file mode: also write eval_detail.json's content (AP per IoU "
+    files.add_argument("--detail", type=Path, help=f"file mode: also write {runs.EVAL_DETAIL}'s content (AP per IoU "
                        "and per class, TIDE errors, true positives' IoU) here")
     args = p.parse_args(argv)
     if (args.run is None) == (args.gt is None):
@@ -82,21 +83,20 @@ def report(detail: dict, out: Path | None, title: str, with_detail: bool = True)
     if out is not None:
         write_json(out, metrics(detail["stats"]))
         if with_detail:
-            write_json(out.with_name(EVAL_DETAIL), detail)
-        print(f"\nmetrics written to {out}" + (f" (AP per IoU and per class, TIDE: {out.with_name(EVAL_DETAIL)})"
+            write_json(out.with_name(runs.EVAL_DETAIL), detail)
+        print(f"\nmetrics written to {out}" + (f" (AP per IoU and per class, TIDE: {out.with_name(runs.EVAL_DETAIL)})"
                                                if with_detail else ""))
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
-    from detlib.engine import run_record
+    from detlib.device import autocast_dtype, channels_last, resolve_device
     from detlib.engine.checkpoint import load as load_checkpoint
-    from detlib.engine.device import autocast_dtype, channels_last, resolve_device
+    from detlib.engine.restore import build_from_run, load_run_config, load_weights, weights_note
     from detlib.evaluation.inference import evaluate
-    from detlib.tools.rundir import build_from_run, load_run_config, load_weights, weights_note
 
     cfg = load_run_config(args.run, args.config_overrides)
-    ckpt = args.checkpoint or args.run / "checkpoints" / "last.pt"
+    ckpt = args.checkpoint or runs.last_checkpoint(args.run)
     saved = load_checkpoint(ckpt)  # a bad checkpoint is refused before any data is built
     model, val_set = build_from_run(cfg, args.run)
     state = load_weights(model, ckpt, args.weights, saved)
@@ -106,10 +106,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     amp = autocast_dtype(cfg.trainer.amp if args.amp == "run" else args.amp)
     stats, losses, results, E = evaluate(model, val_set, device, cfg.eval.batch_size, tuple(cfg.eval.max_dets),
                                           amp, backend)
-    out = args.out or args.run / "eval" / "metrics.json"
-    dets = args.dets or out.with_name("detections.json")
+    out = args.out or args.run / runs.EVAL_DIR / runs.METRICS
+    dets = args.dets or out.with_name(runs.DETECTIONS)
     write_json(dets, results)
-    settings = run_record.eval_settings(OmegaConf.to_container(cfg, resolve=False))
+    settings = runs.eval_settings(OmegaConf.to_container(cfg, resolve=False))
     detail = eval_detail(state["iteration"], stats, E, category_names(val_set.coco), losses, settings,
                          weights=state["loaded"])
     report(detail, out, f"{ckpt} (iteration {state['iteration']}) with its {weights_note(state)} on {len(val_set)} images "

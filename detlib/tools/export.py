@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from detlib import runs
 from detlib.data.image import read_image
 from detlib.export import export_torchscript
 from detlib.predictor import Predictor
@@ -24,7 +25,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name("export.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a run folder")
-    p.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/last.pt")
+    p.add_argument("--checkpoint", type=Path, help=f"default: RUN/{runs.CHECKPOINTS}/{runs.LAST}")
     p.add_argument("--out", type=Path, required=True, help="the TorchScript file to write")
     p.add_argument("--example", type=Path, help="an image to trace on (default: grey, min_size square)")
     return p.parse_args(argv)

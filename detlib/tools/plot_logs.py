@@ -16,7 +16,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from detlib.evaluation.report import METRICS_JSONL
+from detlib.runs import METRICS_JSONL
 from detlib.tools.cli import ToolError, cli, prog_name
 
 
@@ -24,7 +24,7 @@ def read_log(run: Path) -> list[dict]:
     """The records of ``run/metrics.jsonl`` (a half-written last line is skipped)."""
     path = run / METRICS_JSONL if run.is_dir() else run
     if not path.is_file():
-        raise ToolError(f"{path}: not found (runs log metrics.jsonl since this version; older ones: TensorBoard)")
+        raise ToolError(f"{path}: not found (runs log {METRICS_JSONL} since this version; older ones: TensorBoard)")
     records = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         try:
@@ -45,7 +45,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name("plot_logs.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (or metrics.jsonl files)")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help=f"run folders (or {METRICS_JSONL} files)")
     p.add_argument("--keys", nargs="+", default=["train/loss", "val/AP"], help="keys to draw (default train/loss val/AP)")
     p.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write (default curves.png)")
     p.add_argument("--list", action="store_true", help="print the keys the runs logged and stop")

@@ -25,10 +25,10 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models.detection._utils import BoxCoder
 
-from detlib import losses
+from detlib import losses, runs
+from detlib.engine.restore import check_targets, load_run_config
 from detlib.losses import BoxLoss
 from detlib.tools.cli import ToolError, cli, prog_name
-from detlib.tools.rundir import check_targets, load_run_config
 
 Curve = tuple[str, Callable[[Tensor], Tensor], float | None]  # label, residual (N,) -> loss (N,), kink at |x|
 FILES = {"compare": "loss_shapes.png", "beta": "smooth_l1_beta.png"}
@@ -153,9 +153,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.run is not None:
         fig = run_figure(args.run, args.range)
         path = save(fig, args.run / "loss_shape.png")
-        with SummaryWriter(str(args.run / "tb")) as writer:
+        with SummaryWriter(str(args.run / runs.TB)) as writer:
             writer.add_figure("loss/shape", fig)  # closes the figure
-        print(f"wrote {path} and TensorBoard figure 'loss/shape' in {args.run / 'tb'}")
+        print(f"wrote {path} and TensorBoard figure 'loss/shape' in {args.run / runs.TB}")
         return 0
     for name in (["compare", "beta"] if args.preset == "all" else [args.preset]):
         curves, title, zoom = preset(name)

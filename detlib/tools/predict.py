@@ -27,6 +27,7 @@ from pathlib import Path
 from torchvision.io import write_png
 from tqdm import tqdm
 
+from detlib import runs
 from detlib.data.image import ImageDecodeError, read_image
 from detlib.jsonio import write_json
 from detlib.predictor import Predictor
@@ -40,9 +41,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name("predict.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a run folder (its config and checkpoints)")
-    p.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/last.pt")
+    p.add_argument("--checkpoint", type=Path, help=f"default: RUN/{runs.CHECKPOINTS}/{runs.LAST}")
     p.add_argument("--images", required=True, help="a folder of images or a glob pattern")
-    p.add_argument("--out", type=Path, required=True, help="folder for detections.json and the drawn images")
+    p.add_argument("--out", type=Path, required=True, help=f"folder for {runs.DETECTIONS} and the drawn images")
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections at or above this (default 0.5)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--amp", choices=("run", "off", "bf16", "fp16"), default="run",
@@ -120,14 +121,14 @@ def run(argv: Sequence[str] | None = None) -> int:
                 progress.write(json.dumps({"image": entry, "detections": found}) + "\n")
                 progress.flush()
     finally:  # also after Ctrl-C or an error: what was computed is kept
-        write_json(args.out / "detections.json", results)
+        write_json(args.out / runs.DETECTIONS, results)
         write_json(args.out / "images.json", index)
         if skipped:
             write_json(args.out / "skipped.json", skipped)
     if not index:
         raise ToolError(f"--images {args.images}: none of the {len(files)} files could be decoded "
                         f"(first: {skipped[0]['file_name']}: {skipped[0]['reason']})")
-    print(f"{len(index)} images, {len(results)} detections: {args.out / 'detections.json'}; drawn (score >= "
+    print(f"{len(index)} images, {len(results)} detections: {args.out / runs.DETECTIONS}; drawn (score >= "
           f"{args.score_thresh}) in {args.out}"
           + (f"; {len(skipped)} undecodable files skipped ({args.out / 'skipped.json'})" if skipped else ""))
     return 0

@@ -24,19 +24,20 @@ from torch.nn.functional import interpolate
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
+from detlib import runs
 from detlib.data.coco import CocoDetection
+from detlib.device import resolve_device, to_device
 from detlib.engine.checkpoint import load as load_checkpoint
-from detlib.engine.device import resolve_device, to_device
+from detlib.engine.restore import build_from_run, load_run_config, load_weights
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.results import check_results_file, read_results
-from detlib.tools.rundir import build_from_run, load_run_config, load_weights
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name("visualize.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, help="run directory: predict with its checkpoint on its val set")
-    p.add_argument("--checkpoint", type=Path, help="with --run: checkpoint (default RUN/checkpoints/last.pt)")
+    p.add_argument("--checkpoint", type=Path, help=f"with --run: checkpoint (default RUN/{runs.CHECKPOINTS}/{runs.LAST})")
     p.add_argument("--device", default="auto", help="with --run: auto | cpu | cuda")
     p.add_argument("--dets", type=Path, help="COCO results file to draw (needs --gt and --images)")
     p.add_argument("--gt", type=Path, help="COCO ground-truth annotation file")
@@ -103,7 +104,7 @@ def from_results(by_image: dict[int, list[dict]], cat_to_label: dict[int, int], 
 def open_source(args: argparse.Namespace) -> tuple[CocoDetection, Callable[[Tensor, dict], dict]]:
     """The images to draw and a function ``(image, target) -> predictions``: a run's model or a detections file."""
     if args.run is not None:
-        ckpt = args.checkpoint or args.run / "checkpoints" / "last.pt"
+        ckpt = args.checkpoint or runs.last_checkpoint(args.run)
         saved = load_checkpoint(ckpt)  # a bad checkpoint is refused before any data is built
         model, dataset = build_from_run(load_run_config(args.run), args.run)
         load_weights(model, ckpt, state=saved)

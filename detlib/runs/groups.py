@@ -1,6 +1,6 @@
 """Group runs that differ only in the seed, and name each group by what tells it apart (``loss=huber``).
 
-Runs whose identity (``detlib.engine.run_record``: the config minus execution keys, plus world size and a
+Runs whose identity (``detlib.runs.record.comparison_identity``: the config minus execution keys, plus world size and a
 fingerprint of the annotation files, plus the inference settings of their metrics: ``score_thresh``,
 ``detections_per_img``, ...) is equal except for the seed form a group, so runs on different
 data never share one. A key that only some runs have, with one value wherever it appears (added to a
@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from detlib.tools.runs import Run
+from detlib.runs.results import Run
 
 
 @dataclass
@@ -72,17 +72,9 @@ def seed_warnings(groups: Sequence[Group]) -> list[str]:
     return out
 
 
-def legacy_warnings(runs: Sequence[Run]) -> list[str]:
-    legacy = [r for r in runs if r.legacy]
-    if not legacy:
-        return []
-    return [f"{len(legacy)} runs have no run.json (made by an older detlib): their set-up is read from .hydra "
-            f"files, which a later launch in the folder may have rewritten (first: {legacy[0].path})"]
-
-
 def _override_values(run: Run, keys: Sequence[str]) -> dict[str, str | None]:
     """The run's value of each overridden ``key``: its own override, else what the run used without one
-    (the config value, or the config group's choice from ``.hydra/hydra.yaml``); None if unknown."""
+    (the config value, or the config group's choice its run.json records); None if unknown."""
     given = {k.lstrip("+"): v for k, _, v in (o.partition("=") for o in run.overrides) if _}
     return {k: given[k] if k in given else str(run.identity[k]) if k in run.identity else run.choices.get(k)
             for k in keys}

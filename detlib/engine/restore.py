@@ -1,9 +1,11 @@
-"""Read a run directory: its config, its model and val set rebuilt, its checkpoint's weights.
+"""Rebuild a run from its folder (``detlib.runs``): its config, its model, its checkpoint's weights.
 
-A run directory is what ``train.py`` writes (``run.json``, ``.hydra/config.yaml``, ``checkpoints/last.pt``,
-``metrics.json``, ``eval_detail.json``, ``tb/``). The model is rebuilt from the run's own resolved config
-the way ``train.py`` builds it (``detlib.engine.build.build_model``), so evaluating a checkpoint gives the
-numbers the run itself reported. A run folder is data: its config may only name trusted classes.
+The model is rebuilt from the run's own resolved config (its ``run.json``) the way ``train.py`` builds it
+(``detlib.engine.build.build_model``), so evaluating a checkpoint gives the numbers the run itself reported.
+To predict, nothing else is needed (``model_from_run``): the record's ``classes`` give the class count, the
+names and the category ids, so a run folder (or a checkpoint and its ``run.json``) copied to a machine
+without the training data still predicts and exports. To evaluate, the val set is built too
+(``build_from_run``). A run folder is data: its config may only name trusted classes.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from detlib import runs
+from detlib.compose import compose_train, is_group
 from detlib.config import Config, check_ranges, register
 from detlib.data.build import build_datasets
 from detlib.data.coco import CocoDetection
 from detlib.engine.build import build_model
 from detlib.engine.checkpoint import CheckpointError
 from detlib.engine.checkpoint import load as load_checkpoint
-from detlib.jsonio import read_json
+from detlib.errors import ToolError
 from detlib.modeling.proposals import check_proposal_ids
-from detlib.tools.cli import ToolError
-from detlib.tools.configs import compose_train, is_group
 
 # What a run folder's config may instantiate: exact qualified names, never prefixes (``torch.`` would admit
 # ``torch.hub.load`` and ``torch._inductor.codecache.PyCodeCache.load``, which run code). These are the
@@ -59,23 +61,15 @@ def _parse_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The run's resolved config (its ``run.json``; ``.hydra/config.yaml`` for older runs), with optional
-    overrides on top.
+    """The run's resolved config (its ``run.json``), with optional overrides on top.
 
     A group choice (``data=coco``) replaces that whole node with the group's yaml, composed by
     Hydra from ``configs/``; a dotted key (``data.root=/x``) changes one value of the saved config.
     """
-    record = Path(run_dir) / "run.json"
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if record.is_file():  # the config the run started with; .hydra/ is rewritten by every launch in the folder
-        data = read_json(record, "run record", ToolError)
-        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-            raise ToolError(f"{record}: not a detlib run record (no 'config' object)")
-        cfg = OmegaConf.create(data["config"])
-    elif path.is_file():
-        cfg = OmegaConf.load(path)
-    else:
-        raise ToolError(f"not a run directory (no run.json or .hydra/config.yaml): {run_dir}")
+    data = read_record(run_dir)  # the config the run started with; .hydra/ is rewritten by every launch in the folder
+    if not data:
+        raise ToolError(f"not a run directory (no {runs.RECORD}): {run_dir}")
+    cfg = OmegaConf.create(data["config"])
     groups, keys = _parse_overrides(overrides)
     if groups:
         composed = compose_train(groups)
@@ -146,7 +140,14 @@ def build_from_run(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[
     """
     check_targets(cfg)
     typed = typed_config(cfg)
-    train_set, val_set = build_datasets(typed.data)
+    try:
+        train_set, val_set = build_datasets(typed.data)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        recorded = (read_record(run_dir).get("data_files") or {}).get("val", "?") if run_dir is not None else "?"
+        raise ToolError(f"evaluating {run_dir or 'the run'} on its val set needs the run's data, which is not here "
+                        f"({e}; the run read {recorded}): point to a copy with --config-overrides data.root=DIR "
+                        "(or data.val_ann=..., data.val_images=...). Predicting and exporting need no data: "
+                        "tools/predict.py, tools/export.py") from None
     if run_dir is not None:
         record = read_record(run_dir)
         for dataset in (train_set, val_set):
@@ -155,6 +156,21 @@ def build_from_run(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[
     model = build_model(cfg, train_set.num_classes)
     check_proposal_ids(model, val=val_set.ids)  # Fast R-CNN with a proposals file must cover the val images
     return model, val_set
+
+
+def model_from_run(cfg: DictConfig, run_dir: str | Path) -> tuple[nn.Module, dict[int, str], dict[int, int]]:
+    """``(model, names, label_to_cat)`` from the run's config and its record's classes, building no data;
+    ``names``/``label_to_cat``: label 1..K -> class name / category id. A run recorded before its classes
+    were (no ``classes`` in run.json) is rebuilt from its data (``build_from_run``), which must be here."""
+    check_targets(cfg)
+    typed_config(cfg)  # the schema and range checks train.py made
+    meta = runs.recorded_classes(read_record(run_dir))
+    if meta is None:
+        warn(f"{Path(run_dir) / runs.RECORD} records no classes (an older run): its data are built to learn them")
+        model, val_set = build_from_run(cfg, run_dir)
+        return model, dict(enumerate(val_set.class_names, 1)), dict(val_set.label_to_cat)
+    names, label_to_cat = meta
+    return build_model(cfg, len(names) + 1), names, label_to_cat
 
 
 def load_weights(model: nn.Module, path: str | Path, weights: str = "auto", state: dict | None = None) -> dict:
@@ -190,10 +206,12 @@ def warn(message: str) -> None:
 
 
 def read_record(run_dir: str | Path) -> dict:
-    """The run's ``run.json`` as a dict; ``{}`` for a run older than the record (only ``.hydra/``)."""
-    path = Path(run_dir) / "run.json"
-    data = read_json(path, "run record", ToolError) if path.is_file() else {}
-    return data if isinstance(data, dict) else {}
+    """The run's ``run.json`` (``detlib.runs.read_record``), which must hold its config; ``{}`` where there is
+    none. An unreadable one is a ``ToolError`` naming it."""
+    try:
+        return runs.read_record(run_dir, need="config") or {}
+    except runs.RunIdentityError as e:
+        raise ToolError(str(e)) from None
 
 
 def match_classes(dataset: CocoDetection, recorded: list[dict] | None, run_dir: str | Path) -> None:
@@ -205,7 +223,7 @@ def match_classes(dataset: CocoDetection, recorded: list[dict] | None, run_dir: 
     """
     names = list(dataset.class_names)
     if not recorded:
-        warn(f"{Path(run_dir) / 'run.json'} records no classes (an older run): label k is taken to be the k-th "
+        warn(f"{Path(run_dir) / runs.RECORD} records no classes (an older run): label k is taken to be the k-th "
              f"category by id of {dataset.ann_file} ({', '.join(names)}); check that is the order it trained on")
         return
     learned = [str(c["name"]) for c in recorded]
@@ -214,7 +232,7 @@ def match_classes(dataset: CocoDetection, recorded: list[dict] | None, run_dir: 
     if Counter(learned) != Counter(names) or len(set(names)) != len(names):
         missing = sorted((Counter(learned) - Counter(names)).elements())
         new = sorted((Counter(names) - Counter(learned)).elements())
-        raise ToolError(f"{dataset.ann_file}: its classes are not the ones run {run_dir} learned (run.json "
+        raise ToolError(f"{dataset.ann_file}: its classes are not the ones run {run_dir} learned ({runs.RECORD} "
                         f"'classes': {', '.join(learned)}; the file: {', '.join(names)}; missing: {missing or 'none'},"
                         f" not learned: {new or 'none'}, or names repeated); evaluate on data with the run's classes")
     ids = {c["name"]: c["id"] for c in dataset.coco.cats.values()}
@@ -225,12 +243,10 @@ def match_classes(dataset: CocoDetection, recorded: list[dict] | None, run_dir: 
 
 def check_val_file(val_set: CocoDetection, record: dict, run_dir: str | Path) -> None:
     """Warn, naming the file, when the val annotations are not those the run recorded (their sha256)."""
-    from detlib.engine.run_record import fingerprint
-
     old = (record.get("identity") or {}).get("data.fingerprint.val")
     if old is None:
         return
-    now = fingerprint(val_set)
+    now = runs.fingerprint(val_set)
     if now != old:
         recorded = (record.get("data_files") or {}).get("val", "?")
         warn(f"{val_set.ann_file}: not the val annotations run {run_dir} recorded ({recorded}, sha256 {old[:12]}; "

@@ -13,13 +13,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from detlib import runs
 from detlib.tools import compare_runs
 
 log = logging.getLogger(__name__)
 
 
 class CompareRuns(Callback):
-    """``hydra.callbacks.compare: {_target_: detlib.engine.sweep_callbacks.CompareRuns, args: [...]}``;
+    """``hydra.callbacks.compare: {_target_: detlib.tools.sweep_callbacks.CompareRuns, args: [...]}``;
     ``args``: ``compare_runs.py``'s options (``--baseline loss=smooth_l1``)."""
 
     def __init__(self, args: list[str] | None = None) -> None:
@@ -42,7 +43,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir).resolve()
-        runs = sorted(p.parent for p in sweep.glob("*/run.json"))
-        done = sum((r / "metrics.json").is_file() for r in runs)
+        folders = sorted(p.parent for p in sweep.glob(f"*/{runs.RECORD}"))
+        done = sum(runs.is_finished(r) for r in folders)
         log.info("sweep finished: %d runs (%d with metrics) under %s\n  compare them: uv run tools/compare_runs.py %s",
-                 len(runs), done, sweep, shlex.quote(str(sweep)))
+                 len(folders), done, sweep, shlex.quote(str(sweep)))

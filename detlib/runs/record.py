@@ -1,24 +1,29 @@
-"""A run's identity, its record (``run.json``) and its lock (``.lock``).
+"""A run's identity and its record, ``run.json``.
 
 Hydra rewrites ``.hydra/config.yaml`` every time a command is launched in a folder, so those files
 say what the *last* command asked for, not what produced the results there. detlib therefore writes
 its own record once, when a run starts in an empty folder, and checks every later launch against it:
 
-* ``identity(cfg, ...)``: the whole resolved config, flattened to dotted keys, minus the keys that
-  cannot change the result (``IGNORED``: device, progress bar, logging and checkpoint periods, data
+* ``identity(cfg, ...)``: the whole resolved config, flattened to dotted keys (``flatten``), minus the keys
+  that cannot change the result (``IGNORED``: device, progress bar, logging and checkpoint periods, data
   paths, ...) and minus the inference-only keys (``EVAL_ONLY``: score threshold, NMS, max dets), plus
   what the config alone does not say: world size, number of classes, and a fingerprint of the
   annotation files (so the same data under another path is the same run, other data is not).
 * ``run.json``: ``{identity, eval, config, overrides, choices, data_files, classes, created, host, argv}``
-  (``classes``: the model's labels 1..K as ``{"id", "name"}`` of the training file's categories),
-  written once; ``compare_runs.py``, the tools and TensorBoard's HParams table read it.
-* ``RunLock``: an ``flock`` on ``RUN/.lock`` held for the run's life, naming its owner (pid, host).
+  (``classes``: the model's labels 1..K as ``{"id", "name"}`` of the training file's categories: the
+  dataset metadata a trained model is used with, ``class_names``/``label_to_cat``), written once;
+  ``train.py`` checks a relaunch against it (``check``), ``compare_runs.py`` groups runs by
+  ``comparison_identity``, the tools rebuild a model from it and TensorBoard's HParams table reads it.
+
+These two uses of the identity, a relaunch check and the groups of a comparison, read one list of keys
+that don't count (``IGNORED``) and differ only where they must: inference settings (``EVAL_ONLY``) may
+change when a run continues but change its metrics, so they split groups; the seed makes another run,
+and groups are what runs of several seeds share (compared seed by seed).
 """
 
 from __future__ import annotations
 
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -27,34 +32,37 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-RECORD = "run.json"
-LOCK = ".lock"
+from detlib.runs.layout import HYDRA_DIR, RECORD
+
 FORMAT = 1
 
-# Keys that say how a run is executed or logged, never what it computes.
+# Keys that say how a run is executed or logged, never what it computes. ``hydra`` and ``experiment`` are
+# not config keys (Hydra's own node; the preset that chose values) but name launch overrides.
 IGNORED = (
     "trainer.device", "trainer.progress", "trainer.log_period", "trainer.resume", "trainer.num_threads",
     "trainer.checkpoint_period", "trainer.keep_last", "trainer.channels_last", "trainer.cudnn_benchmark",
     "trainer.eval_period", "data.num_workers", "data.root", "data.train_ann", "data.train_images",
-    "data.val_ann", "data.val_images", "eval.backend",
+    "data.val_ann", "data.val_images", "eval.backend", "hydra", "experiment",
 )
 # Keys that change the evaluation only (inference thresholds): may differ on resume, and are named.
 EVAL_ONLY = (
     "eval.max_dets", "eval.batch_size", "model.roi_head.score_thresh", "model.roi_head.nms_thresh",
     "model.roi_head.detections_per_img", "model.rpn.pre_nms_top_n_test", "model.rpn.post_nms_top_n_test",
 )
+SEED = "seed"  # part of the identity; a comparison groups runs that differ only in it, and pairs them by it
 
 
 class RunIdentityError(RuntimeError):
     """A launch that does not match the run already in its folder; the message lists the differences."""
 
 
-class RunDirInUse(RuntimeError):
-    """Another live process holds the run folder's lock."""
-
-
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def ignored(key: str) -> bool:
+    """Is ``key`` (``trainer.device``, or an override's ``+key``) one of the execution-only ``IGNORED`` keys?"""
+    return _under(key.lstrip("+~"), IGNORED)
 
 
 def flatten(node: object, prefix: str = "") -> dict[str, object]:
@@ -71,13 +79,17 @@ def fingerprint(dataset: object) -> str:
     """sha256 of a dataset's annotations: the JSON file's bytes, or (data converted in memory, e.g.
     Pascal VOC) of its COCO dict. Images are not read: that would cost a full decode of the data."""
     ann = Path(getattr(dataset, "ann_file", ""))
-    h = hashlib.sha256()
     if ann.suffix == ".json" and ann.is_file():
-        with open(ann, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    else:
-        h.update(json.dumps(dataset.coco.dataset, sort_keys=True, default=str).encode())
+        return file_fingerprint(ann)
+    return hashlib.sha256(json.dumps(dataset.coco.dataset, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a file's bytes: ``fingerprint`` of a dataset read from that JSON file, without building it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -90,6 +102,21 @@ def identity(config: Mapping, *, world_size: int, num_classes: int, data_fingerp
     flat |= {"world_size": world_size, "num_classes": num_classes}
     flat |= {f"data.fingerprint.{k}": v for k, v in data_fingerprints.items()}
     return dict(sorted(flat.items()))
+
+
+def tells_groups_apart(key: str) -> bool:
+    """Can an override of ``key`` name a comparison's group? Not an execution key, nor the seed (runs of one
+    set-up differ in it)."""
+    return not ignored(key) and key.lstrip("+~") != SEED
+
+
+def comparison_identity(record: Mapping, used_eval: Mapping | None = None) -> dict:
+    """What ``compare_runs`` groups a run by: its recorded identity without the seed, plus the inference
+    settings its metrics were computed with (``used_eval``: ``eval_detail.json``'s ``eval_settings``, else the
+    record's ``eval``): runs at other settings are not one set-up."""
+    out = dict(record["identity"]) | dict(record.get("eval") or {}) | dict(used_eval or {})
+    out.pop(SEED, None)
+    return out
 
 
 def eval_settings(config: Mapping) -> dict:
@@ -125,8 +152,9 @@ def make_record(config: Mapping, ident: Mapping, *, overrides: list[str], choice
     }
 
 
-def read_record(run_dir: str | Path) -> dict | None:
-    """The run's ``run.json``; None if there is none. An unreadable one is an error naming it."""
+def read_record(run_dir: str | Path, need: str = "identity") -> dict | None:
+    """The run's ``run.json``; None if there is none. An unreadable one, or one without the object ``need``
+    (``identity``; ``config`` to rebuild the run), is an error naming it."""
     path = Path(run_dir) / RECORD
     if not path.is_file():
         return None
@@ -135,8 +163,8 @@ def read_record(run_dir: str | Path) -> dict | None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunIdentityError(f"{path}: unreadable run record ({e}); this folder's results cannot be "
                                "attributed to a set-up: move it away or start a new run directory") from e
-    if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
-        raise RunIdentityError(f"{path}: not a detlib run record (no 'identity' object)")
+    if not isinstance(record, dict) or not isinstance(record.get(need), dict):
+        raise RunIdentityError(f"{path}: not a detlib run record (no '{need}' object)")
     return record
 
 
@@ -165,65 +193,24 @@ def check(record: Mapping, ident: Mapping, run_dir: str | Path) -> None:
               "the recorded values.")
 
 
-def foreign_files(run_dir: str | Path) -> list[str]:
-    """Checkpoints and TensorBoard event files already in ``run_dir`` (another run's results)."""
-    run_dir = Path(run_dir)
-    found = [p for p in (run_dir / "checkpoints").glob("*.pt")] if (run_dir / "checkpoints").is_dir() else []
-    found += list((run_dir / "tb").glob("events.out.tfevents.*")) if (run_dir / "tb").is_dir() else []
-    found += [run_dir / n for n in ("metrics.json", RECORD) if (run_dir / n).is_file()]
-    return sorted(str(p.relative_to(run_dir)) for p in found)
+def recorded_classes(record: Mapping) -> tuple[dict[int, str], dict[int, int]] | None:
+    """The dataset metadata a trained model is used with, as the record keeps it: ``({label: name},
+    {label: category id})`` for the labels 1..K; None for a run recorded before ``classes`` were."""
+    classes = record.get("classes")
+    if not classes:
+        return None
+    return ({k: str(c["name"]) for k, c in enumerate(classes, 1)}, {k: int(c["id"]) for k, c in enumerate(classes, 1)})
 
 
 def restore_hydra_files(run_dir: str | Path, record: Mapping) -> None:
     """Put back the ``.hydra`` files a refused launch made Hydra rewrite, from the record."""
     from omegaconf import OmegaConf
 
-    folder = Path(run_dir) / ".hydra"
+    folder = Path(run_dir) / HYDRA_DIR
     if not folder.is_dir():
         return
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(record["config"])))
     (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(record["overrides"]))))
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``RUN/.lock`` for the life of the process that trains in ``RUN``.
-
-    The kernel drops the lock when the process dies (even SIGKILL), so a crashed run never leaves
-    its folder locked. The file names the owner so a refused launch can say who holds it.
-    """
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / LOCK
-        self.fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(fd, 4096).decode(errors="replace").strip() or "unknown owner"
-            os.close(fd)
-            raise RunDirInUse(f"run directory {self.path.parent} is in use by another run ({owner}; lock file "
-                              f"{self.path}). Two runs never share a folder: wait for it, stop it, or use "
-                              "another folder.") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
-                     f"{datetime.datetime.now().isoformat(timespec='seconds')}\n".encode())
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def hparams(record: Mapping) -> dict:
@@ -260,48 +247,3 @@ def leading_hparams(hparams: Mapping) -> list[str]:
     return keys[: last + 1]
 
 
-NEW_RUN = "trainer.resume=new"  # the switch that starts over in a new folder instead of continuing
-
-
-def run_dir(base: str = "outputs", overrides: Sequence[str] | None = None) -> str:
-    """The run folder of a launch (Hydra resolver ``detlib_run_dir``): the newest unfinished run under
-    ``base`` launched with exactly these ``overrides`` and not running now, so re-running the same command
-    continues it (as detectron2's ``--resume``, but by default); otherwise, or with ``trainer.resume=new``,
-    a new ``base/DATE/TIME`` folder."""
-    from detlib import distributed as dist
-
-    wanted = None if overrides is None else [str(o) for o in overrides]
-    return dist.run_stamp(base, lambda: (None if wanted is None or NEW_RUN in wanted else
-                                         unfinished_run(base, wanted)) or dist._claim(base))
-
-
-def unfinished_run(base: str | Path, overrides: list[str]) -> str | None:
-    """The newest ``base/DATE/TIME`` whose ``run.json`` records ``overrides``, without ``metrics.json``
-    (unfinished) and not locked by a live process; None if there is none."""
-    candidates = []
-    for record_file in Path(base).glob(f"*/*/{RECORD}"):
-        folder = record_file.parent
-        if (folder / "metrics.json").exists() or _locked(folder / LOCK):
-            continue
-        try:
-            record = json.loads(record_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and record.get("overrides") == overrides:
-            candidates.append((record_file.stat().st_mtime, str(folder)))
-    return max(candidates)[1] if candidates else None
-
-
-def _locked(path: Path) -> bool:
-    """Whether a live process holds ``RunLock`` on ``path`` (the lock itself is taken later, by train.py)."""
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)

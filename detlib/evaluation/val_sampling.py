@@ -1,6 +1,6 @@
 """How much of a paired AP difference is the val sample: a paired bootstrap over val images, beside the seed CI.
 
-The between-seed CI (``detlib.tools.stats.paired``) says how the difference varies with training randomness,
+The between-seed CI (``detlib.evaluation.stats.paired``) says how the difference varies with training randomness,
 on this val set. Another val set of the same size would move every run's AP too; ``val_rows`` draws such sets
 (images with replacement, the same draws for every run: ``detlib.evaluation.bootstrap``) from each run's
 ``detections.json`` (the trainer writes it; older runs: ``tools/evaluate.py --run RUN`` writes
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from detlib import runs
 from detlib.evaluation.bootstrap import METRICS, image_evaluations, percentile_ci, resampled_ap, resamples
-from detlib.evaluation.report import DETECTIONS, EVAL_DETAIL
-from detlib.tools.groups import Group
-from detlib.tools.runs import Run
+from detlib.runs import DETECTIONS, EVAL_DETAIL, EVAL_DIR
+from detlib.runs.groups import Group
+from detlib.runs.results import Run
 
 
 @dataclass
@@ -38,9 +39,9 @@ def _detections(run: Run) -> Path | None:
     """The detections its metrics were computed from: the trainer's, else ``tools/evaluate.py``'s of the same AP."""
     if (run.path / DETECTIONS).is_file():
         return run.path / DETECTIONS
-    later = run.path / "eval" / DETECTIONS
+    later = run.path / EVAL_DIR / DETECTIONS
     try:
-        detail = json.loads((run.path / "eval" / EVAL_DETAIL).read_text())
+        detail = json.loads((run.path / EVAL_DIR / EVAL_DETAIL).read_text())
     except (OSError, ValueError):
         return None
     ap = (run.metrics or {}).get("AP")
@@ -76,16 +77,16 @@ class ReplicateCache:
 
     def _compute(self, run: Run) -> Replicates | None:
         dets = _detections(run)
-        val = ((_record(run).get("data_files") or {}).get("val"))
+        val = (run.record.get("data_files") or {}).get("val")
         if dets is None or not val or not Path(val).is_file():
-            self.problems.append(f"{run.path}: " + ("no detections.json" if dets is None else
+            self.problems.append(f"{run.path}: " + (f"no {DETECTIONS}" if dets is None else
                                                     f"val annotations not found ({val})"))
             return None
         E = image_evaluations(self._gt(val), json.loads(dets.read_text()), int(_max_det(run)))
         full = resampled_ap(E)[self.metric]
         recorded = (run.metrics or {}).get(self.metric)
         if full is None or recorded is None or abs(full - recorded) > 1e-6:
-            self.problems.append(f"{run.path}: {self.metric} from its detections ({full}) is not its metrics.json's "
+            self.problems.append(f"{run.path}: {self.metric} from its detections ({full}) is not its {runs.METRICS}'s "
                                  f"({recorded}); left out")
             return None
         boot = np.array([v if (v := resampled_ap(E, idx)[self.metric]) is not None else np.nan
@@ -103,16 +104,9 @@ class ReplicateCache:
                 for s, v in seeds.items()}
 
 
-def _record(run: Run) -> dict:
-    try:
-        return json.loads((run.path / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _max_det(run: Run) -> int:
     dets = run.identity.get("eval.max_dets")
-    return json.loads(dets)[-1] if isinstance(dets, str) else 100
+    return dets[-1] if isinstance(dets, list) and dets else 100
 
 
 def val_rows(groups: Sequence[Group], baseline: Group, rows: Sequence[dict], cache: ReplicateCache) -> list[dict]:

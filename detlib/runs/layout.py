@@ -1,0 +1,59 @@
+"""The files of a run folder, named once: everything that reads or writes one asks this module.
+
+    RUN/
+      run.json            the run's record, written once when it starts (``detlib.runs.record``)
+      .lock               held by the process training in RUN (``detlib.runs.lock``)
+      checkpoints/        model_{iteration}.pt, and last.pt naming the newest (``detlib.engine.checkpoint``)
+      tb/                 TensorBoard event files
+      metrics.jsonl       one JSON line per log step and per evaluation
+      metrics.json        the final COCO stats: the run is finished
+      eval_detail.json    AP per IoU and per class, TIDE, the inference settings used
+      detections.json     the detections that evaluation scored (COCO results format)
+      diverged.json       why a run with ``trainer.on_nonfinite=record`` stopped (then metrics.json: AP 0)
+      eval/               what ``tools/evaluate.py --run`` writes afterwards (the same file names)
+      .hydra/, train.log  Hydra's: rewritten by every launch in the folder, so never read as the record
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RECORD = "run.json"
+LOCK = ".lock"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"  # in CHECKPOINTS: a hard link to the newest checkpoint
+TB = "tb"
+METRICS_JSONL = "metrics.jsonl"
+METRICS = "metrics.json"
+EVAL_DETAIL = "eval_detail.json"
+DETECTIONS = "detections.json"
+DIVERGED = "diverged.json"
+EVAL_DIR = "eval"
+HYDRA_DIR = ".hydra"
+
+
+def checkpoints(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """``RUN/checkpoints/last.pt``: the checkpoint a tool uses unless told another."""
+    return checkpoints(run_dir) / LAST
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """A run is finished once it wrote ``metrics.json`` (a diverged one too: ``diverged.json`` says why)."""
+    return (Path(run_dir) / METRICS).is_file()
+
+
+def has_diverged(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / DIVERGED).is_file()
+
+
+def foreign_files(run_dir: str | Path) -> list[str]:
+    """Checkpoints, TensorBoard event files, metrics and record already in ``run_dir`` (a run's results)."""
+    run_dir = Path(run_dir)
+    found = list(checkpoints(run_dir).glob("*.pt")) if checkpoints(run_dir).is_dir() else []
+    found += list((run_dir / TB).glob("events.out.tfevents.*")) if (run_dir / TB).is_dir() else []
+    found += [run_dir / n for n in (METRICS, RECORD) if (run_dir / n).is_file()]
+    return sorted(str(p.relative_to(run_dir)) for p in found)

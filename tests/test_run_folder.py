@@ -1,0 +1,105 @@
+"""The run folder has one owner (detlib.runs): one spelling of its file names, one identity that the relaunch
+check and compare_runs' groups both read."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from detlib import runs
+from detlib.runs.groups import group_runs
+from detlib.runs.results import load_run
+
+from .conftest import ROOT, compose_cfg
+
+# The run folder's names that only detlib/runs/layout.py spells; the folders' names are compared whole.
+FILE_NAMES = ("run.json", "metrics.json", "metrics.jsonl", "eval_detail.json", "detections.json", "diverged.json",
+              "last.pt", ".lock")
+FOLDER_NAMES = ("checkpoints", "tb")
+# detlib/engine/trainer.py's train() still joins run_dir / "checkpoints": its loop is being rewritten on
+# another branch, which takes runs.checkpoints(run_dir) with it.
+FOLDER_EXCEPTIONS = {"detlib/engine/trainer.py": {"checkpoints"}}
+
+
+def _sources() -> list[Path]:
+    return sorted([*(ROOT / "detlib").rglob("*.py"), *(ROOT / "tools").glob("*.py"), ROOT / "train.py"])
+
+
+def _string_constants(tree: ast.AST) -> list[ast.Constant]:
+    """Every string constant of a module but its docstrings (prose may name the files)."""
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_only_the_run_folder_module_spells_its_file_names():
+    found = []
+    for path in _sources():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "detlib/runs/layout.py":
+            continue
+        for node in _string_constants(ast.parse(path.read_text())):
+            names = [n for n in FILE_NAMES if re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", node.value)] + [
+                n for n in FOLDER_NAMES if node.value == n and n not in FOLDER_EXCEPTIONS.get(rel, ())]
+            found += [f"{rel}:{node.lineno}: {node.value!r}" for _ in names[:1]]
+    assert not found, "spell these with detlib.runs' names:\n" + "\n".join(found)
+
+
+def _set(config: dict, key: str, value: object) -> None:
+    *parents, last = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[last] = value
+
+
+def _changed(value: object) -> object:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return [*value, value[-1] if value else 1]
+    return f"{value}-changed"
+
+
+def _run(folder: Path, config: dict) -> tuple[dict, Path]:
+    """A finished run of ``config`` as train.py records it."""
+    ident = runs.identity(config, world_size=1, num_classes=4, data_fingerprints={"train": "a" * 64, "val": "b" * 64})
+    record = runs.make_record(config, ident, overrides=[], choices={}, data_files={})
+    folder.mkdir(parents=True)
+    runs.write_record(folder, record)
+    (folder / runs.METRICS).write_text(json.dumps({"AP": 0.5}))
+    return record, folder
+
+
+def test_compare_runs_groups_and_the_relaunch_check_agree_on_every_key_of_the_config(tmp_path):
+    """Change one key of the composed config: a relaunch is refused exactly when compare_runs puts the two runs
+    in two groups, but for the inference settings (allowed on relaunch, they change the metrics: two groups)
+    and the seed (another run of the same set-up: refused, one group)."""
+    config = OmegaConf.to_container(compose_cfg(), resolve=True, enum_to_str=True)
+    base, base_dir = _run(tmp_path / "base", config)
+    keys = sorted(runs.flatten(config))
+    assert len(keys) > 100 and "loss._target_" in keys and "trainer.device" in keys
+    disagree, free = [], []
+    for i, key in enumerate(keys):
+        other = copy.deepcopy(config)
+        _set(other, key, _changed(runs.flatten(config)[key]))
+        record, folder = _run(tmp_path / str(i), other)
+        refused = bool(runs.diff(base["identity"], record["identity"]))
+        split = len(group_runs([load_run(base_dir), load_run(folder)])) == 2
+        inference = runs.record._under(key, runs.EVAL_ONLY)
+        expected = (False, True) if inference else (True, False) if key == runs.SEED else (refused, refused)
+        if (refused, split) != expected:
+            disagree.append(f"{key}: relaunch refused {refused}, own group {split}")
+        if not refused and not inference:
+            free.append(key)
+    assert not disagree, "\n".join(disagree)
+    assert free and all(runs.ignored(k) for k in free), free  # what counts for neither: the IGNORED keys
+    assert "trainer.device" in free and len(free) < len(keys) / 4
