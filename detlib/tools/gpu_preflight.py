@@ -70,8 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = True
+    import platform
+
+    import torchvision
+
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
+                    "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
                     "model": args.model, "image_size": args.image_size, "batch": args.batch, "runs": []}
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}), flush=True)
     failed = False
     for amp in ("bf16", "fp16", "off"):
         try:
