@@ -36,8 +36,7 @@ def test_dry_run_goes_through_every_step_on_the_cpu(tmp_path):
     proc = _run(str(out), "--dry-run")
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = (out / "summary.txt").read_text()
-    for step in ("env", "preflight", "pytest", "default", "resume_straight", "resume_continued", "bench_vs_fp32", "evalbench",
-                 "predict"):
+    for step in ("env", "preflight", "default", "resume_straight", "resume_continued", "bench_vs_fp32", "predict"):
         assert f"{step} rc=0" in summary, summary
     assert "resume_killed rc=" in summary
     preflight = json.loads((out / "preflight.json").read_text())

@@ -17,7 +17,7 @@
 #   evalbench  COCO evaluation backends on the machine's CPU (small model, 300 val images)
 #   predict    tools/predict.py on CUDA with the default job's model
 #   summary    summary.md from the JSON above
-# --dry-run: the same steps (but compile) on the CPU at toy sizes (CI runs it: tests/test_gpu_check.py).
+# --dry-run: the same steps (but four, see below) on the CPU at toy sizes (CI runs it: tests/test_gpu_check.py).
 set -uo pipefail
 
 OUT=""; DRY=0; STEPS=""
@@ -32,9 +32,10 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$OUT" ] || { echo "usage: tools/gpu_check.sh OUT_DIR [--dry-run] [--steps a,b]" >&2; exit 2; }
 # The dry run leaves out compile (inductor's CPU build of the backbone takes a minute and proves nothing
-# about the script; --steps compile asks for it) and the same-precision benchmark (the same code path as
-# the one against fp32, with one flag), so that it stays under two minutes in CI.
-[ -n "$STEPS" ] || { [ "$DRY" = 1 ] && STEPS="env,preflight,pytest,default,resume,bench,evalbench,predict,summary" \
+# about the script), pytest -m gpu and evalbench (the suite runs both paths on the CPU already) and the
+# same-precision benchmark (the code path of the one against fp32, with one flag), so that it stays well
+# under two minutes in CI; --steps names any of them to run them too.
+[ -n "$STEPS" ] || { [ "$DRY" = 1 ] && STEPS="env,preflight,default,resume,bench,predict,summary" \
   || STEPS="env,preflight,pytest,default,resume,bench,compile,evalbench,predict,summary"; }
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
