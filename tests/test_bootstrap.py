@@ -13,6 +13,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detlib.data.coco_files import coco_from_dict
 from detlib.evaluation.bootstrap import bootstrap, image_evaluations, percentile_ci, resampled_ap, resamples
 from detlib.tools import compare_runs
 
@@ -27,11 +28,7 @@ def _gt_dict(n: int, cats: int = 1) -> dict:
 
 
 def _coco(data: dict) -> COCO:
-    gt = COCO()
-    gt.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-    return gt
+    return coco_from_dict(data)
 
 
 def _dets(n: int, bad: set[int] = frozenset(), shift: float = 0.0, cats: int = 1) -> list[dict]:
