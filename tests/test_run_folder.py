@@ -103,3 +103,29 @@ def test_compare_runs_groups_and_the_relaunch_check_agree_on_every_key_of_the_co
     assert not disagree, "\n".join(disagree)
     assert free and all(runs.ignored(k) for k in free), free  # what counts for neither: the IGNORED keys
     assert "trainer.device" in free and len(free) < len(keys) / 4
+
+
+def test_a_run_recorded_before_a_key_was_added_reads_as_holding_its_old_value(tmp_path):
+    """A record without ``trainer.ema_decay`` (runs before the EMA) continues under today's default (no EMA) and is
+    one group with today's runs; a relaunch asking for an EMA is refused naming the key. A model without the
+    key's section gets no key."""
+    config = OmegaConf.to_container(compose_cfg(), resolve=True, enum_to_str=True)
+    assert config["trainer"]["ema_decay"] is None and set(runs.ADDED_KEYS) <= set(runs.flatten(config))
+    today, today_dir = _run(tmp_path / "today", config)
+    old, old_dir = _run(tmp_path / "old", config)
+    for key in runs.ADDED_KEYS:
+        del old["identity"][key]
+    (old_dir / runs.RECORD).write_text(json.dumps(old))
+    recorded = runs.read_record(old_dir)
+    assert recorded["identity"]["data.exif_orientation"] == "ignore"  # how runs before the switch read pixels
+    with_apply = {**today["identity"], "data.exif_orientation": "ignore"}
+    runs.check(recorded, with_apply, old_dir)  # continues: no difference
+    assert len(group_runs([load_run(old_dir), load_run(today_dir)])) == 2  # 'apply' is another set-up
+    with_ema = {**with_apply, "trainer.ema_decay": 0.99}
+    try:
+        runs.check(recorded, with_ema, old_dir)
+    except runs.RunIdentityError as e:
+        assert "trainer.ema_decay: None -> 0.99" in str(e) and "exif" not in str(e)
+    else:
+        raise AssertionError("a relaunch with an EMA continued a run recorded without one")
+    assert "trainer.ema_decay" not in runs.upgrade({"model.backbone.name": "x"})

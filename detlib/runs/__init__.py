@@ -23,6 +23,7 @@ from detlib.runs.layout import (  # noqa: F401
 )
 from detlib.runs.lock import RunDirInUse, RunLock, run_dir, unfinished_run  # noqa: F401
 from detlib.runs.record import (  # noqa: F401
+    ADDED_KEYS,
     EVAL_ONLY,
     IGNORED,
     SEED,
@@ -42,5 +43,6 @@ from detlib.runs.record import (  # noqa: F401
     read_record,
     recorded_classes,
     restore_hydra_files,
+    upgrade,
     write_record,
 )

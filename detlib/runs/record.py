@@ -49,6 +49,14 @@ EVAL_ONLY = (
     "eval.max_dets", "eval.batch_size", "model.roi_head.score_thresh", "model.roi_head.nms_thresh",
     "model.roi_head.detections_per_img", "model.rpn.pre_nms_top_n_test", "model.rpn.post_nms_top_n_test",
 )
+# Keys added after runs were first recorded, each with the value that reproduces what a run recorded without it
+# computed. A record that lacks one is read as holding that value (as detectron2 upgrades an old config), so a
+# new key with a backward-compatible default never orphans the runs already made; another value is a
+# difference like any other. Add a line here with every new config key that changes no result by default.
+ADDED_KEYS: dict[str, object] = {
+    "trainer.ema_decay": None,
+    "data.exif_orientation": "ignore",  # runs before it read pixels as stored
+}
 SEED = "seed"  # part of the identity; a comparison groups runs that differ only in it, and pairs them by it
 
 
@@ -73,6 +81,17 @@ def flatten(node: object, prefix: str = "") -> dict[str, object]:
     for k, v in node.items():
         out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
+
+
+def upgrade(ident: Mapping) -> dict:
+    """``ident`` with every ``ADDED_KEYS`` key it lacks, at the value runs before that key computed with (only
+    where the key's section exists: a model without an RoI head gets no RoI-head key)."""
+    out = dict(ident)
+    for key, value in ADDED_KEYS.items():
+        section = key.rpartition(".")[0]
+        if key not in out and any(k.startswith(section + ".") for k in ident):
+            out[key] = value
+    return dict(sorted(out.items()))
 
 
 def fingerprint(dataset: object) -> str:
@@ -165,6 +184,8 @@ def read_record(run_dir: str | Path, need: str = "identity") -> dict | None:
                                "attributed to a set-up: move it away or start a new run directory") from e
     if not isinstance(record, dict) or not isinstance(record.get(need), dict):
         raise RunIdentityError(f"{path}: not a detlib run record (no '{need}' object)")
+    if isinstance(record.get("identity"), dict):
+        record["identity"] = upgrade(record["identity"])
     return record
 
 
