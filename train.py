@@ -35,7 +35,7 @@ from detlib import distributed as dist
 from detlib import runs
 from detlib.config import Config, check_ranges, register
 from detlib.data.build import annotation_files, build_datasets
-from detlib.device import busy_cores, resolve_device, thread_advice
+from detlib.device import busy_cores, fast_bf16, resolve_amp, resolve_device, thread_advice
 from detlib.engine.build import build_losses, build_model
 from detlib.engine.checkpoint import CheckpointError
 from detlib.engine.guards import Interrupted, NonFiniteLossError
@@ -144,6 +144,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Check the folder's record, build data and model, train (or skip a finished run)."""
     typed: Config = OmegaConf.to_object(cfg)  # library code gets dataclasses, not a DictConfig
     check_ranges(typed)
+    if typed.trainer.amp == "auto":  # the identity records the precision used, not "auto"
+        device = resolve_device(typed.trainer.device)
+        typed.trainer.amp = cfg.trainer.amp = resolve_amp("auto", device)
+        log.info("trainer.amp=auto: %s on %s (%s)", typed.trainer.amp, device.type,
+                 fast_bf16(device) or "no fast bf16: float32")
     typed.data.root = to_absolute_path(os.path.expanduser(typed.data.root))  # relative to where the user launched
     if typed.trainer.resume == "" and dist.is_main() and runs.foreign_files(run_dir):
         raise runs.RunIdentityError(

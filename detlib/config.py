@@ -50,6 +50,7 @@ class Schedule(Choice):
 
 
 class Amp(Choice):
+    auto = "auto"  # bf16 where the device runs it fast (detlib.device.fast_bf16), else off; recorded resolved
     off = "off"
     bf16 = "bf16"
     fp16 = "fp16"

@@ -16,6 +16,28 @@ from detlib import distributed as dist
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def fast_bf16(device: torch.device) -> str | None:
+    """Why ``device`` runs bf16 fast (``"CUDA bf16"``, ``"CPU AMX"``, ``"CPU AVX512-BF16"``), or None: CUDA GPUs with
+    native bf16 (Ampere on), CPUs whose oneDNN kernels have bf16 instructions; elsewhere bf16 is emulated and
+    slower than float32."""
+    if device.type == "cuda":
+        return "CUDA bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    if device.type == "cpu":
+        if torch.cpu._is_amx_tile_supported():
+            return "CPU AMX"
+        if torch.cpu._is_avx512_bf16_supported():
+            return "CPU AVX512-BF16"
+    return None
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``trainer.amp=auto`` -> ``bf16`` where ``fast_bf16(device)``, ``off`` (float32) elsewhere; other values as
+    they are. A run records the resolved value, so runs on machines that differ here are never one group."""
+    if str(amp) != "auto":
+        return str(amp)
+    return "bf16" if fast_bf16(device) else "off"
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when present. Under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -28,7 +50,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(amp: str) -> torch.dtype | None:
-    """``trainer.amp`` (``off | bf16 | fp16``) -> the autocast dtype; None: full precision."""
+    """``trainer.amp`` (``off | bf16 | fp16``; ``auto`` goes through ``resolve_amp`` first) -> the autocast dtype;
+    None: full precision."""
     try:
         return AMP_DTYPES[str(amp)]
     except KeyError:

@@ -1,4 +1,5 @@
-"""CPU thread advice: busy cores read from /proc/stat, and when torch's threads outnumber the idle cores."""
+"""CPU thread advice (busy cores read from /proc/stat, and when torch's threads outnumber the idle cores), and the
+precision ``trainer.amp=auto`` picks."""
 
 import os
 import subprocess
@@ -6,8 +7,20 @@ import sys
 import time
 
 import pytest
+import torch
 
-from detlib.device import busy_between, busy_cores, thread_advice
+from detlib.device import busy_between, busy_cores, fast_bf16, resolve_amp, thread_advice
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo")
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_instructions():
+    """Checked against the kernel's own list of CPU flags, not torch's probe that ``fast_bf16`` uses."""
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    has = bool(flags & {"avx512_bf16", "amx_bf16"})
+    cpu = torch.device("cpu")
+    assert (fast_bf16(cpu) is not None) == has
+    assert resolve_amp("auto", cpu) == ("bf16" if has else "off")
+    assert [resolve_amp(a, cpu) for a in ("off", "bf16", "fp16")] == ["off", "bf16", "fp16"]  # explicit: kept
 
 
 def test_busy_cores_from_two_proc_stat_lines():

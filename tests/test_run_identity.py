@@ -17,6 +17,7 @@ import torch
 
 from detlib import distributed as dist
 from detlib import runs as run_record
+from detlib.device import fast_bf16
 
 from .conftest import ROOT, run_train
 
@@ -57,6 +58,9 @@ def test_record_is_written_once_with_identity_config_and_data_fingerprints(finis
     ("loss@rpn_loss=l1", "rpn_loss._target_: detlib.losses.SmoothL1 -> detlib.losses.L1"),
     ("data.noise.outliers=0.4", "data.noise.outliers: 0.0 -> 0.4"),
     ("trainer.momentum=0.5", "trainer.momentum: 0.9 -> 0.5"),
+    # auto is recorded as the precision it chose: bf16 on this CPU, so not the finished float32 run
+    pytest.param("trainer.amp=auto", "trainer.amp: off -> bf16", marks=pytest.mark.skipif(
+        not fast_bf16(torch.device("cpu")), reason="this CPU has no fast bf16: auto is off, the same run")),
 ])
 def test_relaunching_a_finished_run_with_another_setup_is_refused_and_its_files_kept(
         finished, data_root, override, expected):
