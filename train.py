@@ -144,11 +144,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Check the folder's record, build data and model, train (or skip a finished run)."""
     typed: Config = OmegaConf.to_object(cfg)  # library code gets dataclasses, not a DictConfig
     check_ranges(typed)
-    if typed.trainer.amp == "auto":  # the identity records the precision used, not "auto"
-        device = resolve_device(typed.trainer.device)
-        typed.trainer.amp = cfg.trainer.amp = resolve_amp("auto", device)
-        log.info("trainer.amp=auto: %s on %s (%s)", typed.trainer.amp, device.type,
-                 fast_bf16(device) or "no fast bf16: float32")
+    resolve_precision(cfg, typed)
     typed.data.root = to_absolute_path(os.path.expanduser(typed.data.root))  # relative to where the user launched
     if typed.trainer.resume == "" and dist.is_main() and runs.foreign_files(run_dir):
         raise runs.RunIdentityError(
@@ -206,6 +202,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             raise
         stats = record_divergence(run_dir, e, val_set.coco, list(typed.eval.max_dets))
     return stats.get("AP")
+
+
+def resolve_precision(cfg: DictConfig, typed: Config) -> None:
+    """``trainer.amp=auto`` -> what this device runs fast, in both configs: the record holds the precision used."""
+    if typed.trainer.amp == "auto":
+        device = resolve_device(typed.trainer.device)
+        typed.trainer.amp = cfg.trainer.amp = resolve_amp("auto", device)
+        log.info("trainer.amp=auto: %s on %s (%s)", typed.trainer.amp, device.type,
+                 fast_bf16(device) or "no fast bf16: float32")
 
 
 def skip_finished(run_dir: Path, typed: Config, eval_changes: list[str]) -> float | None:
