@@ -151,9 +151,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             f"trainer.resume= (start fresh) but {run_dir} already holds a run "
             f"({', '.join(runs.foreign_files(run_dir)[:4])}); start fresh in a new folder instead of mixing "
             "two runs in one")
-    random.seed(typed.seed)
-    np.random.seed(typed.seed)
-    torch.manual_seed(typed.seed)
+    seed_everything(typed.seed)
     if typed.trainer.num_threads:
         torch.set_num_threads(typed.trainer.num_threads)
     elif dist.world_size() == 1 and resolve_device(typed.trainer.device).type == "cpu":
@@ -187,9 +185,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         log.warning("inference-only settings differ from the run's record (allowed: they change the "
                     "evaluation, not the training):\n  %s", "\n  ".join(eval_changes))
     if dist.world_size() > 1:  # same initial weights everywhere; then each rank its own random stream
-        random.seed(typed.seed + dist.rank())
-        np.random.seed(typed.seed + dist.rank())
-        torch.manual_seed(typed.seed + dist.rank())
+        seed_everything(typed.seed + dist.rank())
     log.info("run directory: %s (%d process%s)", run_dir, dist.world_size(), "es" if dist.world_size() > 1 else "")
     log.info("data: %d train / %d val images, classes %s", len(train_set), len(val_set), train_set.class_names)
     log.info("box loss: %r   rpn box loss: %r", box_loss, rpn_box_loss)
@@ -202,6 +198,13 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             raise
         stats = record_divergence(run_dir, e, val_set.coco, list(typed.eval.max_dets))
     return stats.get("AP")
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def resolve_precision(cfg: DictConfig, typed: Config) -> None:
