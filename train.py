@@ -39,7 +39,7 @@ from detlib.device import busy_cores, resolve_device, thread_advice
 from detlib.engine.build import build_losses, build_model
 from detlib.engine.checkpoint import CheckpointError
 from detlib.engine.guards import Interrupted, NonFiniteLossError
-from detlib.engine.trainer import train
+from detlib.engine.trainer import Job, RunMeta, train
 from detlib.evaluation.report import no_detection_metrics
 from detlib.jsonio import write_json
 from detlib.modeling.proposals import check_proposal_ids
@@ -192,10 +192,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     log.info("run directory: %s (%d process%s)", run_dir, dist.world_size(), "es" if dist.world_size() > 1 else "")
     log.info("data: %d train / %d val images, classes %s", len(train_set), len(val_set), train_set.class_names)
     log.info("box loss: %r   rpn box loss: %r", box_loss, rpn_box_loss)
-    meta = {k: record[k] for k in ("identity", "eval", "data_files")}
     try:
-        stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
-                      typed.data.num_workers, typed.seed, meta, runs.hparams(record))
+        stats = train(Job(model, train_set, val_set, typed, run_dir, RunMeta.of(record), runs.hparams(record)))
     except NonFiniteLossError as e:
         if typed.trainer.on_nonfinite != "record":
             raise

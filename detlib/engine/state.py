@@ -93,6 +93,11 @@ class TrainState:
         return self.model if self.ema is None else self.ema.module
 
     @property
+    def params(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates, of all its groups: what gradient clipping bounds."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 

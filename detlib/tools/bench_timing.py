@@ -19,7 +19,7 @@ from detlib.config import TrainerConfig
 from detlib.device import autocast, autocast_dtype
 from detlib.engine.guards import NonFiniteGuard
 from detlib.engine.state import TrainState
-from detlib.engine.trainer import step
+from detlib.engine.trainer import StepContext, step
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -60,6 +60,7 @@ class Side:
         self.dtype = autocast_dtype(amp)
         self.state = TrainState.create(model, self.cfg, device)  # SGD + warm-up, as both do
         self.guard = NonFiniteGuard("stop", 1, Path("."), None, deferred=device.type == "cuda")
+        self.how = StepContext(self.model, self.dtype, self.cfg.clip_grad_norm, self.guard)
         self.logged: dict[str, float] = {}
         self._mark: dict[str, float] = {}
         # One call does forward, backward and step: hooks mark where forward and backward end.
@@ -82,7 +83,7 @@ class Side:
         t1 = self._now()
         self._mark.clear()
         if self.name == "ours":  # detlib.engine.trainer.train's step
-            step(self.state, self.model, images, targets, self.cfg, self.dtype, self.guard, False, False)
+            step(self.state, self.how, images, targets)
         else:  # torchvision/references/detection/engine.py train_one_epoch
             opt, scaler = self.state.optimizer, self.state.scaler
             with autocast(self.device, self.dtype):
