@@ -3,8 +3,8 @@
 ``configs/train.yaml`` starts its defaults list with ``detlib_schema``, so every yaml and every
 command-line override is merged onto these dataclasses: a misspelt key, a wrong type
 (``trainer.lr=abc``) or a value outside a fixed set (``trainer.amp=fp32``: the key is an ``Enum``)
-fails at start-up with Hydra's own message. ``model``, ``loss`` and ``rpn_loss`` are ``_target_``
-trees (Hydra components); a key there is valid when its target's signature takes it. ``check_ranges``
+fails at start-up with Hydra's own message. ``model``, ``loss``, ``rpn_loss`` and each ``writer`` are
+``_target_`` trees (Hydra components); a key there is valid when its target's signature takes it. ``check_ranges``
 checks what neither can say: keys added with ``+`` (``+trainer.max_iter=10``, ``+model.rpn.nms=0.5``)
 and ranges (lr > 0, ...); the loss constructors check their own parameters.
 Library code receives these dataclasses (``OmegaConf.to_object``), never a ``DictConfig``.
@@ -13,6 +13,7 @@ Library code receives these dataclasses (``OmegaConf.to_object``), never a ``Dic
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import inspect
 import math
 from collections.abc import Iterator, Mapping
@@ -165,6 +166,7 @@ class Config:
     model: Any = MISSING  # _target_ trees: configs/model (defaults in model/base/), configs/loss (also as rpn_loss)
     loss: Any = MISSING
     rpn_loss: Any = MISSING
+    writer: Any = None  # name -> a _partial_ _target_ (configs/writer); None: none (a Config built in Python)
 
 
 NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
@@ -248,10 +250,13 @@ def check_ranges(cfg: Config) -> None:
         if not ok:
             raise ValueError(f"config: {key} must be {rule}, got {value!r}")
     check_model_ranges(cfg.model)
-    for key, choose in (("loss", "loss=NAME"), ("rpn_loss", "loss@rpn_loss=NAME")):
-        node = getattr(cfg, key)
-        if node != MISSING and not (isinstance(node, Mapping) and "_target_" in node):  # e.g. rpn_loss=l1 sets a string
-            raise ValueError(f"config: {key} must be a loss from configs/loss, chosen with {choose}, got {node!r}")
+    components = [("loss", cfg.loss, "a loss from configs/loss, chosen with loss=NAME"),
+                  ("rpn_loss", cfg.rpn_loss, "a loss from configs/loss, chosen with loss@rpn_loss=NAME")]
+    components += [(f"writer.{k}", v, "a writer from configs/writer, added with +writer=NAME")
+                   for k, v in (cfg.writer or {}).items()]
+    for key, node, what in components:  # e.g. rpn_loss=l1 sets a string
+        if node != MISSING and not (isinstance(node, Mapping) and "_target_" in node):
+            raise ValueError(f"config: {key} must be {what}, got {node!r}")
 
 
 # Range rules for the ``model`` tree, by the key's last name, wherever it sits (rpn, roi_head, proposals, a
@@ -317,7 +322,13 @@ INJECTED = {
     "model.": {"num_classes": "the data", "box_loss": "loss", "rpn_box_loss": "rpn_loss"},
     "model.rpn.": {"in_channels": "the backbone", "box_loss": "rpn_loss"},
     "model.roi_head.": {"in_channels": "the backbone", "num_classes": "the data", "box_loss": "loss"},
+    "writer.*.": {"run_dir": "the run folder", "start": "the iteration the run starts at"},  # any writer
 }
+
+
+def _injected(prefix: str) -> dict[str, str]:
+    """``INJECTED``'s entry for the node at ``prefix`` (``writer.jsonl.`` is one of ``writer.*.``)."""
+    return next((v for k, v in INJECTED.items() if fnmatch.fnmatchcase(prefix, k)), {})
 
 
 def check_keys(cfg: Config) -> None:
@@ -331,9 +342,9 @@ def check_keys(cfg: Config) -> None:
     for key, valid in _unknown_keys(cfg, ""):
         parent, _, name = key.rpartition(".")
         close = difflib.get_close_matches(name, valid, n=1)
-        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"valid: {', '.join(valid)}"
-        if name in INJECTED.get(parent + ".", {}):
-            hint = f"not a config key: it comes from {INJECTED[parent + '.'][name]}"
+        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"valid: {', '.join(valid) or 'none'}"
+        if name in _injected(parent + "."):
+            hint = f"not a config key: it comes from {_injected(parent + '.')[name]}"
         problems.append(f"unknown key {key} ({hint})")
     if problems:
         raise ValueError("config: " + "; ".join(problems))
@@ -361,7 +372,7 @@ def _unknown_keys(node: object, prefix: str) -> Iterator[tuple[str, list[str]]]:
         valid, items = [f.name for f in fields(node)], vars(node).items()
     elif isinstance(node, Mapping):
         valid, items = _parameters(node.get("_target_")), node.items()
-        valid = None if valid is None else [p for p in valid if p not in INJECTED.get(prefix, {})]
+        valid = None if valid is None else [p for p in valid if p not in _injected(prefix)]
     else:
         return
     for k, v in items:

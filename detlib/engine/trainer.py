@@ -5,8 +5,9 @@
 ``StepContext``, the ``Evaluation``, the ``Checkpoints``). Each iteration is one ``step``: forward -> guard
 against non-finite losses -> backward -> (clip) -> optimizer and LR step -> (the EMA of the weights,
 ``trainer.ema_decay``: then it is what is evaluated). Every ``log_period`` the metrics window is read once
-(the loop's only host sync) and written as TensorBoard scalars and a log line with ETA, with the model's
-diagnostics (shadow losses, foreground IoU); every ``eval_period`` the val set is evaluated; every
+(the loop's only host sync) and written through the run's writers (``detlib.engine.writers``: TensorBoard,
+``metrics.jsonl``, ...) and as a log line with ETA, with the model's diagnostics (shadow losses, foreground
+IoU); every ``eval_period`` the val set is evaluated; every
 ``checkpoint_period`` the whole ``TrainState`` is saved atomically. SIGINT/SIGTERM save at the next step
 boundary and raise ``Interrupted`` (the entry point exits 130/143); a second one raises it at once.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -40,10 +39,11 @@ from detlib.engine import checkpoint, dashboard
 from detlib.engine.evaluation import Evaluation, evaluate_and_log
 from detlib.engine.guards import Interrupted, NonFiniteGuard, NonFiniteLossError, SignalGuard  # noqa: F401
 from detlib.engine.state import TrainState, lr_lambda  # noqa: F401 - lr_lambda: part of the trainer's API
+from detlib.engine.writers import Writers, open_writers
 from detlib.evaluation.coco_eval import format_table
 from detlib.evaluation.report import metrics
-from detlib.jsonio import append_jsonl, truncate_jsonl, write_json
-from detlib.runs import METRICS, METRICS_JSONL
+from detlib.jsonio import write_json
+from detlib.runs import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class RunMeta:
 
 @dataclass
 class Job:
-    """What ``train`` trains. Of ``cfg`` it reads ``trainer``, ``eval``, ``data.batch_size``,
+    """What ``train`` trains. Of ``cfg`` it reads ``trainer``, ``eval``, ``writer``, ``data.batch_size``,
     ``data.num_workers`` and ``seed`` (the model and its losses are built already); ``hparams``: the
     HParams table's row (``runs.hparams``)."""
 
@@ -80,8 +80,8 @@ class Job:
 def train(job: Job) -> dict[str, float | None]:
     """Train ``job.model`` for ``trainer.max_iters`` iterations; return the final COCO stats (12 floats or None).
 
-    Writes ``tb/``, ``metrics.jsonl``, ``checkpoints/``, ``eval_detail.json``, ``detections.json`` and
-    ``metrics.json`` under ``job.run_dir`` (rank 0 only).
+    Writes ``checkpoints/``, ``eval_detail.json``, ``detections.json``, ``metrics.json`` and what the writers
+    write (``tb/``, ``metrics.jsonl``, ...) under ``job.run_dir`` (rank 0 only).
     """
     cfg, main = job.cfg.trainer, dist.is_main()
     loop = _start(job)
@@ -120,7 +120,7 @@ def train(job: Job) -> dict[str, float | None]:
             rate = state.window.rate(state.iteration)
             stats = evaluate_and_log(loop.evaluation, state.evaluated, cfg.max_iters, histograms)
         if main:
-            _finish(job, loop.writer, stats, rate)
+            _finish(job, loop.writers, stats, rate)
     except ImageDecodeError:  # data.invalid=error met an image it cannot decode: keep what was trained
         if dist.world_size() == 1 and state.iteration > signals.saved_at:  # (under DDP the others can't join)
             loop.checkpoints.save(state, loop.loader.batch_sampler)
@@ -128,8 +128,7 @@ def train(job: Job) -> dict[str, float | None]:
         raise
     finally:
         bar.close()
-        if loop.writer is not None:
-            loop.writer.close()
+        loop.writers.close()
     return stats
 
 
@@ -167,7 +166,7 @@ class _Loop:
     evaluation: Evaluation
     checkpoints: Checkpoints
     bar: tqdm
-    writer: SummaryWriter | None  # rank 0's
+    writers: Writers  # rank 0's; none on the other ranks
     resumed: int | None  # the iteration a checkpoint continued from; None: a fresh start
 
 
@@ -183,20 +182,23 @@ def _start(job: Job) -> _Loop:
     owned = set() if resumed is None else checkpoint.run_files(folder, job.meta.identity, resumed)
     net = DistributedDataParallel(job.model, device_ids=[device] if device.type == "cuda" else None) \
         if dist.world_size() > 1 else job.model  # after loading, so every rank starts from the same weights
-    writer = _open_writer(run_dir, state.iteration, job.train_set) if main else None
+    writers = open_writers(job.cfg.writer, run_dir, state.iteration) if main else Writers()
+    noise = {f"train/noise/{k}": float(v) for k, v in job.train_set.noise_stats.items()}  # the realised noise
+    if noise and state.iteration == 0:
+        writers.write(0, noise)
     num_workers = default_num_workers(device) if job.cfg.data.num_workers is None else job.cfg.data.num_workers
     loader = _loader(job.train_set, job.cfg.data.batch_size, num_workers, job.cfg.seed, state.iteration,
                      cfg.max_iters, device)
     if state.ema is not None:
         log.info("evaluating the EMA of the weights (decay %g); checkpoints keep both", state.ema.decay)
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite, run_dir, job.train_set, deferred=device.type == "cuda")
-    evaluation = Evaluation(job.val_set, job.cfg.eval, device, run_dir, amp_dtype, writer, job.meta.eval,
+    evaluation = Evaluation(job.val_set, job.cfg.eval, device, run_dir, amp_dtype, writers, job.meta.eval,
                             weights="model" if state.ema is None else "ema")
     bar = tqdm(total=cfg.max_iters, initial=state.iteration, disable=None if cfg.progress and main else True,
                dynamic_ncols=True, desc="train")
     job.model.train()
     return _Loop(device, state, StepContext(net, amp_dtype, cfg.clip_grad_norm, guard), loader, evaluation,
-                 Checkpoints(folder, cfg.keep_last, job.meta, owned), bar, writer, resumed)
+                 Checkpoints(folder, cfg.keep_last, job.meta, owned), bar, writers, resumed)
 
 
 def _batch_size_note(model: nn.Module, images: list) -> str:
@@ -263,19 +265,16 @@ def optimizer_step(
 
 
 def _log_step(state: TrainState, means_t: dict, result: StepResult, loop: _Loop, max_iters: int) -> dict:
-    """Scalars (TensorBoard and a ``metrics.jsonl`` line), diagnostics and the log line of a log step (rank 0);
-    returns the histogram diagnostics."""
+    """Scalars (to the writers), diagnostics and the log line of a log step (rank 0); returns the histogram
+    diagnostics."""
     done = state.iteration
     means = {k: float(v) for k, v in means_t.items()}  # the one sync per log period
     means["loss"] = sum(means.values())
     diagnostics = result.out.get("diagnostics") or {}
     scalars = {f"train/{k}": v for k, v in means.items()} | dashboard.grad_norms(state.model)
     scalars |= {k: float(v) for k, v in diagnostics.items() if v.dim() == 0} | {"train/lr": state.lr}
-    for k, v in scalars.items():
-        loop.writer.add_scalar(k, v, done)
     rate = state.window.rate(done)
-    append_jsonl(loop.evaluation.run_dir / METRICS_JSONL, {"iteration": done, "time": time.time(), "it_per_s": rate}
-                 | scalars)
+    loop.writers.write(done, scalars, it_per_s=rate)
     loop.bar.set_postfix(loss=f"{means['loss']:.3f}", box=f"{means.get('loss_box_reg', float('nan')):.3f}")
     terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
     eta = (max_iters - done) / max(rate, 1e-9)
@@ -284,10 +283,11 @@ def _log_step(state: TrainState, means_t: dict, result: StepResult, loop: _Loop,
     return {k: v for k, v in diagnostics.items() if v.dim() == 1 and not k.startswith("dump/")}
 
 
-def _finish(job: Job, writer: SummaryWriter, stats: dict, rate: float) -> None:
+def _finish(job: Job, writers: Writers, stats: dict, rate: float) -> None:
     max_iters = job.cfg.trainer.max_iters
-    if job.hparams:
-        dashboard.log_hparams(writer, job.hparams, stats, max_iters, run_record.leading_hparams(job.hparams))
+    if job.hparams and writers.tensorboard is not None:
+        dashboard.log_hparams(writers.tensorboard, job.hparams, stats, max_iters,
+                              run_record.leading_hparams(job.hparams))
     write_json(Path(job.run_dir) / METRICS, metrics(stats))
     world = dist.world_size()
     log.info("\n%s", format_table(stats, f"COCO box evaluation on {len(job.val_set)} val images after {max_iters} "
@@ -346,15 +346,6 @@ def _loader(dataset: CocoDetection, batch_size: int, num_workers: int, seed: int
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
-
-
-def _open_writer(run_dir: Path, start: int, train_set: CocoDetection) -> SummaryWriter:
-    # Steps after the checkpoint that a killed run had already logged are dropped, not duplicated.
-    truncate_jsonl(run_dir / METRICS_JSONL, start)
-    writer = SummaryWriter(str(run_dir / run_record.TB), purge_step=start + 1 if start else None)
-    for k, v in (getattr(train_set, "noise_stats", None) or {}).items():  # the realised annotation noise
-        writer.add_scalar(f"train/noise/{k}", float(v), 0)
-    return writer
 
 
 def _prepare(model: nn.Module, device: torch.device, cfg: TrainerConfig, fixed_size: bool = False) -> nn.Module:
