@@ -18,8 +18,8 @@ from detlib.runs.results import load_run
 from .conftest import ROOT, compose_cfg
 
 # The run folder's names that only detlib/runs/layout.py spells; the folders' names are compared whole.
-FILE_NAMES = ("run.json", "metrics.json", "metrics.jsonl", "eval_detail.json", "detections.json", "diverged.json",
-              "last.pt", ".lock")
+FILE_NAMES = ("run.json", "metrics.json", "metrics.jsonl", "metrics.csv", "eval_detail.json", "detections.json",
+              "diverged.json", "last.pt", ".lock")
 FOLDER_NAMES = ("checkpoints", "tb")
 
 

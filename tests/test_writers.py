@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -10,7 +11,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from detlib.config import check_ranges
-from detlib.engine.writers import JsonlWriter, TensorBoardWriter, open_writers
+from detlib.engine.writers import CsvWriter, JsonlWriter, TensorBoardWriter, open_writers
 
 from .conftest import compose_cfg
 
@@ -46,7 +47,23 @@ def test_the_default_writers_are_tensorboard_and_jsonl(tmp_path):
     assert open_writers(OmegaConf.to_object(compose_cfg("writer=[jsonl]")).writer, tmp_path / "b").tensorboard is None
 
 
-@pytest.mark.parametrize("kind", [JsonlWriter])
+def _csv_rows(path):
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_csv_writer_is_one_override_away(tmp_path):
+    typed = OmegaConf.to_object(compose_cfg("+writer=csv"))
+    check_ranges(typed)
+    writers = open_writers(typed.writer, tmp_path, 0)
+    assert [type(w) for w in writers.writers] == [TensorBoardWriter, JsonlWriter, CsvWriter]
+    writers.write(2, {"train/loss": 1.5, "val/APl": None}, it_per_s=3.0)
+    writers.close()
+    assert [(r["iteration"], r["tag"], r["value"]) for r in _csv_rows(tmp_path / "metrics.csv")] == [
+        ("2", "train/loss", "1.5"), ("2", "val/APl", ""), ("2", "it_per_s", "3.0")]
+
+
+@pytest.mark.parametrize("kind", [JsonlWriter, CsvWriter])
 def test_a_resumed_run_writes_each_step_once(tmp_path, kind):
     """A run killed after step 6 resumes from its checkpoint at 4: 6 is written again, once."""
     w = kind(tmp_path, 0)
@@ -54,7 +71,10 @@ def test_a_resumed_run_writes_each_step_once(tmp_path, kind):
         w.write(it, {"train/loss": 1.0 / it})
     w = kind(tmp_path, 4)
     w.write(6, {"train/loss": 0.5})
-    steps = [json.loads(line)["iteration"] for line in w.path.read_text().splitlines()]
+    if kind is JsonlWriter:
+        steps = [json.loads(line)["iteration"] for line in w.path.read_text().splitlines()]
+    else:
+        steps = [int(r["iteration"]) for r in _csv_rows(w.path)]
     assert steps == [2, 4, 6]
 
 
@@ -77,7 +97,7 @@ def test_writer_keys_are_checked_like_any_component():
 
 
 def test_the_loop_writes_through_the_chosen_writers_only(data_root, tmp_path):
-    """writer=[jsonl]: no TensorBoard folder; metrics.jsonl holds the train and val scalars."""
+    """writer=[jsonl,csv]: no TensorBoard folder; the CSV holds what metrics.jsonl holds, train and val."""
     import dataclasses
 
     import torch
@@ -87,7 +107,7 @@ def test_the_loop_writes_through_the_chosen_writers_only(data_root, tmp_path):
     from detlib.engine.trainer import Job, train
 
     cfg = compose_cfg("experiment=smoke", f"data.root={data_root}", "trainer.progress=false", "trainer.device=cpu",
-                      "writer=[jsonl]")
+                      "writer=[jsonl,csv]")
     typed = OmegaConf.to_object(cfg)
     train_set, val_set = build_datasets(typed.data)
     torch.manual_seed(0)
@@ -97,3 +117,7 @@ def test_the_loop_writes_through_the_chosen_writers_only(data_root, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     keys = {k for r in lines for k in r}
     assert [r["iteration"] for r in lines] == [1, 2, 2] and {"train/loss", "it_per_s", "val/AP"} <= keys
+    from_jsonl = {(r["iteration"], k, v) for r in lines for k, v in r.items() if k not in ("iteration", "time")}
+    from_csv = {(int(r["iteration"]), r["tag"], None if r["value"] == "" else float(r["value"]))
+                for r in _csv_rows(tmp_path / "metrics.csv")}
+    assert from_csv == from_jsonl  # no loop edit: the CSV writer gets what every writer gets

@@ -48,6 +48,7 @@ TRUSTED_TARGETS = frozenset({
     "detlib.modeling.roi_align.MultiScaleRoIAlign",
     "detlib.engine.writers.TensorBoardWriter",  # the writers: built only by the trainer, never by a tool
     "detlib.engine.writers.JsonlWriter",
+    "detlib.engine.writers.CsvWriter",
     "torchvision.ops.MultiScaleRoIAlign",
 })
 

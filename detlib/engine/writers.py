@@ -16,6 +16,7 @@ when one is chosen.
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ from hydra.utils import instantiate
 from torch.utils.tensorboard import SummaryWriter
 
 from detlib.jsonio import append_jsonl, truncate_jsonl
-from detlib.runs import METRICS_JSONL, TB
+from detlib.runs import METRICS_CSV, METRICS_JSONL, TB
 
 Scalars = Mapping[str, "float | None"]
 
@@ -54,6 +55,33 @@ class JsonlWriter:
     def write(self, step: int, scalars: Scalars, it_per_s: float | None = None) -> None:
         rate = {} if it_per_s is None else {"it_per_s": it_per_s}
         append_jsonl(self.path, {"iteration": step, "time": time.time()} | rate | dict(scalars))
+
+    def close(self) -> None:
+        pass
+
+
+class CsvWriter:
+    """``RUN/metrics.csv``: one row per scalar, ``iteration,time,tag,value`` (long format, as log steps and
+    evaluations write different tags; an empty value: None), for a spreadsheet or
+    ``pandas.read_csv(path).pivot_table(index="iteration", columns="tag", values="value")``."""
+
+    HEADER = ("iteration", "time", "tag", "value")
+
+    def __init__(self, run_dir: str | Path, start: int = 0) -> None:
+        self.path = Path(run_dir) / METRICS_CSV
+        kept = []
+        if self.path.is_file():  # a resumed run writes the steps after its checkpoint again
+            with self.path.open(newline="") as f:
+                kept = [row for row in csv.reader(f) if len(row) == 4 and row[0].isdigit() and int(row[0]) <= start]
+        with self.path.open("w", newline="") as f:
+            csv.writer(f).writerows([self.HEADER, *kept])
+
+    def write(self, step: int, scalars: Scalars, it_per_s: float | None = None) -> None:
+        now = time.time()
+        rows = [(step, now, k, "" if v is None else v) for k, v in scalars.items()]
+        rows += [] if it_per_s is None else [(step, now, "it_per_s", it_per_s)]
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerows(rows)
 
     def close(self) -> None:
         pass
