@@ -169,32 +169,10 @@ class Config:
     writer: Any = None  # name -> a _partial_ _target_ (configs/writer); None: none (a Config built in Python)
 
 
-NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
-
-
-def job_subdir(name: str) -> str:
-    """A sweep job's folder name (``hydra.sweep.subdir``), shortened deterministically when it exceeds the
-    file-name limit: a long override value would otherwise stop the sweep with a traceback from ``mkdir``.
-    The short name keeps the start and adds a hash of the whole, so it is unique and the same on a relaunch."""
-    import hashlib
-    import sys
-
-    name = str(name)
-    if len(name.encode()) <= NAME_MAX:
-        return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-    head = name.encode()[:NAME_MAX - 14].decode(errors="ignore")
-    short = f"{head}~{digest}"
-    print(f"hydra.sweep.subdir: the job folder name is {len(name.encode())} bytes, over the {NAME_MAX}-byte "
-          f"file-name limit; using {short[:40]}...~{digest} (set hydra.sweep.subdir='${{hydra.job.num}}' "
-          "for short names)", file=sys.stderr)
-    return short
-
-
 def register() -> None:
     from omegaconf import OmegaConf
 
-    from detlib.runs.lock import run_dir
+    from detlib.runs.lock import job_subdir, run_dir
 
     # A new run directory, claimed once and shared by every torchrun rank (configs/train.yaml: hydra.run.dir).
     OmegaConf.register_new_resolver("detlib_run_dir", run_dir, replace=True)
