@@ -39,6 +39,7 @@ from detlib.device import busy_cores, resolve_device, thread_advice
 from detlib.engine.build import build_losses, build_model
 from detlib.engine.checkpoint import CheckpointError
 from detlib.engine.guards import Interrupted, NonFiniteLossError
+from detlib.engine.optim import check_optimizer
 from detlib.engine.trainer import Job, RunMeta, train
 from detlib.evaluation.report import no_detection_metrics
 from detlib.jsonio import write_json
@@ -161,6 +162,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             log.warning(advice)
 
     box_loss, rpn_box_loss = build_losses(cfg)  # fail fast on bad parameters
+    check_optimizer(typed.optimizer, typed.trainer)
     saved = runs.read_record(run_dir) if runs.is_finished(run_dir) else None
     files = annotation_files(typed.data) if saved is not None else None
     if files is not None and all(f.is_file() for f in files.values()):

@@ -3,8 +3,8 @@
 ``configs/train.yaml`` starts its defaults list with ``detlib_schema``, so every yaml and every
 command-line override is merged onto these dataclasses: a misspelt key, a wrong type
 (``trainer.lr=abc``) or a value outside a fixed set (``trainer.amp=fp32``: the key is an ``Enum``)
-fails at start-up with Hydra's own message. ``model``, ``loss``, ``rpn_loss`` and each ``writer`` are
-``_target_`` trees (Hydra components); a key there is valid when its target's signature takes it. ``check_ranges``
+fails at start-up with Hydra's own message. ``model``, ``loss``, ``rpn_loss``, ``optimizer`` and each
+``writer`` are ``_target_`` trees (Hydra components); a key there is valid when its target's signature takes it. ``check_ranges``
 checks what neither can say: keys added with ``+`` (``+trainer.max_iter=10``, ``+model.rpn.nms=0.5``)
 and ranges (lr > 0, ...); the loss constructors check their own parameters.
 Library code receives these dataclasses (``OmegaConf.to_object``), never a ``DictConfig``.
@@ -124,9 +124,11 @@ class DataConfig:
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda (auto: cuda when present)
     max_iters: int = 1000
-    lr: float = 0.02
-    momentum: float = 0.9
+    lr: float = 0.02  # whatever the optimizer (configs/optimizer); the schedule scales it
+    momentum: float = 0.9  # SGD's (configs/optimizer/sgd.yaml reads it)
     weight_decay: float = 1e-4
+    norm_weight_decay: float | None = None  # normalisation layers' weights and biases; null: weight_decay
+    bias_weight_decay: float | None = None  # the other biases; null: weight_decay (detlib/engine/optim.py)
     warmup_iters: int = 100
     warmup_factor: float = 0.001
     schedule: Schedule = Schedule.cosine
@@ -166,6 +168,7 @@ class Config:
     model: Any = MISSING  # _target_ trees: configs/model (defaults in model/base/), configs/loss (also as rpn_loss)
     loss: Any = MISSING
     rpn_loss: Any = MISSING
+    optimizer: Any = None  # a _partial_ _target_ (configs/optimizer); None in a run.json from before: SGD
     writer: Any = None  # name -> a _partial_ _target_ (configs/writer); None: none (a Config built in Python)
 
 
@@ -188,7 +191,7 @@ def check_ranges(cfg: Config) -> None:
     for key, options, value in _bad_choices(cfg, ""):
         raise ValueError(f"config: {key} must be {options}, got {value!r}")
     t, d = cfg.trainer, cfg.data
-    for key, value in _numbers({"trainer": t, "data": d, "eval": cfg.eval}, ""):
+    for key, value in _numbers({"trainer": t, "data": d, "eval": cfg.eval, "optimizer": cfg.optimizer or {}}, ""):
         if not math.isfinite(value):
             raise ValueError(f"config: {key} must be a finite number, got {value!r}")
     rules = [
@@ -200,6 +203,10 @@ def check_ranges(cfg: Config) -> None:
         ("trainer.lr", t.lr > 0, t.lr, "> 0"),
         ("trainer.momentum", 0 <= t.momentum < 1, t.momentum, "in [0, 1)"),
         ("trainer.weight_decay", t.weight_decay >= 0, t.weight_decay, ">= 0"),
+        ("trainer.norm_weight_decay", t.norm_weight_decay is None or t.norm_weight_decay >= 0, t.norm_weight_decay,
+         ">= 0 or null"),
+        ("trainer.bias_weight_decay", t.bias_weight_decay is None or t.bias_weight_decay >= 0, t.bias_weight_decay,
+         ">= 0 or null"),
         ("trainer.warmup_iters", t.warmup_iters >= 0, t.warmup_iters, ">= 0"),
         ("trainer.warmup_factor", 0 < t.warmup_factor <= 1, t.warmup_factor, "in (0, 1]"),
         ("trainer.steps", all(0 < s < 1 for s in t.steps), list(t.steps), "fractions in (0, 1)"),
@@ -230,6 +237,8 @@ def check_ranges(cfg: Config) -> None:
     check_model_ranges(cfg.model)
     components = [("loss", cfg.loss, "a loss from configs/loss, chosen with loss=NAME"),
                   ("rpn_loss", cfg.rpn_loss, "a loss from configs/loss, chosen with loss@rpn_loss=NAME")]
+    components += [("optimizer", cfg.optimizer, "an optimizer from configs/optimizer, chosen with optimizer=NAME")
+                   ] if cfg.optimizer is not None else []
     components += [(f"writer.{k}", v, "a writer from configs/writer, added with +writer=NAME")
                    for k, v in (cfg.writer or {}).items()]
     for key, node, what in components:  # e.g. rpn_loss=l1 sets a string
@@ -300,6 +309,7 @@ INJECTED = {
     "model.": {"num_classes": "the data", "box_loss": "loss", "rpn_box_loss": "rpn_loss"},
     "model.rpn.": {"in_channels": "the backbone", "box_loss": "rpn_loss"},
     "model.roi_head.": {"in_channels": "the backbone", "num_classes": "the data", "box_loss": "loss"},
+    "optimizer.": {"params": "the model", "lr": "trainer.lr", "weight_decay": "trainer.weight_decay"},
     "writer.*.": {"run_dir": "the run folder", "start": "the iteration the run starts at"},  # any writer
 }
 

@@ -46,9 +46,9 @@ def _steps(loss: str, amp: str, channels_last: bool, n: int = 4, **trainer) -> l
     model = build_model(cfg, 5).to(CUDA)
     if channels_last:
         model.backbone.to(memory_format=torch.channels_last)
-    tcfg = dataclasses.replace(OmegaConf.to_object(compose_cfg()).trainer, amp=amp, max_iters=n, warmup_iters=1,
-                               **trainer)
-    state = TrainState.create(model, tcfg, CUDA)
+    typed = OmegaConf.to_object(compose_cfg())
+    tcfg = dataclasses.replace(typed.trainer, amp=amp, max_iters=n, warmup_iters=1, **trainer)
+    state = TrainState.create(model, tcfg, CUDA, typed.optimizer)
     guard = NonFiniteGuard("stop", 1, Path("."), None, deferred=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     terms = []
@@ -91,8 +91,9 @@ def test_one_training_step_on_cuda_has_few_host_syncs():
 
     cfg = compose_cfg("model=faster_rcnn_r50_fpn", "model.min_size=512", "model.max_size=512")
     model = build_model(cfg, 5).to(CUDA)
-    tcfg = dataclasses.replace(OmegaConf.to_object(compose_cfg()).trainer, amp="bf16", max_iters=3)
-    state = TrainState.create(model, tcfg, CUDA)
+    typed = OmegaConf.to_object(compose_cfg())
+    tcfg = dataclasses.replace(typed.trainer, amp="bf16", max_iters=3)
+    state = TrainState.create(model, tcfg, CUDA, typed.optimizer)
     guard = NonFiniteGuard("stop", 1, Path("."), None, deferred=True)
     batches = prebuilt_batches(RandomDetection(512, num_classes=5), 2, 2, 0, CUDA)
     how = StepContext(model, torch.bfloat16, tcfg.clip_grad_norm, guard)

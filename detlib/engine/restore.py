@@ -50,6 +50,8 @@ TRUSTED_TARGETS = frozenset({
     "detlib.engine.writers.JsonlWriter",
     "detlib.engine.writers.CsvWriter",
     "torchvision.ops.MultiScaleRoIAlign",
+    "torch.optim.SGD",  # the optimizers: built only by the trainer, never by a tool
+    "torch.optim.AdamW",
 })
 
 

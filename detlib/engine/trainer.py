@@ -64,9 +64,9 @@ class RunMeta:
 
 @dataclass
 class Job:
-    """What ``train`` trains. Of ``cfg`` it reads ``trainer``, ``eval``, ``writer``, ``data.batch_size``,
-    ``data.num_workers`` and ``seed`` (the model and its losses are built already); ``hparams``: the
-    HParams table's row (``runs.hparams``)."""
+    """What ``train`` trains. Of ``cfg`` it reads ``trainer``, ``optimizer``, ``eval``, ``writer``,
+    ``data.batch_size``, ``data.num_workers`` and ``seed`` (the model and its losses are built already);
+    ``hparams``: the HParams table's row (``runs.hparams``)."""
 
     model: nn.Module
     train_set: CocoDetection
@@ -176,7 +176,8 @@ def _start(job: Job) -> _Loop:
     cfg, run_dir, main = job.cfg.trainer, Path(job.run_dir), dist.is_main()
     device = resolve_device(cfg.device)
     amp_dtype = autocast_dtype(cfg.amp)
-    state = TrainState.create(_prepare(job.model, device, cfg, fixed_input_size(job.model, job.train_set)), cfg, device)
+    model = _prepare(job.model, device, cfg, fixed_input_size(job.model, job.train_set))
+    state = TrainState.create(model, cfg, device, job.cfg.optimizer)
     folder = run_record.checkpoints(run_dir)
     resumed = resume(state, cfg.resume, folder, job.meta, device)
     owned = set() if resumed is None else checkpoint.run_files(folder, job.meta.identity, resumed)

@@ -14,8 +14,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from detlib.config import TrainerConfig
+from detlib.compose import compose_train
 from detlib.device import autocast, autocast_dtype
 from detlib.engine.guards import NonFiniteGuard
 from detlib.engine.state import TrainState
@@ -56,9 +57,10 @@ class Side:
                  amp: str, total_steps: int) -> None:
         self.name, self.model, self.device = name, model.to(device).train(), device
         self.batches = itertools.cycle(batches)
-        self.cfg = TrainerConfig(max_iters=max(total_steps, 1), amp=amp)
+        typed = OmegaConf.to_object(compose_train([f"trainer.max_iters={max(total_steps, 1)}", f"trainer.amp={amp}"]))
+        self.cfg = typed.trainer
         self.dtype = autocast_dtype(amp)
-        self.state = TrainState.create(model, self.cfg, device)  # SGD + warm-up, as both do
+        self.state = TrainState.create(model, self.cfg, device, typed.optimizer)  # the default: SGD, warm-up
         self.guard = NonFiniteGuard("stop", 1, Path("."), None, deferred=device.type == "cuda")
         self.how = StepContext(self.model, self.dtype, self.cfg.clip_grad_norm, self.guard)
         self.logged: dict[str, float] = {}
