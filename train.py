@@ -33,7 +33,7 @@ from pycocotools.coco import COCO
 
 from detlib import distributed as dist
 from detlib import runs
-from detlib.config import Config, check_ranges, register
+from detlib.config import Config, TrainerConfig, check_ranges, register
 from detlib.data.build import annotation_files, build_datasets
 from detlib.device import busy_cores, resolve_device, thread_advice
 from detlib.engine.build import build_losses, build_model
@@ -41,6 +41,7 @@ from detlib.engine.checkpoint import CheckpointError
 from detlib.engine.guards import Interrupted, NonFiniteLossError
 from detlib.engine.optim import check_optimizer
 from detlib.engine.trainer import Job, RunMeta, train
+from detlib.evaluation.evaluators import extra_metrics
 from detlib.evaluation.report import no_detection_metrics
 from detlib.jsonio import write_json
 from detlib.modeling.proposals import check_proposal_ids
@@ -154,15 +155,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     random.seed(typed.seed)
     np.random.seed(typed.seed)
     torch.manual_seed(typed.seed)
-    if typed.trainer.num_threads:
-        torch.set_num_threads(typed.trainer.num_threads)
-    elif dist.world_size() == 1 and resolve_device(typed.trainer.device).type == "cpu":
-        advice = thread_advice(busy_cores(), torch.get_num_threads(), os.cpu_count() or 1)
-        if advice:
-            log.warning(advice)
+    set_threads(typed.trainer)
 
-    box_loss, rpn_box_loss = build_losses(cfg)  # fail fast on bad parameters
+    box_loss, rpn_box_loss = build_losses(cfg)  # fail fast on bad parameters, before any data is built
     check_optimizer(typed.optimizer, typed.trainer)
+    extra_metrics(typed.eval.metrics)  # an unknown metric name
     saved = runs.read_record(run_dir) if runs.is_finished(run_dir) else None
     files = annotation_files(typed.data) if saved is not None else None
     if files is not None and all(f.is_file() for f in files.values()):
@@ -201,6 +198,17 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             raise
         stats = record_divergence(run_dir, e, val_set.coco, list(typed.eval.max_dets))
     return stats.get("AP")
+
+
+def set_threads(trainer: TrainerConfig) -> None:
+    """``trainer.num_threads``; 0 (torch's default) on one CPU process: a warning when other processes keep
+    cores busy, naming the value to set."""
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    elif dist.world_size() == 1 and resolve_device(trainer.device).type == "cpu":
+        advice = thread_advice(busy_cores(), torch.get_num_threads(), os.cpu_count() or 1)
+        if advice:
+            log.warning(advice)
 
 
 def skip_finished(run_dir: Path, typed: Config, eval_changes: list[str]) -> float | None:

@@ -157,6 +157,7 @@ class EvalConfig:
     batch_size: int = 16
     max_dets: list[int] = field(default_factory=lambda: [1, 10, 100])
     backend: EvalBackend = EvalBackend.pycocotools
+    metrics: list[str] = field(default_factory=list)  # besides COCO AP: voc07 (detlib/evaluation/evaluators.py)
 
 
 @dataclass

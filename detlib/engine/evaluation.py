@@ -3,7 +3,7 @@ TensorBoard's dashboards, ``eval_detail.json`` and the scored detections (``dete
 can be bootstrapped over val images afterwards).
 
 Every rank evaluates its shard (``inference.evaluate``); rank 0 writes. The metrics are COCO box AP
-plus whatever the dataset asks for (``detlib.evaluation.evaluators``).
+plus those ``eval.metrics`` names (``detlib.evaluation.evaluators``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from detlib.config import EvalConfig
 from detlib.data.coco import CocoDetection
 from detlib.engine import dashboard
 from detlib.engine.writers import Writers
-from detlib.evaluation.evaluators import extra_metrics
+from detlib.evaluation.evaluators import compute, extra_metrics
 from detlib.evaluation.inference import evaluate
 from detlib.evaluation.report import category_names, write_eval_detail
 from detlib.jsonio import write_json
@@ -57,11 +57,9 @@ def evaluate_and_log(ev: Evaluation, model: nn.Module, iteration: int,
         model, val_set, ev.device, ev.cfg.batch_size, tuple(ev.cfg.max_dets), ev.amp_dtype, ev.cfg.backend)
     if not dist.is_main():
         return stats
-    extra, scalars = {}, {}
-    for key, tag, fn in extra_metrics(val_set):  # results are the gathered ones on rank 0
-        extra[key] = fn(results, val_set.coco)
-        scalars[tag] = extra[key]["mAP"]
-    scalars |= {f"val/{k}": v for k, v in (stats | val_losses).items()}
+    metrics = extra_metrics(ev.cfg.metrics)
+    extra = compute(metrics, results, val_set.coco)  # results are the gathered ones on rank 0
+    scalars = {m.tag: extra[m.key]["mAP"] for m in metrics} | {f"val/{k}": v for k, v in (stats | val_losses).items()}
     tb = ev.writers.tensorboard  # what only TensorBoard shows
     if tb is not None:
         dashboard.log_eval(tb, iteration, E, val_set, model, ev.device)
