@@ -33,13 +33,15 @@ from pycocotools.coco import COCO
 
 from detlib import distributed as dist
 from detlib import runs
-from detlib.config import Config, check_ranges, register
+from detlib.config import Config, TrainerConfig, check_ranges, register
 from detlib.data.build import annotation_files, build_datasets
 from detlib.device import busy_cores, fast_bf16, resolve_amp, resolve_device, thread_advice
 from detlib.engine.build import build_losses, build_model
 from detlib.engine.checkpoint import CheckpointError
 from detlib.engine.guards import Interrupted, NonFiniteLossError
-from detlib.engine.trainer import train
+from detlib.engine.optim import check_optimizer
+from detlib.engine.trainer import Job, RunMeta, train
+from detlib.evaluation.evaluators import extra_metrics
 from detlib.evaluation.report import no_detection_metrics
 from detlib.jsonio import write_json
 from detlib.modeling.proposals import check_proposal_ids
@@ -152,14 +154,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             f"({', '.join(runs.foreign_files(run_dir)[:4])}); start fresh in a new folder instead of mixing "
             "two runs in one")
     seed_everything(typed.seed)
-    if typed.trainer.num_threads:
-        torch.set_num_threads(typed.trainer.num_threads)
-    elif dist.world_size() == 1 and resolve_device(typed.trainer.device).type == "cpu":
-        advice = thread_advice(busy_cores(), torch.get_num_threads(), os.cpu_count() or 1)
-        if advice:
-            log.warning(advice)
+    set_threads(typed.trainer)
 
-    box_loss, rpn_box_loss = build_losses(cfg)  # fail fast on bad parameters
+    box_loss, rpn_box_loss = build_losses(cfg)  # fail fast on bad parameters, before any data is built
+    check_optimizer(typed.optimizer, typed.trainer)
+    extra_metrics(typed.eval.metrics)  # an unknown metric name
     saved = runs.read_record(run_dir) if runs.is_finished(run_dir) else None
     files = annotation_files(typed.data) if saved is not None else None
     if files is not None and all(f.is_file() for f in files.values()):
@@ -189,10 +188,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     log.info("run directory: %s (%d process%s)", run_dir, dist.world_size(), "es" if dist.world_size() > 1 else "")
     log.info("data: %d train / %d val images, classes %s", len(train_set), len(val_set), train_set.class_names)
     log.info("box loss: %r   rpn box loss: %r", box_loss, rpn_box_loss)
-    meta = {k: record[k] for k in ("identity", "eval", "data_files")}
     try:
-        stats = train(model, train_set, val_set, typed.trainer, typed.eval, run_dir, typed.data.batch_size,
-                      typed.data.num_workers, typed.seed, meta, runs.hparams(record))
+        stats = train(Job(model, train_set, val_set, typed, run_dir, RunMeta.of(record), runs.hparams(record)))
     except NonFiniteLossError as e:
         if typed.trainer.on_nonfinite != "record":
             raise
@@ -214,6 +211,17 @@ def resolve_precision(cfg: DictConfig, typed: Config) -> None:
         typed.trainer.amp = cfg.trainer.amp = resolve_amp("auto", device)
         log.info("trainer.amp=auto: %s on %s (%s)", typed.trainer.amp, device.type,
                  fast_bf16(device) or "no fast bf16: float32")
+
+
+def set_threads(trainer: TrainerConfig) -> None:
+    """``trainer.num_threads``; 0 (torch's default) on one CPU process: a warning when other processes keep
+    cores busy, naming the value to set."""
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    elif dist.world_size() == 1 and resolve_device(trainer.device).type == "cpu":
+        advice = thread_advice(busy_cores(), torch.get_num_threads(), os.cpu_count() or 1)
+        if advice:
+            log.warning(advice)
 
 
 def skip_finished(run_dir: Path, typed: Config, eval_changes: list[str]) -> float | None:

@@ -3,8 +3,8 @@
 ``configs/train.yaml`` starts its defaults list with ``detlib_schema``, so every yaml and every
 command-line override is merged onto these dataclasses: a misspelt key, a wrong type
 (``trainer.lr=abc``) or a value outside a fixed set (``trainer.amp=fp32``: the key is an ``Enum``)
-fails at start-up with Hydra's own message. ``model``, ``loss`` and ``rpn_loss`` are ``_target_``
-trees (Hydra components); a key there is valid when its target's signature takes it. ``check_ranges``
+fails at start-up with Hydra's own message. ``model``, ``loss``, ``rpn_loss``, ``optimizer`` and each
+``writer`` are ``_target_`` trees (Hydra components); a key there is valid when its target's signature takes it. ``check_ranges``
 checks what neither can say: keys added with ``+`` (``+trainer.max_iter=10``, ``+model.rpn.nms=0.5``)
 and ranges (lr > 0, ...); the loss constructors check their own parameters.
 Library code receives these dataclasses (``OmegaConf.to_object``), never a ``DictConfig``.
@@ -13,6 +13,7 @@ Library code receives these dataclasses (``OmegaConf.to_object``), never a ``Dic
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import inspect
 import math
 from collections.abc import Iterator, Mapping
@@ -124,9 +125,11 @@ class DataConfig:
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda (auto: cuda when present)
     max_iters: int = 1000
-    lr: float = 0.02
-    momentum: float = 0.9
+    lr: float = 0.02  # whatever the optimizer (configs/optimizer); the schedule scales it
+    momentum: float = 0.9  # SGD's (configs/optimizer/sgd.yaml reads it)
     weight_decay: float = 1e-4
+    norm_weight_decay: float | None = None  # normalisation layers' weights and biases; null: weight_decay
+    bias_weight_decay: float | None = None  # the other biases; null: weight_decay (detlib/engine/optim.py)
     warmup_iters: int = 100
     warmup_factor: float = 0.001
     schedule: Schedule = Schedule.cosine
@@ -155,6 +158,7 @@ class EvalConfig:
     batch_size: int = 16
     max_dets: list[int] = field(default_factory=lambda: [1, 10, 100])
     backend: EvalBackend = EvalBackend.pycocotools
+    metrics: list[str] = field(default_factory=list)  # besides COCO AP: voc07 (detlib/evaluation/evaluators.py)
 
 
 @dataclass
@@ -166,34 +170,14 @@ class Config:
     model: Any = MISSING  # _target_ trees: configs/model (defaults in model/base/), configs/loss (also as rpn_loss)
     loss: Any = MISSING
     rpn_loss: Any = MISSING
-
-
-NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
-
-
-def job_subdir(name: str) -> str:
-    """A sweep job's folder name (``hydra.sweep.subdir``), shortened deterministically when it exceeds the
-    file-name limit: a long override value would otherwise stop the sweep with a traceback from ``mkdir``.
-    The short name keeps the start and adds a hash of the whole, so it is unique and the same on a relaunch."""
-    import hashlib
-    import sys
-
-    name = str(name)
-    if len(name.encode()) <= NAME_MAX:
-        return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-    head = name.encode()[:NAME_MAX - 14].decode(errors="ignore")
-    short = f"{head}~{digest}"
-    print(f"hydra.sweep.subdir: the job folder name is {len(name.encode())} bytes, over the {NAME_MAX}-byte "
-          f"file-name limit; using {short[:40]}...~{digest} (set hydra.sweep.subdir='${{hydra.job.num}}' "
-          "for short names)", file=sys.stderr)
-    return short
+    optimizer: Any = None  # a _partial_ _target_ (configs/optimizer); None in a run.json from before: SGD
+    writer: Any = None  # name -> a _partial_ _target_ (configs/writer); None: none (a Config built in Python)
 
 
 def register() -> None:
     from omegaconf import OmegaConf
 
-    from detlib.runs.lock import run_dir
+    from detlib.runs.lock import job_subdir, run_dir
 
     # A new run directory, claimed once and shared by every torchrun rank (configs/train.yaml: hydra.run.dir).
     OmegaConf.register_new_resolver("detlib_run_dir", run_dir, replace=True)
@@ -209,7 +193,7 @@ def check_ranges(cfg: Config) -> None:
     for key, options, value in _bad_choices(cfg, ""):
         raise ValueError(f"config: {key} must be {options}, got {value!r}")
     t, d = cfg.trainer, cfg.data
-    for key, value in _numbers({"trainer": t, "data": d, "eval": cfg.eval}, ""):
+    for key, value in _numbers({"trainer": t, "data": d, "eval": cfg.eval, "optimizer": cfg.optimizer or {}}, ""):
         if not math.isfinite(value):
             raise ValueError(f"config: {key} must be a finite number, got {value!r}")
     rules = [
@@ -221,6 +205,10 @@ def check_ranges(cfg: Config) -> None:
         ("trainer.lr", t.lr > 0, t.lr, "> 0"),
         ("trainer.momentum", 0 <= t.momentum < 1, t.momentum, "in [0, 1)"),
         ("trainer.weight_decay", t.weight_decay >= 0, t.weight_decay, ">= 0"),
+        ("trainer.norm_weight_decay", t.norm_weight_decay is None or t.norm_weight_decay >= 0, t.norm_weight_decay,
+         ">= 0 or null"),
+        ("trainer.bias_weight_decay", t.bias_weight_decay is None or t.bias_weight_decay >= 0, t.bias_weight_decay,
+         ">= 0 or null"),
         ("trainer.warmup_iters", t.warmup_iters >= 0, t.warmup_iters, ">= 0"),
         ("trainer.warmup_factor", 0 < t.warmup_factor <= 1, t.warmup_factor, "in (0, 1]"),
         ("trainer.steps", all(0 < s < 1 for s in t.steps), list(t.steps), "fractions in (0, 1)"),
@@ -249,10 +237,15 @@ def check_ranges(cfg: Config) -> None:
         if not ok:
             raise ValueError(f"config: {key} must be {rule}, got {value!r}")
     check_model_ranges(cfg.model)
-    for key, choose in (("loss", "loss=NAME"), ("rpn_loss", "loss@rpn_loss=NAME")):
-        node = getattr(cfg, key)
-        if node != MISSING and not (isinstance(node, Mapping) and "_target_" in node):  # e.g. rpn_loss=l1 sets a string
-            raise ValueError(f"config: {key} must be a loss from configs/loss, chosen with {choose}, got {node!r}")
+    components = [("loss", cfg.loss, "a loss from configs/loss, chosen with loss=NAME"),
+                  ("rpn_loss", cfg.rpn_loss, "a loss from configs/loss, chosen with loss@rpn_loss=NAME")]
+    components += [("optimizer", cfg.optimizer, "an optimizer from configs/optimizer, chosen with optimizer=NAME")
+                   ] if cfg.optimizer is not None else []
+    components += [(f"writer.{k}", v, "a writer from configs/writer, added with +writer=NAME")
+                   for k, v in (cfg.writer or {}).items()]
+    for key, node, what in components:  # e.g. rpn_loss=l1 sets a string
+        if node != MISSING and not (isinstance(node, Mapping) and "_target_" in node):
+            raise ValueError(f"config: {key} must be {what}, got {node!r}")
 
 
 # Range rules for the ``model`` tree, by the key's last name, wherever it sits (rpn, roi_head, proposals, a
@@ -318,7 +311,14 @@ INJECTED = {
     "model.": {"num_classes": "the data", "box_loss": "loss", "rpn_box_loss": "rpn_loss"},
     "model.rpn.": {"in_channels": "the backbone", "box_loss": "rpn_loss"},
     "model.roi_head.": {"in_channels": "the backbone", "num_classes": "the data", "box_loss": "loss"},
+    "optimizer.": {"params": "the model", "lr": "trainer.lr", "weight_decay": "trainer.weight_decay"},
+    "writer.*.": {"run_dir": "the run folder", "start": "the iteration the run starts at"},  # any writer
 }
+
+
+def _injected(prefix: str) -> dict[str, str]:
+    """``INJECTED``'s entry for the node at ``prefix`` (``writer.jsonl.`` is one of ``writer.*.``)."""
+    return next((v for k, v in INJECTED.items() if fnmatch.fnmatchcase(prefix, k)), {})
 
 
 def check_keys(cfg: Config) -> None:
@@ -332,9 +332,9 @@ def check_keys(cfg: Config) -> None:
     for key, valid in _unknown_keys(cfg, ""):
         parent, _, name = key.rpartition(".")
         close = difflib.get_close_matches(name, valid, n=1)
-        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"valid: {', '.join(valid)}"
-        if name in INJECTED.get(parent + ".", {}):
-            hint = f"not a config key: it comes from {INJECTED[parent + '.'][name]}"
+        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"valid: {', '.join(valid) or 'none'}"
+        if name in _injected(parent + "."):
+            hint = f"not a config key: it comes from {_injected(parent + '.')[name]}"
         problems.append(f"unknown key {key} ({hint})")
     if problems:
         raise ValueError("config: " + "; ".join(problems))
@@ -362,7 +362,7 @@ def _unknown_keys(node: object, prefix: str) -> Iterator[tuple[str, list[str]]]:
         valid, items = [f.name for f in fields(node)], vars(node).items()
     elif isinstance(node, Mapping):
         valid, items = _parameters(node.get("_target_")), node.items()
-        valid = None if valid is None else [p for p in valid if p not in INJECTED.get(prefix, {})]
+        valid = None if valid is None else [p for p in valid if p not in _injected(prefix)]
     else:
         return
     for k, v in items:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from detlib.data.build import build_datasets
 from detlib.data.sampler import TrainBatchSampler
 from detlib.engine.build import build_model
-from detlib.engine.trainer import train
+from detlib.engine.trainer import Job, train
 
 from .conftest import compose_cfg
 from .fixtures import write_coco
@@ -55,7 +55,7 @@ def test_coco_fixture_trains_and_evaluates_end_to_end(coco_root, tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg, train_set.num_classes)
     tcfg = dataclasses.replace(typed.trainer, max_iters=3, warmup_iters=1, log_period=1, progress=False, device="cpu")
-    stats = train(model, train_set, val_set, tcfg, typed.eval, tmp_path, 2, 0, 0, {"seed": 0})
+    stats = train(Job(model, train_set, val_set, dataclasses.replace(typed, trainer=tcfg), tmp_path))
     assert set(stats) >= {"AP", "AP50"} and all(v is None or 0 <= v <= 1 for v in stats.values())
     detail = json.loads((tmp_path / "eval_detail.json").read_text())
     assert set(detail["per_class_ap"]) == {"red", "green"}

@@ -16,7 +16,7 @@ from detlib.data.coco import collate
 from detlib.device import autocast, channels_last
 from detlib.engine.build import build_model
 from detlib.engine.restore import load_run_config
-from detlib.engine.trainer import optimizer_step, train
+from detlib.engine.trainer import Job, RunMeta, optimizer_step, train
 from detlib.losses import SmoothL1
 from detlib.predictor import Predictor
 
@@ -108,8 +108,8 @@ def test_bf16_crash_then_resume_is_bit_exact(parts, tmp_path):
     def run(run_dir, box_loss=None):
         torch.manual_seed(0)
         model = build_model(cfg, train_set.num_classes, box_loss)
-        train(model, train_set, val_set, tcfg, typed.eval, run_dir, typed.data.batch_size, 0, typed.seed,
-              {"identity": {"seed": typed.seed}})
+        train(Job(model, train_set, val_set, dataclasses.replace(typed, trainer=tcfg), run_dir,
+                  RunMeta({"seed": typed.seed})))
         return model.state_dict()
 
     straight = run(tmp_path / "straight")

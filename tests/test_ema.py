@@ -16,7 +16,7 @@ from detlib.data.build import build_datasets
 from detlib.engine import evaluation
 from detlib.engine.build import build_model
 from detlib.engine.ema import ModelEMA, ema_decay_at
-from detlib.engine.trainer import train
+from detlib.engine.trainer import Job, RunMeta, train
 from detlib.evaluation.coco_eval import evaluate_coco
 
 from .conftest import compose_cfg, run_train
@@ -69,8 +69,8 @@ def _run(parts, run_dir, **trainer):
     cfg, typed, train_set, val_set = parts
     torch.manual_seed(0)
     model = build_model(cfg, train_set.num_classes)
-    return train(model, train_set, val_set, dataclasses.replace(typed.trainer, **trainer), typed.eval, run_dir,
-                 typed.data.batch_size, 0, typed.seed, {"identity": {"seed": typed.seed}})
+    job_cfg = dataclasses.replace(typed, trainer=dataclasses.replace(typed.trainer, **trainer))
+    return train(Job(model, train_set, val_set, job_cfg, run_dir, RunMeta({"seed": typed.seed})))
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from torchvision.ops import box_iou
 
 from detlib.data.build import build_datasets
 from detlib.engine.build import build_model
-from detlib.engine.trainer import train
+from detlib.engine.trainer import Job, train
 from detlib.modeling.proposals import (
     FileProposals,
     GTJitterProposals,
@@ -195,7 +195,7 @@ def _train(coco_data, run_dir, *overrides):
     model = _model(cfg, train_set.num_classes)
     check_proposal_ids(model, train=train_set.ids, val=val_set.ids)
     tcfg = dataclasses.replace(typed.trainer, max_iters=3, warmup_iters=1, log_period=1, progress=False, device="cpu")
-    return train(model, train_set, val_set, tcfg, typed.eval, run_dir, 2, 0, 0, {"seed": 0})
+    return train(Job(model, train_set, val_set, dataclasses.replace(typed, trainer=tcfg), run_dir))
 
 
 def test_trains_and_evaluates_on_gt_jitter(coco_data, tmp_path):

@@ -19,7 +19,7 @@ from detlib.data.build import build_datasets
 from detlib.engine.build import build_model
 from detlib.engine.guards import NonFiniteGuard, NonFiniteLossError
 from detlib.engine.state import TrainState
-from detlib.engine.trainer import step, train
+from detlib.engine.trainer import Job, RunMeta, StepContext, step, train
 from detlib.tools.bench_models import RandomDetection
 from detlib.tools.benchmark import prebuilt_batches
 
@@ -46,14 +46,14 @@ def _steps(loss: str, amp: str, channels_last: bool, n: int = 4, **trainer) -> l
     model = build_model(cfg, 5).to(CUDA)
     if channels_last:
         model.backbone.to(memory_format=torch.channels_last)
-    tcfg = dataclasses.replace(OmegaConf.to_object(compose_cfg()).trainer, amp=amp, max_iters=n, warmup_iters=1,
-                               **trainer)
-    state = TrainState.create(model, tcfg, CUDA)
+    typed = OmegaConf.to_object(compose_cfg())
+    tcfg = dataclasses.replace(typed.trainer, amp=amp, max_iters=n, warmup_iters=1, **trainer)
+    state = TrainState.create(model, tcfg, CUDA, typed.optimizer)
     guard = NonFiniteGuard("stop", 1, Path("."), None, deferred=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     terms = []
     for images, targets in prebuilt_batches(RandomDetection(128, num_classes=5), 4, n, 0, CUDA):
-        result = step(state, model, images, targets, tcfg, dtype, guard, False, False)
+        result = step(state, StepContext(model, dtype, tcfg.clip_grad_norm, guard), images, targets)
         terms.append({k: float(v) for k, v in result.out["losses"].items()})
     guard.raise_if_bad(n)
     return terms
@@ -91,17 +91,19 @@ def test_one_training_step_on_cuda_has_few_host_syncs():
 
     cfg = compose_cfg("model=faster_rcnn_r50_fpn", "model.min_size=512", "model.max_size=512")
     model = build_model(cfg, 5).to(CUDA)
-    tcfg = dataclasses.replace(OmegaConf.to_object(compose_cfg()).trainer, amp="bf16", max_iters=3)
-    state = TrainState.create(model, tcfg, CUDA)
+    typed = OmegaConf.to_object(compose_cfg())
+    tcfg = dataclasses.replace(typed.trainer, amp="bf16", max_iters=3)
+    state = TrainState.create(model, tcfg, CUDA, typed.optimizer)
     guard = NonFiniteGuard("stop", 1, Path("."), None, deferred=True)
     batches = prebuilt_batches(RandomDetection(512, num_classes=5), 2, 2, 0, CUDA)
-    step(state, model, *batches[0], tcfg, torch.bfloat16, guard, False, False)  # warm-up
+    how = StepContext(model, torch.bfloat16, tcfg.clip_grad_norm, guard)
+    step(state, how, *batches[0])  # warm-up
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step(state, model, *batches[1], tcfg, torch.bfloat16, guard, False, False)
+            step(state, how, *batches[1])
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
@@ -158,13 +160,13 @@ def test_checkpoint_on_cuda_resumes_to_the_same_state(tmp_path, data_root):
     cfg = compose_cfg("experiment=smoke", f"data.root={data_root}", "trainer.progress=false", "trainer.device=cuda")
     typed = OmegaConf.to_object(cfg)
     train_set, val_set = build_datasets(typed.data)
-    meta = {"identity": {"seed": typed.seed}}
+    meta = RunMeta({"seed": typed.seed})
 
     def run(run_dir: Path, max_iters: int) -> torch.nn.Module:
         torch.manual_seed(0)
         model = build_model(cfg, train_set.num_classes)
         tcfg = dataclasses.replace(typed.trainer, max_iters=max_iters, checkpoint_period=2, amp="bf16")
-        train(model, train_set, val_set, tcfg, typed.eval, run_dir, typed.data.batch_size, 0, typed.seed, meta)
+        train(Job(model, train_set, val_set, dataclasses.replace(typed, trainer=tcfg), run_dir, meta))
         return model
 
     straight = run(tmp_path / "a", 4)

@@ -18,12 +18,9 @@ from detlib.runs.results import load_run
 from .conftest import ROOT, compose_cfg
 
 # The run folder's names that only detlib/runs/layout.py spells; the folders' names are compared whole.
-FILE_NAMES = ("run.json", "metrics.json", "metrics.jsonl", "eval_detail.json", "detections.json", "diverged.json",
-              "last.pt", ".lock")
+FILE_NAMES = ("run.json", "metrics.json", "metrics.jsonl", "metrics.csv", "eval_detail.json", "detections.json",
+              "diverged.json", "last.pt", ".lock")
 FOLDER_NAMES = ("checkpoints", "tb")
-# detlib/engine/trainer.py's train() still joins run_dir / "checkpoints": its loop is being rewritten on
-# another branch, which takes runs.checkpoints(run_dir) with it.
-FOLDER_EXCEPTIONS = {"detlib/engine/trainer.py": {"checkpoints"}}
 
 
 def _sources() -> list[Path]:
@@ -46,7 +43,7 @@ def test_only_the_run_folder_module_spells_its_file_names():
             continue
         for node in _string_constants(ast.parse(path.read_text())):
             names = [n for n in FILE_NAMES if re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", node.value)] + [
-                n for n in FOLDER_NAMES if node.value == n and n not in FOLDER_EXCEPTIONS.get(rel, ())]
+                n for n in FOLDER_NAMES if node.value == n]
             found += [f"{rel}:{node.lineno}: {node.value!r}" for _ in names[:1]]
     assert not found, "spell these with detlib.runs' names:\n" + "\n".join(found)
 

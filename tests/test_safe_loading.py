@@ -28,7 +28,7 @@ from detlib.data.synthetic import CLASSES
 from detlib.engine import checkpoint
 from detlib.engine import restore as rundir  # noqa: E402
 from detlib.engine.build import build_model
-from detlib.engine.trainer import train
+from detlib.engine.trainer import Job, RunMeta, train
 from detlib.modeling.proposals import FileProposals, ProposalError, build_proposal_source
 from detlib.tools import evaluate, visualize  # noqa: E402
 
@@ -129,8 +129,8 @@ def _train(parts, run_dir: Path, **trainer) -> dict | None:
     torch.manual_seed(0)
     model = build_model(cfg, train_set.num_classes)
     tcfg = dataclasses.replace(typed.trainer, **trainer)
-    meta = {"identity": {"seed": typed.seed, "loss": "l1", "tags": ["a", None, 1.5]}, "eval": {"period": 0}}
-    return train(model, train_set, val_set, tcfg, typed.eval, run_dir, typed.data.batch_size, 0, typed.seed, meta)
+    meta = RunMeta({"seed": typed.seed, "loss": "l1", "tags": ["a", None, 1.5]}, {"period": 0})
+    return train(Job(model, train_set, val_set, dataclasses.replace(typed, trainer=tcfg), run_dir, meta))
 
 
 def test_everything_the_trainer_stores_loads_as_plain_data(parts, tmp_path):

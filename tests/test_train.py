@@ -266,7 +266,7 @@ def test_a_sweep_override_too_long_for_a_folder_name_gets_a_short_unique_folder(
     """Hydra names each job's folder after its overrides; past the 255-byte file-name limit its mkdir stopped
     the sweep with a traceback. Now the name is shortened with a hash (stable across relaunches), said in one
     line, and the job runs (here to its own start-up check of the missing weights file)."""
-    from detlib.config import job_subdir
+    from detlib.runs.lock import job_subdir
 
     long = "w" * 300
     proc = run_train("-m", "experiment=smoke", "trainer.device=cpu", "data.hflip_prob=0.5",

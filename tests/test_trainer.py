@@ -14,7 +14,7 @@ from detlib.data.build import build_datasets
 from detlib.data.sampler import TrainBatchSampler
 from detlib.engine import checkpoint
 from detlib.engine.build import build_model
-from detlib.engine.trainer import NonFiniteLossError, optimizer_step, train
+from detlib.engine.trainer import Job, NonFiniteLossError, RunMeta, optimizer_step, train
 from detlib.losses import L1
 
 from .conftest import compose_cfg
@@ -46,12 +46,11 @@ class NaNOnCall(L1):
         return out * float("nan") if self.calls in self.bad else out
 
 
-def _run(parts, run_dir, model=None, meta=None, **trainer):
+def _run(parts, run_dir, model=None, identity=None, **trainer):
     cfg, typed, train_set, val_set = parts
-    tcfg = dataclasses.replace(typed.trainer, **trainer)
+    job_cfg = dataclasses.replace(typed, trainer=dataclasses.replace(typed.trainer, **trainer))
     model = model or _model(cfg, train_set.num_classes)
-    return train(model, train_set, val_set, tcfg, typed.eval, run_dir, typed.data.batch_size, 0, typed.seed,
-                 meta or {"identity": {"seed": typed.seed}})
+    return train(Job(model, train_set, val_set, job_cfg, run_dir, RunMeta(identity or {"seed": typed.seed})))
 
 
 def test_nonfinite_loss_stops_naming_iteration_terms_and_images(parts, tmp_path):
@@ -127,11 +126,11 @@ def test_resume_errors_and_auto_without_checkpoint(parts, tmp_path, caplog):
 def test_resume_with_a_different_identity_is_refused_naming_only_the_differing_keys(parts, tmp_path):
     """Finished or not, a checkpoint of another set-up is never continued (it used to warn and train on)."""
     ident = {"seed": 0, "world_size": 1, "loss._target_": "detlib.losses.SmoothL1", "trainer.lr": 0.02}
-    _run(parts, tmp_path, max_iters=2, checkpoint_period=1, meta={"identity": ident})
+    _run(parts, tmp_path, max_iters=2, checkpoint_period=1, identity=ident)
     changed = ident | {"seed": 5, "loss._target_": "detlib.losses.L1"}
     for max_iters in (4, 2):  # unfinished (continuing to 4) and finished
         with pytest.raises(checkpoint.CheckpointError) as e:
-            _run(parts, tmp_path, max_iters=max_iters, resume="auto", meta={"identity": changed})
+            _run(parts, tmp_path, max_iters=max_iters, resume="auto", identity=changed)
         msg = str(e.value)
         assert "seed: 0 -> 5" in msg and "loss._target_: detlib.losses.SmoothL1 -> detlib.losses.L1" in msg
         assert "trainer.lr" not in msg and "world_size" not in msg  # only what differs
@@ -139,7 +138,7 @@ def test_resume_with_a_different_identity_is_refused_naming_only_the_differing_k
 
 
 def test_checkpoint_without_identity_is_refused(parts, tmp_path):
-    _run(parts, tmp_path, max_iters=2, meta={"identity": {"seed": 0}})
+    _run(parts, tmp_path, max_iters=2, identity={"seed": 0})
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     del state["meta"]["identity"]
     torch.save(state, tmp_path / "old.pt")
@@ -167,7 +166,7 @@ def test_an_image_that_fails_to_decode_mid_run_stops_with_a_checkpoint_naming_th
     cfg = compose_cfg("data=coco", f"data.root={tmp_path / 'data'}", "data.train_ann=train.json",
                       "data.train_images=images", "data.val_ann=val.json", "data.val_images=images",
                       "data.batch_size=2", "data.aspect_grouping=false", "model.min_size=64", "model.max_size=96",
-                      "trainer.progress=false", "trainer.device=cpu", "trainer.warmup_iters=1")
+                      "data.num_workers=0", "trainer.progress=false", "trainer.device=cpu", "trainer.warmup_iters=1")
     typed = OmegaConf.to_object(cfg)
     train_set, val_set = build_datasets(typed.data)
     ids = train_set.ids
@@ -178,7 +177,7 @@ def test_an_image_that_fails_to_decode_mid_run_stops_with_a_checkpoint_naming_th
     model = _model(cfg, train_set.num_classes)
     tcfg = dataclasses.replace(typed.trainer, max_iters=8, checkpoint_period=100)
     with pytest.raises(ImageDecodeError, match=src.name):
-        train(model, train_set, val_set, tcfg, typed.eval, tmp_path / "run", 2, 0, 0, {"identity": {}})
+        train(Job(model, train_set, val_set, dataclasses.replace(typed, trainer=tcfg), tmp_path / "run"))
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert 1 <= state["iteration"] < 8  # what was trained before the bad image is kept
 

@@ -190,6 +190,17 @@ def test_voc_trains_and_evaluates_end_to_end_through_train_py(devkit, tmp_path):
     ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     ea.Reload()
     assert ea.Scalars("val/VOC07_AP50")[-1].value == pytest.approx(voc["mAP"])
+    # tools/evaluate.py scores the same metrics into the same file as training (eval.metrics, not the dataset).
+    import contextlib
+    import io
+
+    from detlib.tools import evaluate
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert evaluate.main(["--run", str(tmp_path), "--device", "cpu"]) == 0
+    tool = json.loads((tmp_path / "eval" / "eval_detail.json").read_text())
+    assert set(tool) == set(detail) and tool["voc07_ap50"] == detail["voc07_ap50"]
+    assert f"val/VOC07_AP50: {voc['mAP']:.4f}" in printed.getvalue()
 
 
 def test_image_ids_are_voc_ids_when_unique_else_split_order():
@@ -199,3 +210,14 @@ def test_image_ids_are_voc_ids_when_unique_else_split_order():
     assert _image_ids(["000000", "000001"]) == [1, 2]  # id 0 is not allowed
     assert _image_ids(["1_2", "12"]) == [1, 2]  # "1_2" and "12" would collide
     assert _image_ids(["a", "b"]) == [1, 2]
+
+
+def test_the_voc07_metric_comes_from_the_evaluation_settings():
+    """data=voc asks for it in eval.metrics; other data can too; an unknown name fails naming the known ones."""
+    from detlib.evaluation.evaluators import extra_metrics
+
+    assert OmegaConf.to_object(compose_cfg("data=voc")).eval.metrics == ["voc07"]
+    assert OmegaConf.to_object(compose_cfg()).eval.metrics == []
+    assert [m.key for m in extra_metrics(compose_cfg("eval.metrics=[voc07]").eval.metrics)] == ["voc07_ap50"]
+    with pytest.raises(ValueError, match=r"eval\.metrics: no metric 'voc7' \(known: voc07\)"):
+        extra_metrics(["voc7"])

@@ -38,7 +38,6 @@ def _voc_datasets(cfg: DataConfig, root: Path) -> tuple[CocoDetection, CocoDetec
         kw = dict(hflip_prob=cfg.hflip_prob, keep_empty=cfg.keep_empty) if train else {}
         sets.append(CocoDetection(source, folder / "JPEGImages", train=train, invalid=cfg.invalid, data=data,
                                   exif_orientation=cfg.exif_orientation, **kw))
-    sets[1].extra_metrics = ("voc07",)  # Pascal VOC is also scored by its own 11-point AP50
     return sets[0], sets[1]
 
 

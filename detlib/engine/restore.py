@@ -46,7 +46,12 @@ TRUSTED_TARGETS = frozenset({
     "detlib.modeling.detector.build_rpn",
     "detlib.modeling.proposals.build_proposal_source",
     "detlib.modeling.roi_align.MultiScaleRoIAlign",
+    "detlib.engine.writers.TensorBoardWriter",  # the writers: built only by the trainer, never by a tool
+    "detlib.engine.writers.JsonlWriter",
+    "detlib.engine.writers.CsvWriter",
     "torchvision.ops.MultiScaleRoIAlign",
+    "torch.optim.SGD",  # the optimizers: built only by the trainer, never by a tool
+    "torch.optim.AdamW",
 })
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from detlib import distributed as dist
 from detlib.config import TrainerConfig
 from detlib.engine.ema import ModelEMA
+from detlib.engine.optim import build_optimizer
 from detlib.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -77,11 +79,11 @@ class TrainState:
     ema: ModelEMA | None = None  # the weights' moving average: what is evaluated, when set
 
     @classmethod
-    def create(cls, model: nn.Module, cfg: TrainerConfig, device: torch.device) -> TrainState:
-        """SGD with momentum on the trainable parameters, warmup + cosine/step LR, a scaler for fp16, the EMA
-        of the weights with ``cfg.ema_decay`` (a copy of ``model`` as it is now, on its device)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    def create(cls, model: nn.Module, cfg: TrainerConfig, device: torch.device, optimizer: Mapping) -> TrainState:
+        """The optimizer the config's ``optimizer`` node names, on the trainable parameters
+        (``detlib.engine.optim``: SGD with momentum by default), warmup + cosine/step LR, a scaler for fp16,
+        the EMA of the weights with ``cfg.ema_decay`` (a copy of ``model`` as it is now, on its device)."""
+        optimizer = build_optimizer(model, optimizer, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
@@ -91,6 +93,11 @@ class TrainState:
     def evaluated(self) -> nn.Module:
         """The model evaluations score: the EMA of the weights when there is one, else the model."""
         return self.model if self.ema is None else self.ema.module
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates, of all its groups: what gradient clipping bounds."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     @property
     def lr(self) -> float:

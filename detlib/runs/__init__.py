@@ -12,6 +12,7 @@ from detlib.runs.layout import (  # noqa: F401
     LAST,
     LOCK,
     METRICS,
+    METRICS_CSV,
     METRICS_JSONL,
     RECORD,
     TB,

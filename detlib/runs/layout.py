@@ -6,6 +6,7 @@
       checkpoints/        model_{iteration}.pt, and last.pt naming the newest (``detlib.engine.checkpoint``)
       tb/                 TensorBoard event files
       metrics.jsonl       one JSON line per log step and per evaluation
+      metrics.csv         the same scalars, one row each (with ``+writer=csv``)
       metrics.json        the final COCO stats: the run is finished
       eval_detail.json    AP per IoU and per class, TIDE, the inference settings used
       detections.json     the detections that evaluation scored (COCO results format)
@@ -24,6 +25,7 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.pt"  # in CHECKPOINTS: a hard link to the newest checkpoint
 TB = "tb"
 METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
 METRICS = "metrics.json"
 EVAL_DETAIL = "eval_detail.json"
 DETECTIONS = "detections.json"

@@ -1,14 +1,16 @@
 """Who owns a run folder: ``RunLock``, an ``flock`` on ``RUN/.lock`` held for the run's life, naming its
 owner (pid, host); and which folder a launch trains in (``run_dir``, Hydra's ``detlib_run_dir`` resolver):
-the unfinished run it continues, or a new one."""
+the unfinished run it continues, or a new one; a sweep job's (``job_subdir``, ``detlib_job_subdir``)."""
 
 from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -105,3 +107,22 @@ def _locked(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
+
+
+def job_subdir(name: str) -> str:
+    """A sweep job's folder name (``hydra.sweep.subdir``), shortened deterministically when it exceeds the
+    file-name limit: a long override value would otherwise stop the sweep with a traceback from ``mkdir``.
+    The short name keeps the start and adds a hash of the whole, so it is unique and the same on a relaunch."""
+    name = str(name)
+    if len(name.encode()) <= NAME_MAX:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    head = name.encode()[:NAME_MAX - 14].decode(errors="ignore")
+    short = f"{head}~{digest}"
+    print(f"hydra.sweep.subdir: the job folder name is {len(name.encode())} bytes, over the {NAME_MAX}-byte "
+          f"file-name limit; using {short[:40]}...~{digest} (set hydra.sweep.subdir='${{hydra.job.num}}' "
+          "for short names)", file=sys.stderr)
+    return short

@@ -36,13 +36,15 @@ from detlib.runs.layout import HYDRA_DIR, RECORD
 
 FORMAT = 1
 
-# Keys that say how a run is executed or logged, never what it computes. ``hydra`` and ``experiment`` are
-# not config keys (Hydra's own node; the preset that chose values) but name launch overrides.
+# Keys that say how a run is executed or logged, never what it computes (``writer``: where its scalars go;
+# ``eval.metrics``: metrics scored beside COCO's, which they leave as they are).
+# ``hydra`` and ``experiment`` are not config keys (Hydra's own node; the preset that chose values) but name
+# launch overrides.
 IGNORED = (
     "trainer.device", "trainer.progress", "trainer.log_period", "trainer.resume", "trainer.num_threads",
     "trainer.checkpoint_period", "trainer.keep_last", "trainer.channels_last", "trainer.cudnn_benchmark",
     "trainer.eval_period", "data.num_workers", "data.root", "data.train_ann", "data.train_images",
-    "data.val_ann", "data.val_images", "eval.backend", "hydra", "experiment",
+    "data.val_ann", "data.val_images", "eval.backend", "eval.metrics", "writer", "hydra", "experiment",
 )
 # Keys that change the evaluation only (inference thresholds): may differ on resume, and are named.
 EVAL_ONLY = (

@@ -14,12 +14,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from detlib.config import TrainerConfig
+from detlib.compose import compose_train
 from detlib.device import autocast, autocast_dtype
 from detlib.engine.guards import NonFiniteGuard
 from detlib.engine.state import TrainState
-from detlib.engine.trainer import step
+from detlib.engine.trainer import StepContext, step
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -56,10 +57,12 @@ class Side:
                  amp: str, total_steps: int) -> None:
         self.name, self.model, self.device = name, model.to(device).train(), device
         self.batches = itertools.cycle(batches)
-        self.cfg = TrainerConfig(max_iters=max(total_steps, 1), amp=amp)
+        typed = OmegaConf.to_object(compose_train([f"trainer.max_iters={max(total_steps, 1)}", f"trainer.amp={amp}"]))
+        self.cfg = typed.trainer
         self.dtype = autocast_dtype(amp)
-        self.state = TrainState.create(model, self.cfg, device)  # SGD + warm-up, as both do
+        self.state = TrainState.create(model, self.cfg, device, typed.optimizer)  # the default: SGD, warm-up
         self.guard = NonFiniteGuard("stop", 1, Path("."), None, deferred=device.type == "cuda")
+        self.how = StepContext(self.model, self.dtype, self.cfg.clip_grad_norm, self.guard)
         self.logged: dict[str, float] = {}
         self._mark: dict[str, float] = {}
         # One call does forward, backward and step: hooks mark where forward and backward end.
@@ -82,7 +85,7 @@ class Side:
         t1 = self._now()
         self._mark.clear()
         if self.name == "ours":  # detlib.engine.trainer.train's step
-            step(self.state, self.model, images, targets, self.cfg, self.dtype, self.guard, False, False)
+            step(self.state, self.how, images, targets)
         else:  # torchvision/references/detection/engine.py train_one_epoch
             opt, scaler = self.state.optimizer, self.state.scaler
             with autocast(self.device, self.dtype):

@@ -8,7 +8,8 @@
 
 Both modes write the 12 COCO stats with the keys of a run's ``metrics.json`` (``--out``) and print
 them as a table, followed by AP per class. Checkpoint mode also writes the detections as a
-COCO-results file (``--dets``), which file mode and ``tools/visualize.py`` read back. Checkpoint mode runs
+COCO-results file (``--dets``), which file mode and ``tools/visualize.py`` read back, and scores the
+metrics the run's ``eval.metrics`` names (VOC07 AP50 on Pascal VOC) into ``eval_detail.json``, as training does. Checkpoint mode runs
 the model as the run's own validation did: its ``trainer.amp`` autocast (CPU included; ``--amp`` to change
 it) and its ``trainer.channels_last`` backbone.
 """
@@ -25,6 +26,7 @@ from detlib import runs
 from detlib.data.coco_files import coco_from_dict, load_coco_json
 from detlib.data.validation import evaluation_ground_truth
 from detlib.evaluation.coco_eval import evaluate_coco, format_table
+from detlib.evaluation.evaluators import compute, extra_metrics
 from detlib.evaluation.report import category_names, eval_detail, metrics
 from detlib.jsonio import write_json
 from detlib.tools.cli import ToolError, cli, prog_name
@@ -96,6 +98,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from detlib.evaluation.inference import evaluate
 
     cfg = load_run_config(args.run, args.config_overrides)
+    metrics = extra_metrics(list(OmegaConf.select(cfg, "eval.metrics", default=None) or []))  # as training scores
     ckpt = args.checkpoint or runs.last_checkpoint(args.run)
     saved = load_checkpoint(ckpt)  # a bad checkpoint is refused before any data is built
     model, val_set = build_from_run(cfg, args.run)
@@ -110,10 +113,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     dets = args.dets or out.with_name(runs.DETECTIONS)
     write_json(dets, results)
     settings = runs.eval_settings(OmegaConf.to_container(cfg, resolve=False))
+    extra = compute(metrics, results, val_set.coco)
     detail = eval_detail(state["iteration"], stats, E, category_names(val_set.coco), losses, settings,
-                         weights=state["loaded"])
+                         weights=state["loaded"], **extra)
     report(detail, out, f"{ckpt} (iteration {state['iteration']}) with its {weights_note(state)} on {len(val_set)} images "
                         f"of {val_set.ann_file}")
+    for m in metrics:
+        print(f"{m.tag}: " + ("n/a" if extra[m.key]["mAP"] is None else f"{extra[m.key]['mAP']:.4f}"))
     print(f"detections written to {dets}")
     return stats
 

@@ -25,7 +25,7 @@ from detlib.device import autocast_dtype, resolve_device
 from detlib.engine.build import build_model
 from detlib.engine.guards import NonFiniteGuard
 from detlib.engine.state import TrainState
-from detlib.engine.trainer import step
+from detlib.engine.trainer import StepContext, step
 from detlib.tools.bench_models import RandomDetection
 from detlib.tools.bench_timing import Side, sync_count
 from detlib.tools.benchmark import prebuilt_batches
@@ -37,9 +37,11 @@ def one(model_name: str, amp: str, size: int, batch: int, steps: int, device: to
     torch.manual_seed(0)
     model = build_model(cfg, 5).to(device)
     model.backbone.to(memory_format=torch.channels_last)
-    tcfg = dataclasses.replace(OmegaConf.to_object(compose_train([])).trainer, amp=amp, max_iters=steps + 2)
-    state = TrainState.create(model, tcfg, device)
+    typed = OmegaConf.to_object(compose_train([]))
+    tcfg = dataclasses.replace(typed.trainer, amp=amp, max_iters=steps + 2)
+    state = TrainState.create(model, tcfg, device, typed.optimizer)
     guard = NonFiniteGuard("stop", 1, Path("."), None, deferred=device.type == "cuda")
+    how = StepContext(model, autocast_dtype(amp), tcfg.clip_grad_norm, guard)
     batches = prebuilt_batches(RandomDetection(size, num_classes=5), batch, 2, 0, device)
     cuda = device.type == "cuda"
     if cuda:
@@ -47,7 +49,7 @@ def one(model_name: str, amp: str, size: int, batch: int, steps: int, device: to
     times = []
     for i in range(steps):
         t = time.perf_counter()
-        step(state, model, *batches[i % 2], tcfg, autocast_dtype(amp), guard, False, False)
+        step(state, how, *batches[i % 2])
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
