@@ -15,8 +15,7 @@ from detlib.evaluation.coco_eval import STAT_NAMES
 from .conftest import run_train
 from .fixtures import write_coco
 
-TRAIN_TAGS = {"train/loss", "train/loss_cls", "train/loss_box_reg", "train/loss_rpn_cls", "train/loss_rpn_box_reg",
-              "train/lr"}
+TRAIN_TAGS = {"loss/total", "loss/cls", "loss/box_reg", "loss/rpn_cls", "loss/rpn_box_reg", "lr"}
 VAL_TAGS = {f"val/{k}" for k in STAT_NAMES}
 
 
@@ -50,9 +49,9 @@ def test_smoke_run_writes_the_run_directory_contract(smoke_run):
 def test_smoke_run_writes_metrics_jsonl(smoke_run):
     run_dir, _ = smoke_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train/loss" in r]
+    train = [r for r in records if "loss/total" in r]
     assert [r["iteration"] for r in train] == [2, 4, 6]  # every log_period, as TensorBoard
-    assert all({"train/lr", "train/loss_box_reg", "it_per_s", "time"} <= set(r) for r in train)
+    assert all({"lr", "loss/box_reg", "it_per_s", "time"} <= set(r) for r in train)
     final = [r for r in records if "val/AP" in r][-1]
     assert final["iteration"] == 6
     assert final["val/AP"] == json.loads((run_dir / "metrics.json").read_text())["AP"]
@@ -69,8 +68,8 @@ def test_smoke_run_tensorboard_tags(smoke_run):
     assert [e.step for e in ea.Scalars("train/shadow/l2")] == [2, 4, 6]  # every log_period, not every step
     assert all(0 <= e.value <= 1 for e in ea.Scalars("train/fg_iou"))
     assert {"val/loss", "val/loss_box_reg", "val/loss_cls"} <= tags
-    assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6]
-    assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("train/loss"))
+    assert [e.step for e in ea.Scalars("loss/total")] == [2, 4, 6]
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("loss/total"))
     p50, p90 = ea.Scalars("train/abs_residual_p50"), ea.Scalars("train/abs_residual_p90")
     assert all(0 <= a.value <= b.value for a, b in zip(p50, p90)) and len(p50) == 3
     assert {"val/tide/dAP_Loc", "val/tide/dAP_Miss", "val/tp_iou_mean"} <= tags
@@ -103,13 +102,13 @@ def test_smoke_run_dashboards(smoke_run):
     assert residuals | {"train/fg_iou_hist"} <= set(tags["histograms"])
     assert "val/per_class_AP/text_summary" in tags["tensors"]
     # The HParams table: its metrics are the final val/* scalars (no one-point hparam/* charts sorting before
-    # train/ and val/); its columns start with loss, seed, lr, model.
+    # loss/ and the rest); its columns start with loss, seed, lr, model.
     from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     assert not any(t.startswith("hparam/") for t in tags["scalars"])
-    groups = {t.split("/")[0] for kind in ("scalars", "histograms", "images") for t in tags[kind]}
-    assert groups == {"train", "val"}  # no diagnostics group sorts before them: the views open on the curves
+    groups = sorted({t.split("/")[0] for kind in ("scalars", "histograms", "images") for t in tags[kind]})
+    assert groups == ["loss", "lr", "train", "val"]  # TensorBoard's order of the groups: the views open on the losses
     content = ea.PluginTagToContent("hparams")
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert [h.name for h in experiment.hparam_infos][:4] == ["loss", "seed", "lr", "model"]
@@ -179,7 +178,7 @@ def test_loss_study_preset_compares_and_a_rerun_skips_finished_jobs_and_resumes_
     assert "resumed from" in out and "at iteration 2" in out
     assert (done / "metrics.json").read_text() == metrics_done
     assert (cut / "metrics.json").is_file() and (ckpts / "model_0000004.pt").is_file()
-    assert [e.step for e in scalars(cut).Scalars("train/loss")] == [1, 2, 3, 4]  # no duplicated steps
+    assert [e.step for e in scalars(cut).Scalars("loss/total")] == [1, 2, 3, 4]  # no duplicated steps
 
 
 @pytest.mark.slow

@@ -249,3 +249,44 @@ def test_cudnn_benchmark_defaults_on_only_for_one_input_size(parts, tmp_path):
     assert not fixed_input_size(multi, train_set)  # multi-scale training: several sizes
     assert default_num_workers(torch.device("cpu")) == 0
     assert 0 <= default_num_workers(torch.device("cuda")) <= 8
+
+
+def _record(cfg, *overrides: str) -> dict:
+    from detlib import runs
+
+    ident = runs.identity(OmegaConf.to_container(cfg, resolve=True), world_size=1, num_classes=4,
+                          data_fingerprints={"train": "f" * 64})
+    return {"identity": ident, "choices": {"loss": "smooth_l1", "model": "small"}, "overrides": list(overrides)}
+
+
+OUTLIERS = "model.roi_head.target_outliers=0.4"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(parts, tmp_path_factory):
+    """One iteration, logged, evaluated and finished, with the HParams row of a launch that overrode OUTLIERS."""
+    from detlib import runs
+
+    cfg, typed, train_set, val_set = parts
+    run_dir = tmp_path_factory.mktemp("tiny")
+    tcfg = dataclasses.replace(typed.trainer, max_iters=1, log_period=1, checkpoint_period=0)
+    hparams = runs.hparams(_record(OmegaConf.merge(cfg, OmegaConf.from_dotlist([OUTLIERS])), OUTLIERS))
+    train(_model(cfg, train_set.num_classes), train_set, val_set, tcfg, typed.eval, run_dir, 2, 0, 0,
+          {"identity": {}}, hparams)
+    return run_dir
+
+
+def test_tensorboard_opens_on_the_losses_then_lr_then_the_diagnostics(tiny_run):
+    """TensorBoard's Time Series and Scalars views sort the tags and group them by the part before the first
+    '/', the groups in that order (Time Series expands the first two)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from detlib import runs
+
+    ea = EventAccumulator(str(tiny_run / runs.TB), size_guidance={"scalars": 0})
+    ea.Reload()
+    tags = sorted(t for kind in ("scalars", "histograms", "images") for t in ea.Tags()[kind])
+    assert list(dict.fromkeys(t.split("/", 1)[0] for t in tags)) == ["loss", "lr", "train", "val"]
+    assert {"loss/total", "loss/box_reg", "loss/cls", "loss/rpn_cls", "loss/rpn_box_reg", "lr"} <= set(tags)
+    assert tags[0] == "loss/box_reg"  # the studied loss is the first chart
+    assert ea.Scalars("lr")[-1].step == 1

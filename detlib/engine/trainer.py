@@ -189,8 +189,8 @@ def _log_step(state: TrainState, means_t: dict, result: StepResult, writer: Summ
     means = {k: float(v) for k, v in means_t.items()}  # the one sync per log period
     means["loss"] = sum(means.values())
     diagnostics = result.out.get("diagnostics") or {}
-    scalars = {f"train/{k}": v for k, v in means.items()} | dashboard.grad_norms(state.model)
-    scalars |= {k: float(v) for k, v in diagnostics.items() if v.dim() == 0} | {"train/lr": state.lr}
+    scalars = {run_record.loss_tag(k): v for k, v in means.items()} | {run_record.LR_TAG: state.lr}  # loss/*, lr
+    scalars |= dashboard.grad_norms(state.model) | {k: float(v) for k, v in diagnostics.items() if v.dim() == 0}
     for k, v in scalars.items():
         writer.add_scalar(k, v, done)
     rate = state.window.rate(done)

@@ -11,15 +11,18 @@ from detlib.runs.layout import (  # noqa: F401
     HYDRA_DIR,
     LAST,
     LOCK,
+    LR_TAG,
     METRICS,
     METRICS_JSONL,
     RECORD,
     TB,
     checkpoints,
+    current_tag,
     foreign_files,
     has_diverged,
     is_finished,
     last_checkpoint,
+    loss_tag,
 )
 from detlib.runs.lock import RunDirInUse, RunLock, run_dir, unfinished_run  # noqa: F401
 from detlib.runs.record import (  # noqa: F401
