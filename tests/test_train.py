@@ -101,23 +101,28 @@ def test_smoke_run_dashboards(smoke_run):
     residuals = {f"train/residuals/{k}" for k in ("dx", "dy", "dw", "dh")}
     assert residuals | {"train/fg_iou_hist"} <= set(tags["histograms"])
     assert "val/per_class_AP/text_summary" in tags["tensors"]
-    # The HParams table: its metrics are the final val/* scalars (no one-point hparam/* charts sorting before
-    # loss/ and the rest); its columns start with loss, seed, lr, model.
-    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
+    # The views open on the losses: TensorBoard groups the sorted tags by their first part, loss/ then lr, then
+    # the train/ diagnostics and val/. The HParams table's row is a run of its own, tb/hparams: its session
+    # start has every parameter (no experiment summary: TensorBoard would take one run's columns), its
+    # scalars are the table's metrics, the final val/* (no one-point hparam/* charts).
+    from tensorboard.plugins.hparams import metadata
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     assert not any(t.startswith("hparam/") for t in tags["scalars"])
     groups = sorted({t.split("/")[0] for kind in ("scalars", "histograms", "images") for t in tags[kind]})
-    assert groups == ["loss", "lr", "train", "val"]  # TensorBoard's order of the groups: the views open on the losses
-    content = ea.PluginTagToContent("hparams")
-    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert [h.name for h in experiment.hparam_infos][:4] == ["loss", "seed", "lr", "model"]
-    # TensorBoard re-sorts the columns (differs first, then by name) and ticks the first five: its own sort
-    # must put loss, seed, lr and model first, not batch_size, data, data.noise.* (the alphabetical first).
-    _sort_and_reduce_to_hparams_limit(experiment)
-    assert {h.name for h in experiment.hparam_infos[:4]} == {"loss", "seed", "lr", "model"}
-    assert [m.name.tag for m in experiment.metric_infos][:3] == ["val/AP", "val/AP50", "val/AP75"]
-    assert ea.Scalars("val/AP")[-1].value == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["AP"])
+    assert groups == ["loss", "lr", "train", "val"]
+    assert not any(t.startswith("_hparams_/") for t in tags["tensors"])  # the run's curves are no session
+    row = EventAccumulator(str(run_dir / "tb" / "hparams"), size_guidance={"scalars": 0, "tensors": 0})
+    row.Reload()
+    content = row.PluginTagToContent(metadata.PLUGIN_NAME)
+    assert metadata.EXPERIMENT_TAG not in content
+    start = HParamsPluginData.FromString(content[metadata.SESSION_START_INFO_TAG]).session_start_info
+    assert {"loss", "seed", "lr", "model", "model.roi_head.target_outliers"} <= set(start.hparams)
+    assert start.hparams["loss"].string_value == "smooth_l1" and start.hparams["max_iters"].number_value == 6
+    assert sorted(row.Tags()["scalars"]) == sorted(VAL_TAGS)
+    final = json.loads((run_dir / "metrics.json").read_text())["AP"]
+    assert row.Scalars("val/AP")[-1].value == pytest.approx(final) == ea.Scalars("val/AP")[-1].value
+    assert row.Scalars("val/AP")[-1].step == 6
 
 
 def test_smoke_run_prints_the_table(smoke_run):

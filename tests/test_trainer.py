@@ -290,3 +290,35 @@ def test_tensorboard_opens_on_the_losses_then_lr_then_the_diagnostics(tiny_run):
     assert {"loss/total", "loss/box_reg", "loss/cls", "loss/rpn_cls", "loss/rpn_box_reg", "lr"} <= set(tags)
     assert tags[0] == "loss/box_reg"  # the studied loss is the first chart
     assert ea.Scalars("lr")[-1].step == 1
+
+
+def test_the_hparams_table_has_a_column_for_what_any_run_overrode_ticked_where_runs_differ(parts, tiny_run,
+                                                                                         tmp_path):
+    """TensorBoard's HParams table takes its columns from every run's session start when no run wrote an
+    experiment summary (else from the first such run only), marks a column as differing when the runs' values
+    differ and ticks the first five of (differing first, name)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import backend_context, metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from torch.utils.tensorboard import SummaryWriter
+
+    from detlib import runs
+    from detlib.engine import dashboard
+
+    default = tmp_path / "default"  # a second run, launched at the defaults: its own row
+    with SummaryWriter(str(default / runs.TB)) as w:
+        dashboard.log_hparams(w, runs.hparams(_record(parts[0])), {"AP": 0.5}, 1)
+    content = {}
+    for run in (tiny_run, default):
+        row = EventAccumulator(str(run / runs.TB / runs.HPARAMS_RUN), size_guidance={"scalars": 0})
+        row.Reload()
+        content[str(run)] = row.PluginTagToContent(metadata.PLUGIN_NAME)
+        assert metadata.EXPERIMENT_TAG not in content[str(run)]  # else TensorBoard takes one run's columns
+        assert "val/AP" in row.Tags()["scalars"] and all(t.startswith("val/") for t in row.Tags()["scalars"])
+    start = HParamsPluginData.FromString(content[str(tiny_run)][metadata.SESSION_START_INFO_TAG]).session_start_info
+    assert start.hparams["model.roi_head.target_outliers"].number_value == 0.4
+    infos = backend_context.Context(None)._compute_hparam_infos(content)  # TensorBoard's own column choice
+    experiment = backend_context.api_pb2.Experiment(hparam_infos=infos)
+    backend_context._sort_and_reduce_to_hparams_limit(experiment)
+    assert experiment.hparam_infos[0].name == "model.roi_head.target_outliers"  # 0.4 and 0.0: ticked first
+    assert {"loss", "lr", "seed", "model", "batch_size"} <= {h.name for h in experiment.hparam_infos}

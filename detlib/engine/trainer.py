@@ -206,7 +206,7 @@ def _log_step(state: TrainState, means_t: dict, result: StepResult, writer: Summ
 def _finish(run_dir: Path, writer: SummaryWriter, hparams: dict | None, stats: dict, max_iters: int,
             num_val: int, rate: float) -> None:
     if hparams:
-        dashboard.log_hparams(writer, hparams, stats, max_iters, run_record.leading_hparams(hparams))
+        dashboard.log_hparams(writer, hparams, stats, max_iters)
     write_json(run_dir / METRICS, metrics(stats))
     world = dist.world_size()
     log.info("\n%s", format_table(stats, f"COCO box evaluation on {num_val} val images after {max_iters} "

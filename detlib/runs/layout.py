@@ -4,7 +4,7 @@
       run.json            the run's record, written once when it starts (``detlib.runs.record``)
       .lock               held by the process training in RUN (``detlib.runs.lock``)
       checkpoints/        model_{iteration}.pt, and last.pt naming the newest (``detlib.engine.checkpoint``)
-      tb/                 TensorBoard event files
+      tb/                 TensorBoard event files; tb/hparams/: the run's row of the HParams table
       metrics.jsonl       one JSON line per log step and per evaluation
       metrics.json        the final COCO stats: the run is finished
       eval_detail.json    AP per IoU and per class, TIDE, the inference settings used
@@ -23,6 +23,7 @@ LOCK = ".lock"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"  # in CHECKPOINTS: a hard link to the newest checkpoint
 TB = "tb"
+HPARAMS_RUN = "hparams"  # in TB: the HParams table's row, a TensorBoard run of its own (dashboard.log_hparams)
 METRICS_JSONL = "metrics.jsonl"
 METRICS = "metrics.json"
 EVAL_DETAIL = "eval_detail.json"
