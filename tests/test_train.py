@@ -125,6 +125,51 @@ def test_smoke_run_dashboards(smoke_run):
     assert row.Scalars("val/AP")[-1].step == 6
 
 
+def test_smoke_run_tags_put_the_losses_first_in_tensorboards_order(smoke_run):
+    """Time Series and Scalars sort the tags (TensorBoard's natural order) and group them by the part before the
+    first '/', the groups in that order, the first two expanded: the losses, then lr."""
+    run_dir, _ = smoke_run
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    ea.Reload()
+    tags = sorted(t for kind in ("scalars", "histograms", "images") for t in ea.Tags()[kind])
+    assert list(dict.fromkeys(t.split("/", 1)[0] for t in tags)) == ["loss", "lr", "train", "val"]
+    assert tags[:5] == ["loss/box_reg", "loss/cls", "loss/rpn_box_reg", "loss/rpn_cls", "loss/total"]
+
+
+def test_the_hparams_table_has_a_column_for_what_any_run_overrode_ticked_where_runs_differ(smoke_run, tmp_path):
+    """TensorBoard's HParams table takes its columns from every run's session start when no run wrote an
+    experiment summary (else from the first such run it finds only), marks a column as differing when the
+    runs' values differ and ticks the first five of (differing first, name). The smoke run is launched at the
+    default target_outliers; a second row, of a launch that overrode it, is written beside it."""
+    from tensorboard.plugins.hparams import backend_context, metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from torch.utils.tensorboard import SummaryWriter
+
+    from detlib import runs
+
+    run_dir, _ = smoke_run
+    record = runs.read_record(run_dir)
+    key = "model.roi_head.target_outliers"
+    other = record | {"identity": record["identity"] | {key: 0.4}, "overrides": record["overrides"] + [f"{key}=0.4"]}
+    with SummaryWriter(str(tmp_path / "other" / runs.TB)) as w:
+        dashboard.log_hparams(w, runs.hparams(other), {"AP": 0.5}, 6)
+    content = {}
+    for run in (run_dir, tmp_path / "other"):
+        row = EventAccumulator(str(run / runs.TB / runs.HPARAMS_RUN), size_guidance={"scalars": 0})
+        row.Reload()
+        content[str(run)] = row.PluginTagToContent(metadata.PLUGIN_NAME)
+        assert metadata.EXPERIMENT_TAG not in content[str(run)]
+        assert "val/AP" in row.Tags()["scalars"] and all(t.startswith("val/") for t in row.Tags()["scalars"])
+    start = HParamsPluginData.FromString(content[str(run_dir)][metadata.SESSION_START_INFO_TAG]).session_start_info
+    assert start.hparams[key].number_value == 0.0  # written though the smoke run did not override it
+    infos = backend_context.Context(None)._compute_hparam_infos(content)  # TensorBoard's own column choice
+    experiment = backend_context.api_pb2.Experiment(hparam_infos=infos)
+    backend_context._sort_and_reduce_to_hparams_limit(experiment)
+    assert experiment.hparam_infos[0].name == key and experiment.hparam_infos[0].differs  # 0.0 and 0.4: ticked
+    assert not any(h.differs for h in experiment.hparam_infos[1:])
+    assert {"loss", "lr", "seed", "model", "batch_size"} <= {h.name for h in experiment.hparam_infos}
+
+
 def test_smoke_run_prints_the_table(smoke_run):
     _, out = smoke_run
     assert "AP @[.50:.95]" in out and "AR maxDets 100" in out
