@@ -622,14 +622,31 @@ def test_plot_logs_draws_the_keys_of_runs_from_metrics_jsonl(trained, tmp_path, 
     run_dir, _, _ = trained
     assert plot_logs.main([str(run_dir), "--list"]) == 0
     listed = capsys.readouterr().out.split()
-    assert {"train/loss", "train/lr", "val/AP", "val/loss"} <= set(listed)
+    assert {"loss/total", "lr", "val/AP", "val/loss"} <= set(listed)
     out = tmp_path / "c.png"
-    assert plot_logs.main([str(run_dir), str(run_dir), "--keys", "train/loss", "val/AP", "--out", str(out)]) == 0
+    assert plot_logs.main([str(run_dir), str(run_dir), "--keys", "loss/total", "val/AP", "--out", str(out)]) == 0
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[1] > 600  # one panel per key, stacked
     assert plot_logs.main([str(run_dir), "--keys", "train/nope"]) == 1
     assert "not logged by these runs" in capsys.readouterr().err
     assert plot_logs.main([str(tmp_path)]) == 1
+
+
+def test_plot_logs_reads_the_losses_and_lr_of_an_older_run_under_todays_names(tmp_path, capsys):
+    old, new = tmp_path / "old", tmp_path / "new"  # an older detlib logged them under train/
+    for run, rows in ((old, [{"iteration": 2, "train/loss": 1.5, "train/loss_box_reg": 0.5, "train/lr": 0.02,
+                              "train/fg_iou": 0.7}]),
+                      (new, [{"iteration": 2, "loss/total": 1.2, "loss/box_reg": 0.4, "lr": 0.02, "train/fg_iou": 0.8}])):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_logs.read_log(old) == [{"iteration": 2, "loss/total": 1.5, "loss/box_reg": 0.5, "lr": 0.02,
+                                        "train/fg_iou": 0.7}]
+    assert plot_logs.main([str(old), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["loss/box_reg", "loss/total", "lr", "train/fg_iou"]
+    out = tmp_path / "c.png"
+    for keys in (["loss/box_reg", "lr"], ["train/loss_box_reg", "train/lr"]):  # the old names are accepted too
+        assert plot_logs.main([str(old), str(new), "--keys", *keys, "--out", str(out)]) == 0
+    assert plot_logs.series(plot_logs.read_log(old), "loss/box_reg") == ([2], [0.5])
 
 
 def test_evaluate_file_mode_writes_only_what_it_is_told_and_needs_no_torch(coco_files, tmp_path):

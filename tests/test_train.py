@@ -15,8 +15,7 @@ from detlib.evaluation.coco_eval import STAT_NAMES
 from .conftest import run_train
 from .fixtures import write_coco
 
-TRAIN_TAGS = {"train/loss", "train/loss_cls", "train/loss_box_reg", "train/loss_rpn_cls", "train/loss_rpn_box_reg",
-              "train/lr"}
+TRAIN_TAGS = {"loss/total", "loss/cls", "loss/box_reg", "loss/rpn_cls", "loss/rpn_box_reg", "lr"}
 VAL_TAGS = {f"val/{k}" for k in STAT_NAMES}
 
 
@@ -50,9 +49,9 @@ def test_smoke_run_writes_the_run_directory_contract(smoke_run):
 def test_smoke_run_writes_metrics_jsonl(smoke_run):
     run_dir, _ = smoke_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train/loss" in r]
+    train = [r for r in records if "loss/total" in r]
     assert [r["iteration"] for r in train] == [2, 4, 6]  # every log_period, as TensorBoard
-    assert all({"train/lr", "train/loss_box_reg", "it_per_s", "time"} <= set(r) for r in train)
+    assert all({"lr", "loss/box_reg", "it_per_s", "time"} <= set(r) for r in train)
     final = [r for r in records if "val/AP" in r][-1]
     assert final["iteration"] == 6
     assert final["val/AP"] == json.loads((run_dir / "metrics.json").read_text())["AP"]
@@ -69,8 +68,8 @@ def test_smoke_run_tensorboard_tags(smoke_run):
     assert [e.step for e in ea.Scalars("train/shadow/l2")] == [2, 4, 6]  # every log_period, not every step
     assert all(0 <= e.value <= 1 for e in ea.Scalars("train/fg_iou"))
     assert {"val/loss", "val/loss_box_reg", "val/loss_cls"} <= tags
-    assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6]
-    assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("train/loss"))
+    assert [e.step for e in ea.Scalars("loss/total")] == [2, 4, 6]
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("loss/total"))
     p50, p90 = ea.Scalars("train/abs_residual_p50"), ea.Scalars("train/abs_residual_p90")
     assert all(0 <= a.value <= b.value for a, b in zip(p50, p90)) and len(p50) == 3
     assert {"val/tide/dAP_Loc", "val/tide/dAP_Miss", "val/tp_iou_mean"} <= tags
@@ -102,23 +101,73 @@ def test_smoke_run_dashboards(smoke_run):
     residuals = {f"train/residuals/{k}" for k in ("dx", "dy", "dw", "dh")}
     assert residuals | {"train/fg_iou_hist"} <= set(tags["histograms"])
     assert "val/per_class_AP/text_summary" in tags["tensors"]
-    # The HParams table: its metrics are the final val/* scalars (no one-point hparam/* charts sorting before
-    # train/ and val/); its columns start with loss, seed, lr, model.
-    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
+    # The views open on the losses: TensorBoard groups the sorted tags by their first part, loss/ then lr, then
+    # the train/ diagnostics and val/. The HParams table's row is a run of its own, tb/hparams: its session
+    # start has every parameter (no experiment summary: TensorBoard would take one run's columns), its
+    # scalars are the table's metrics, the final val/* (no one-point hparam/* charts).
+    from tensorboard.plugins.hparams import metadata
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     assert not any(t.startswith("hparam/") for t in tags["scalars"])
-    groups = {t.split("/")[0] for kind in ("scalars", "histograms", "images") for t in tags[kind]}
-    assert groups == {"train", "val"}  # no diagnostics group sorts before them: the views open on the curves
-    content = ea.PluginTagToContent("hparams")
-    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert [h.name for h in experiment.hparam_infos][:4] == ["loss", "seed", "lr", "model"]
-    # TensorBoard re-sorts the columns (differs first, then by name) and ticks the first five: its own sort
-    # must put loss, seed, lr and model first, not batch_size, data, data.noise.* (the alphabetical first).
-    _sort_and_reduce_to_hparams_limit(experiment)
-    assert {h.name for h in experiment.hparam_infos[:4]} == {"loss", "seed", "lr", "model"}
-    assert [m.name.tag for m in experiment.metric_infos][:3] == ["val/AP", "val/AP50", "val/AP75"]
-    assert ea.Scalars("val/AP")[-1].value == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["AP"])
+    groups = sorted({t.split("/")[0] for kind in ("scalars", "histograms", "images") for t in tags[kind]})
+    assert groups == ["loss", "lr", "train", "val"]
+    assert not any(t.startswith("_hparams_/") for t in tags["tensors"])  # the run's curves are no session
+    row = EventAccumulator(str(run_dir / "tb" / "hparams"), size_guidance={"scalars": 0, "tensors": 0})
+    row.Reload()
+    content = row.PluginTagToContent(metadata.PLUGIN_NAME)
+    assert metadata.EXPERIMENT_TAG not in content
+    start = HParamsPluginData.FromString(content[metadata.SESSION_START_INFO_TAG]).session_start_info
+    assert {"loss", "seed", "lr", "model", "model.roi_head.target_outliers"} <= set(start.hparams)
+    assert start.hparams["loss"].string_value == "smooth_l1" and start.hparams["max_iters"].number_value == 6
+    assert sorted(row.Tags()["scalars"]) == sorted(VAL_TAGS)
+    final = json.loads((run_dir / "metrics.json").read_text())["AP"]
+    assert row.Scalars("val/AP")[-1].value == pytest.approx(final) == ea.Scalars("val/AP")[-1].value
+    assert row.Scalars("val/AP")[-1].step == 6
+
+
+def test_smoke_run_tags_put_the_losses_first_in_tensorboards_order(smoke_run):
+    """Time Series and Scalars sort the tags (TensorBoard's natural order) and group them by the part before the
+    first '/', the groups in that order, the first two expanded: the losses, then lr."""
+    run_dir, _ = smoke_run
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    ea.Reload()
+    tags = sorted(t for kind in ("scalars", "histograms", "images") for t in ea.Tags()[kind])
+    assert list(dict.fromkeys(t.split("/", 1)[0] for t in tags)) == ["loss", "lr", "train", "val"]
+    assert tags[:5] == ["loss/box_reg", "loss/cls", "loss/rpn_box_reg", "loss/rpn_cls", "loss/total"]
+
+
+def test_the_hparams_table_has_a_column_for_what_any_run_overrode_ticked_where_runs_differ(smoke_run, tmp_path):
+    """TensorBoard's HParams table takes its columns from every run's session start when no run wrote an
+    experiment summary (else from the first such run it finds only), marks a column as differing when the
+    runs' values differ and ticks the first five of (differing first, name). The smoke run is launched at the
+    default target_outliers; a second row, of a launch that overrode it, is written beside it."""
+    from tensorboard.plugins.hparams import backend_context, metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from torch.utils.tensorboard import SummaryWriter
+
+    from detlib import runs
+
+    run_dir, _ = smoke_run
+    record = runs.read_record(run_dir)
+    key = "model.roi_head.target_outliers"
+    other = record | {"identity": record["identity"] | {key: 0.4}, "overrides": record["overrides"] + [f"{key}=0.4"]}
+    with SummaryWriter(str(tmp_path / "other" / runs.TB)) as w:
+        dashboard.log_hparams(w, runs.hparams(other), {"AP": 0.5}, 6)
+    content = {}
+    for run in (run_dir, tmp_path / "other"):
+        row = EventAccumulator(str(run / runs.TB / runs.HPARAMS_RUN), size_guidance={"scalars": 0})
+        row.Reload()
+        content[str(run)] = row.PluginTagToContent(metadata.PLUGIN_NAME)
+        assert metadata.EXPERIMENT_TAG not in content[str(run)]
+        assert "val/AP" in row.Tags()["scalars"] and all(t.startswith("val/") for t in row.Tags()["scalars"])
+    start = HParamsPluginData.FromString(content[str(run_dir)][metadata.SESSION_START_INFO_TAG]).session_start_info
+    assert start.hparams[key].number_value == 0.0  # written though the smoke run did not override it
+    infos = backend_context.Context(None)._compute_hparam_infos(content)  # TensorBoard's own column choice
+    experiment = backend_context.api_pb2.Experiment(hparam_infos=infos)
+    backend_context._sort_and_reduce_to_hparams_limit(experiment)
+    assert experiment.hparam_infos[0].name == key and experiment.hparam_infos[0].differs  # 0.0 and 0.4: ticked
+    assert not any(h.differs for h in experiment.hparam_infos[1:])
+    assert {"loss", "lr", "seed", "model", "batch_size"} <= {h.name for h in experiment.hparam_infos}
 
 
 def test_smoke_run_prints_the_table(smoke_run):
@@ -179,7 +228,7 @@ def test_loss_study_preset_compares_and_a_rerun_skips_finished_jobs_and_resumes_
     assert "resumed from" in out and "at iteration 2" in out
     assert (done / "metrics.json").read_text() == metrics_done
     assert (cut / "metrics.json").is_file() and (ckpts / "model_0000004.pt").is_file()
-    assert [e.step for e in scalars(cut).Scalars("train/loss")] == [1, 2, 3, 4]  # no duplicated steps
+    assert [e.step for e in scalars(cut).Scalars("loss/total")] == [1, 2, 3, 4]  # no duplicated steps
 
 
 @pytest.mark.slow

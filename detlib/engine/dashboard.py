@@ -5,12 +5,13 @@
   plugin's ``val/pr/<class>``), and a few fixed val images with ground truth (green, with its class) and
   predictions (red);
 * ``grad_norms``: the whole model's gradient norm and the groups it names (read at log steps only);
-* ``log_hparams``: the run's loss, its parameters and the training set-up against the final metrics.
+* ``log_hparams``: the run's loss, its parameters and the training set-up against the final metrics, as a
+  TensorBoard run of its own (``tb/hparams``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -19,7 +20,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
@@ -29,6 +29,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid  # noqa: E402
 from detlib.data.coco import CocoDetection  # noqa: E402
 from detlib.evaluation.coco_eval import per_class_ap  # noqa: E402
 from detlib.evaluation.report import category_names  # noqa: E402
+from detlib.runs import HPARAMS_RUN  # noqa: E402
 
 NUM_IMAGES = 4  # val images drawn at every evaluation (always the same ones)
 TILE = 256  # longest side of each drawn image, in pixels
@@ -126,22 +127,26 @@ def grad_norms(model: nn.Module) -> dict[str, float]:
         "train/grad_norm/total": float(norm(model.parameters()))}
 
 
-def log_hparams(writer: SummaryWriter, hparams: dict, stats: dict, step: int, leading: Sequence[str] = ()) -> None:
-    """One HParams row per run, so a sweep compares in TensorBoard's HParams table.
+def log_hparams(writer: SummaryWriter, hparams: dict, stats: dict, step: int) -> None:
+    """One HParams row per run, so runs under one log folder compare in TensorBoard's HParams table.
 
-    Written into the run's own event file (``add_hparams`` would open a second one). The table's metrics
-    are the final evaluation's own ``val/<stat>`` scalars (their last value), so no one-point charts are
-    added and the scalar views open on the training and validation curves. TensorBoard orders the columns
-    by (``differs`` first, name) and ticks the first five, ignoring the written order: the ``leading``
-    keys (``run_record.leading_hparams``: what a sweep varies, loss, seed, lr, model) are marked as
-    differing, so they are the ones shown."""
+    TensorBoard takes the table's columns from an experiment summary if any run wrote one (the first run it
+    finds: the others' columns are missing), else from every run's session-start summary together, marking a
+    column as differing when its values differ between the runs; it ticks the first five of (differing first,
+    then by name). So no experiment summary is written: every run writes its session start and end, with all of
+    its parameters (``run_record.hparams``, so a key that one run overrode has a value in every row and
+    differs where it does). TensorBoard's metrics are then every scalar of the session's TensorBoard run and
+    of those under it, so the row is a run of its own, ``tb/hparams`` (``runs.HPARAMS_RUN``), holding the final
+    evaluation's ``val/<stat>`` (one point each, on the curves' last one): the table's metrics. A run finished
+    again (resumed after its end) replaces its row."""
     clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
     metrics = {f"val/{k}": (float("nan") if v is None else v) for k, v in stats.items()}
-    experiment, start, end = hparams_summary(clean, metrics)
-    value = experiment.value[0]
-    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
-    for info in data.experiment.hparam_infos:
-        info.differs = info.name in leading
-    value.metadata.plugin_data.content = data.SerializeToString()
-    for summary in (experiment, start, end):
-        writer.file_writer.add_summary(summary)
+    _, start, end = hparams_summary(clean, metrics)
+    folder = Path(writer.log_dir) / HPARAMS_RUN
+    for old in folder.glob("events.out.tfevents.*"):
+        old.unlink()
+    with SummaryWriter(str(folder)) as row:
+        row.file_writer.add_summary(start, step)
+        for k, v in metrics.items():
+            row.add_scalar(k, v, step)
+        row.file_writer.add_summary(end, step)

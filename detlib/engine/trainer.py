@@ -272,8 +272,8 @@ def _log_step(state: TrainState, means_t: dict, result: StepResult, loop: _Loop,
     means = {k: float(v) for k, v in means_t.items()}  # the one sync per log period
     means["loss"] = sum(means.values())
     diagnostics = result.out.get("diagnostics") or {}
-    scalars = {f"train/{k}": v for k, v in means.items()} | dashboard.grad_norms(state.model)
-    scalars |= {k: float(v) for k, v in diagnostics.items() if v.dim() == 0} | {"train/lr": state.lr}
+    scalars = {run_record.loss_tag(k): v for k, v in means.items()} | {run_record.LR_TAG: state.lr}  # loss/*, lr
+    scalars |= dashboard.grad_norms(state.model) | {k: float(v) for k, v in diagnostics.items() if v.dim() == 0}
     rate = state.window.rate(done)
     loop.writers.write(done, scalars, it_per_s=rate)
     loop.bar.set_postfix(loss=f"{means['loss']:.3f}", box=f"{means.get('loss_box_reg', float('nan')):.3f}")
@@ -287,8 +287,7 @@ def _log_step(state: TrainState, means_t: dict, result: StepResult, loop: _Loop,
 def _finish(job: Job, writers: Writers, stats: dict, rate: float) -> None:
     max_iters = job.cfg.trainer.max_iters
     if job.hparams and writers.tensorboard is not None:
-        dashboard.log_hparams(writers.tensorboard, job.hparams, stats, max_iters,
-                              run_record.leading_hparams(job.hparams))
+        dashboard.log_hparams(writers.tensorboard, job.hparams, stats, max_iters)
     write_json(Path(job.run_dir) / METRICS, metrics(stats))
     world = dist.world_size()
     log.info("\n%s", format_table(stats, f"COCO box evaluation on {len(job.val_set)} val images after {max_iters} "

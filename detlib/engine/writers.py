@@ -8,7 +8,7 @@ killed run wrote after its last checkpoint are dropped, not written twice):
     write(step, scalars, it_per_s=None)   # scalars: {tag: float, or None where there is no value}
     close()
 
-The trainer writes each log step's scalars (``train/*``; ``it_per_s``: the training speed) and each
+The trainer writes each log step's scalars (``loss/*``, ``lr``, ``train/*``; ``it_per_s``: the training speed) and each
 evaluation's (``val/*``) through ``Writers.write``. What only TensorBoard shows (figures, images, histograms,
 PR curves, the HParams row) goes to ``Writers.tensorboard``, the ``SummaryWriter`` of the TensorBoard writer
 when one is chosen.

@@ -4,7 +4,7 @@
       run.json            the run's record, written once when it starts (``detlib.runs.record``)
       .lock               held by the process training in RUN (``detlib.runs.lock``)
       checkpoints/        model_{iteration}.pt, and last.pt naming the newest (``detlib.engine.checkpoint``)
-      tb/                 TensorBoard event files
+      tb/                 TensorBoard event files; tb/hparams/: the run's row of the HParams table
       metrics.jsonl       one JSON line per log step and per evaluation
       metrics.csv         the same scalars, one row each (with ``+writer=csv``)
       metrics.json        the final COCO stats: the run is finished
@@ -24,6 +24,7 @@ LOCK = ".lock"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"  # in CHECKPOINTS: a hard link to the newest checkpoint
 TB = "tb"
+HPARAMS_RUN = "hparams"  # in TB: the HParams table's row, a TensorBoard run of its own (dashboard.log_hparams)
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 METRICS = "metrics.json"
@@ -59,3 +60,26 @@ def foreign_files(run_dir: str | Path) -> list[str]:
     found += list((run_dir / TB).glob("events.out.tfevents.*")) if (run_dir / TB).is_dir() else []
     found += [run_dir / n for n in (METRICS, RECORD) if (run_dir / n).is_file()]
     return sorted(str(p.relative_to(run_dir)) for p in found)
+
+
+# The training scalars' names, in TensorBoard and in metrics.jsonl alike. TensorBoard's views sort the tags and
+# group them by the part before the first "/", groups in that order: ``loss/`` (``loss/total`` and each term,
+# ``loss/box_reg`` …), then ``lr``, then the ``train/`` diagnostics, then ``val/``. Runs of an older detlib
+# logged the losses and lr under ``train/`` (``train/loss``, ``train/loss_box_reg``, ``train/lr``).
+LR_TAG = "lr"
+
+
+def loss_tag(name: str) -> str:
+    """The name a training loss is logged under: ``loss`` (their sum) -> ``loss/total``, ``loss_box_reg`` ->
+    ``loss/box_reg``."""
+    return "loss/total" if name == "loss" else f"loss/{name.removeprefix('loss_')}"
+
+
+def current_tag(key: str) -> str:
+    """The name ``key`` has now, for a key an older detlib logged (``train/loss`` -> ``loss/total``,
+    ``train/loss_cls`` -> ``loss/cls``, ``train/lr`` -> ``lr``); any other key is returned as it is."""
+    if key == "train/lr":
+        return LR_TAG
+    if key == "train/loss" or key.startswith("train/loss_"):
+        return loss_tag(key.removeprefix("train/"))
+    return key

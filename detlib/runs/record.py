@@ -237,18 +237,25 @@ def restore_hydra_files(run_dir: str | Path, record: Mapping) -> None:
 
 
 def hparams(record: Mapping) -> dict:
-    """The flat parameters TensorBoard's HParams table compares runs by, read from the run's record, in the
-    order its columns should show: the keys this launch overrode (in a sweep: what differs between its runs),
-    then loss, seed, lr and model, then the rest (the table shows the first few by default)."""
+    """The flat parameters TensorBoard's HParams table compares runs by, read from the run's record: the keys
+    this launch overrode (in a sweep: what differs between its runs), then loss, seed, lr and model, the loss's
+    parameters, batch size, data, max_iters and noise, then every other key of the identity (but the
+    ``_target_``-like keys and the data's fingerprints). Every run writes them all, so whatever key any run
+    under a log folder overrode has a value in every row, and TensorBoard, which ticks the columns whose values
+    differ between the runs first, shows it (``dashboard.log_hparams``)."""
     ident, choices = record["identity"], record.get("choices", {})
     loss = {k[len("loss."):]: v for k, v in ident.items() if k.startswith("loss.") and k != "loss._target_"}
     out = {"loss": choices.get("loss", str(ident.get("loss._target_", "?")).rsplit(".", 1)[-1])}
     out |= {f"loss.{k}": v for k, v in loss.items()}
     out |= {"lr": ident.get("trainer.lr"), "batch_size": ident.get("data.batch_size"), "seed": ident.get("seed"),
             "data": ident.get("data.name"), "max_iters": ident.get("trainer.max_iters"),
-            "model": choices.get("model", "?")}
+            "model": choices.get("model", "?"),
+            "rpn_loss": choices.get("loss@rpn_loss", str(ident.get("rpn_loss._target_", "?")).rsplit(".", 1)[-1])}
     out |= {k: v for k, v in ident.items() if k.startswith("data.noise.")}
-    short = {"trainer.lr": "lr", "data.batch_size": "batch_size", "trainer.max_iters": "max_iters"}
+    short = {"trainer.lr": "lr", "data.batch_size": "batch_size", "trainer.max_iters": "max_iters",
+             "loss@rpn_loss": "rpn_loss"}
+    out |= {k: v for k, v in ident.items() if k not in short and k != "data.name" and k not in out
+            and not k.rsplit(".", 1)[-1].startswith("_") and not k.startswith("data.fingerprint.")}
     first = []
     for override in record.get("overrides", []):
         key = short.get(k := override.split("=", 1)[0].lstrip("+~"), k)
@@ -260,13 +267,5 @@ def hparams(record: Mapping) -> dict:
 
 
 LEADING = ("loss", "seed", "lr", "model")
-
-
-def leading_hparams(hparams: Mapping) -> list[str]:
-    """The keys of ``hparams(record)`` up to the last of ``LEADING``: what the launch overrode, then loss,
-    seed, lr and model; TensorBoard's HParams table shows these first."""
-    keys = list(hparams)
-    last = max((keys.index(k) for k in LEADING if k in keys), default=-1)
-    return keys[: last + 1]
 
 

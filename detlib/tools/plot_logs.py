@@ -1,10 +1,12 @@
 """Draw any logged keys of one or several runs from their ``metrics.jsonl`` (no TensorBoard needed),
 as mmdetection's ``analyze_logs.py plot_curve``:
 
-    uv run tools/plot_logs.py RUN_A RUN_B --keys train/loss train/loss_box_reg val/AP --out curves.png
+    uv run tools/plot_logs.py RUN_A RUN_B --keys loss/total loss/box_reg val/AP --out curves.png
     uv run tools/plot_logs.py RUN --list          # the keys the run logged
 
-One panel per key, one line per run (named by its folder), against the iteration.
+One panel per key, one line per run (named by its folder), against the iteration. Runs of an older detlib,
+which logged the losses and lr as ``train/loss``, ``train/loss_box_reg``, ``train/lr``, are read under
+today's names (``loss/total``, ``loss/box_reg``, ``lr``), and the old names are accepted in ``--keys``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from detlib.runs import METRICS_JSONL
+from detlib.runs import METRICS_JSONL, current_tag
 from detlib.tools.cli import ToolError, cli, prog_name
 
 
 def read_log(run: Path) -> list[dict]:
-    """The records of ``run/metrics.jsonl`` (a half-written last line is skipped)."""
+    """The records of ``run/metrics.jsonl`` (a half-written last line is skipped), keys by today's names."""
     path = run / METRICS_JSONL if run.is_dir() else run
     if not path.is_file():
         raise ToolError(f"{path}: not found (runs log {METRICS_JSONL} since this version; older ones: TensorBoard)")
@@ -33,7 +35,7 @@ def read_log(run: Path) -> list[dict]:
             continue
         if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
             raise ToolError(f"{path}:{n}: not a metrics record (no integer 'iteration')")
-        records.append(record)
+        records.append({current_tag(k): v for k, v in record.items()})
     return records
 
 
@@ -46,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name("plot_logs.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help=f"run folders (or {METRICS_JSONL} files)")
-    p.add_argument("--keys", nargs="+", default=["train/loss", "val/AP"], help="keys to draw (default train/loss val/AP)")
+    p.add_argument("--keys", nargs="+", default=["loss/total", "val/AP"], help="keys to draw (default loss/total val/AP)")
     p.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write (default curves.png)")
     p.add_argument("--list", action="store_true", help="print the keys the runs logged and stop")
     return p.parse_args(argv)
@@ -59,6 +61,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print("\n".join(keys))
         return 0
+    args.keys = [current_tag(k) for k in args.keys]  # train/loss (an older detlib's name): loss/total
     unknown = [k for k in args.keys if k not in keys]
     if unknown:
         raise ToolError(f"--keys {' '.join(unknown)}: not logged by these runs (--list shows what is)")
