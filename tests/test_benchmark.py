@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
+from detlib.evaluation import backends
 from detlib.tools import benchmark
-
-HAS_FAST = importlib.util.find_spec("faster_coco_eval") is not None
+from detlib.tools.bench_eval import installed_backends
 
 
 def test_help_lists_the_options(capsys):
@@ -39,13 +38,12 @@ def test_tiny_cpu_run_writes_the_report(tmp_path, data_root, capsys):
     assert saved["ratio"]["step_time"] > 0 and saved["ratio"]["images_per_s"] > 0
     assert saved["settings"]["image_size"] == 64 and saved["settings"]["model"] == "small"
     ev = saved["eval"]
-    assert ev["pycocotools_s"] > 0 and ev["num_images"] == 4
-    if HAS_FAST:  # faster-coco-eval is in the dev group; without it only pycocotools is timed
-        assert ev["identical"] and ev["faster_coco_eval_s"] > 0 and ev["ratio"] > 0
-    else:
-        assert ev["ratio"] is None
+    assert ev["num_images"] == 4 and list(ev["backends"]) == installed_backends()  # pycocotools first
+    assert ev["default"] == backends.resolve("auto")
+    for b, r in ev["backends"].items():
+        assert r["s"] > 0 and r["identical"] and r["version"], b
     table = capsys.readouterr().out
-    assert "| images/s" in table and "faster_coco_eval" in table
+    assert "| images/s" in table and f"| {ev['default']} (auto) |" in table
 
 
 def test_a_timing_run_on_random_images_builds_no_dataset_and_reports_tf32(tmp_path):

@@ -19,6 +19,7 @@ from detlib import distributed as dist
 from detlib.config import EvalConfig
 from detlib.data.coco import CocoDetection
 from detlib.engine import dashboard
+from detlib.evaluation import backends
 from detlib.evaluation.evaluators import extra_metrics
 from detlib.evaluation.inference import evaluate
 from detlib.evaluation.report import category_names, write_eval_detail
@@ -37,10 +38,11 @@ def evaluate_and_log(
     last logged training step's diagnostics), ``run_dir/eval_detail.json`` and ``run_dir/detections.json``. ``weights``: which weights
     ``model`` holds (``model``, or ``ema``: their moving average), recorded in ``eval_detail.json``."""
     t0 = time.perf_counter()
-    log.info("evaluating %d val images at iteration %d%s", len(val_set), iteration,
-             " (EMA weights)" if weights == "ema" else "")
+    backend = backends.resolve(str(eval_cfg.backend))  # auto: the fastest installed; recorded in eval_settings
+    log.info("evaluating %d val images at iteration %d%s with %s", len(val_set), iteration,
+             " (EMA weights)" if weights == "ema" else "", backends.label(backend))
     stats, val_losses, results, E = evaluate(
-        model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype, eval_cfg.backend)
+        model, val_set, device, eval_cfg.batch_size, tuple(eval_cfg.max_dets), amp_dtype, backend)
     if not dist.is_main():
         return stats
     extra = {}
@@ -57,7 +59,7 @@ def evaluate_and_log(
     writer.flush()
     write_json(run_dir / DETECTIONS, results, indent=None)  # before eval_detail: a detail always has its dets
     detail = write_eval_detail(run_dir / EVAL_DETAIL, iteration, stats, E, category_names(val_set.coco),
-                               val_losses, eval_settings, weights=weights, **extra)
+                               val_losses, eval_settings | {"eval.backend": backend}, weights=weights, **extra)
     for k, v in ((detail["tide"] or {}).get("dAP") or {}).items():
         writer.add_scalar(f"val/tide/dAP_{k}", v, iteration)
     if detail["tp_iou"]:

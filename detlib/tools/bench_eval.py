@@ -1,16 +1,18 @@
-"""``benchmark.py``'s evaluation timing: our detections on val images, scored by both COCO backends."""
+"""``benchmark.py``'s evaluation timing: our model's detections on val images, ``evaluate_coco`` in this process
+with every installed backend (``detlib.evaluation.backends``), median wall time and whether the 12 stats are identical.
+"""
 
 from __future__ import annotations
 
 import copy
 import statistics
-import sys
 import time
 
 import torch
 
 from detlib.data.coco import coco_from_dict
-from detlib.evaluation.coco_eval import STAT_NAMES, backend_classes, evaluate_coco, to_coco_results
+from detlib.evaluation import backends
+from detlib.evaluation.coco_eval import STAT_NAMES, evaluate_coco, to_coco_results
 from detlib.modeling.detector import FasterRCNN
 
 
@@ -32,29 +34,44 @@ def detections(model: FasterRCNN, val, n: int, device: torch.device, batch: int)
     return results, gt
 
 
+def installed_backends() -> list[str]:
+    """pycocotools (the reference, first) and every other backend installed here."""
+    return [b for b in backends.BACKENDS if b != "auto" and backends.installed(b)]
+
+
+def same_stats(a: dict, b: dict) -> tuple[bool, float]:
+    """Are two sets of the 12 stats identical (the same Nones, values within 1e-12)? And their largest difference."""
+    diff = max((abs(a[k] - b[k]) for k in STAT_NAMES if a[k] is not None and b[k] is not None), default=0.0)
+    return all((a[k] is None) == (b[k] is None) for k in STAT_NAMES) and diff <= 1e-12, diff
+
+
 def time_eval(results: list[dict], gt: dict, repeats: int) -> dict:
-    """Median wall time of ``evaluate_coco`` per backend on the same detections; are the stats identical?"""
-    times: dict[str, list[float]] = {"pycocotools": [], "faster_coco_eval": []}
-    try:
-        backend_classes("faster_coco_eval")
-    except ImportError as e:
-        print(f"benchmark: evaluation timed with pycocotools only: {e}", file=sys.stderr)
-        del times["faster_coco_eval"]
+    """Median wall time of ``evaluate_coco`` per installed backend on the same detections; are the stats identical?"""
+    names = installed_backends()
+    times: dict[str, list[float]] = {b: [] for b in names}
     stats: dict[str, dict] = {}
     for _ in range(max(repeats, 1)):
-        for backend in times:
+        for backend in names:
             coco = coco_from_dict(copy.deepcopy(gt))
             t = time.perf_counter()
             stats[backend], _ = evaluate_coco(coco, results, backend=backend)
             times[backend].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"num_images": len(gt["images"]), "num_detections": len(results), "pycocotools_s": med["pycocotools"],
-           "faster_coco_eval_s": None, "ratio": None, "identical": None, "max_abs_diff": None,
-           "stats": stats["pycocotools"]}
-    if "faster_coco_eval" in stats:
-        a, b = stats["pycocotools"], stats["faster_coco_eval"]
-        diff = max((abs(a[k] - b[k]) for k in STAT_NAMES if a[k] is not None and b[k] is not None), default=0.0)
-        same = all((a[k] is None) == (b[k] is None) for k in STAT_NAMES) and diff <= 1e-6
-        out.update(faster_coco_eval_s=med["faster_coco_eval"], ratio=med["faster_coco_eval"] / med["pycocotools"],
-                   identical=same, max_abs_diff=diff)
-    return out
+    ref = statistics.median(times["pycocotools"])
+    out = {}
+    for b in names:
+        same, diff = same_stats(stats["pycocotools"], stats[b])
+        out[b] = {"version": backends.version(b), "s": statistics.median(times[b]),
+                  "ratio": statistics.median(times[b]) / ref, "identical": same, "max_abs_diff": diff}
+    return {"num_images": len(gt["images"]), "num_detections": len(results), "default": backends.resolve("auto"),
+            "backends": out, "stats": stats["pycocotools"]}
+
+
+def eval_table(e: dict, what: str) -> str:
+    """One backend a row: version, wall time, ratio to pycocotools, 12 stats identical; the default marked."""
+    rows = [what, "", "| backend | version | wall time, s | vs pycocotools | 12 stats identical |",
+            "|---|---|---:|---:|---|"]
+    for b, r in e["backends"].items():
+        name = f"{b} (auto)" if b == e["default"] else b
+        same = "" if b == "pycocotools" else f"{'yes' if r['identical'] else 'NO'} (max diff {r['max_abs_diff']:.1e})"
+        rows.append(f"| {name} | {r['version']} | {r['s']:.3f} | {r['ratio']:.3f} | {same} |")
+    return "\n".join(rows)

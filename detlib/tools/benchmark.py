@@ -1,4 +1,4 @@
-"""Benchmark detlib's training step against torchvision's own FasterRCNN, and the two COCO backends.
+"""Benchmark detlib's training step against torchvision's own FasterRCNN, and the COCO evaluation backends.
 
     uv run tools/benchmark.py --device cpu --iters 30 --warmup 5          # small model, CPU
     uv run tools/benchmark.py --device cuda --model faster_rcnn_r50_fpn --image-size 800 --batch 8 \\
@@ -17,8 +17,8 @@ machine slows both alike: compare the ratios, not the absolute numbers.
 Reports images/s (median over windows), the ours / torchvision step-time ratio (median of the
 ratios of neighbouring windows), the step split into data / forward / backward / optimizer
 (on GPU from extra steps with ``torch.cuda.synchronize`` between phases; the windows have none),
-peak memory, and the wall time of ``evaluate_coco`` with pycocotools and faster-coco-eval on the
-same detections (and whether their 12 stats agree). Writes ``--out`` (JSON) and prints a table.
+peak memory, and the wall time of ``evaluate_coco`` with every installed backend on the same detections
+(and whether their 12 stats equal pycocotools'). Writes ``--out`` (JSON) and prints a table.
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ from detlib.data.sampler import TrainBatchSampler
 from detlib.data.synthetic import CLASSES
 from detlib.device import AMP_DTYPES, resolve_device, to_device
 from detlib.jsonio import write_json
-from detlib.tools.bench_eval import detections, time_eval
+from detlib.tools.bench_eval import (
+    detections,
+    eval_table,
+    time_eval,
+)
 from detlib.tools.bench_models import RandomDetection, build_ours, build_torchvision
 from detlib.tools.bench_timing import PHASES, Side, measure, ratios
 from detlib.tools.cli import cli, prog_name
@@ -106,13 +110,8 @@ def table(report: dict) -> str:
                 f" (torch's defaults; they apply to the fp32 side).")
     e = report.get("eval")
     if e:
-        rows += ["", f"COCO evaluation of the same {e['num_detections']} detections on {e['num_images']} images "
-                 f"(median of {s['eval_repeats']}):", "",
-                 "| backend | wall time, s | vs pycocotools | 12 stats identical |", "|---|---:|---:|---|",
-                 f"| pycocotools | {e['pycocotools_s']:.3f} | 1.000 | |",
-                 f"| faster_coco_eval | {e['faster_coco_eval_s']:.3f} | {e['ratio']:.3f} | "
-                 f"{'yes' if e['identical'] else 'NO'} (max diff {e['max_abs_diff']:.1e}) |"
-                 if e["ratio"] is not None else "| faster_coco_eval | not installed | | |"]
+        rows += ["", eval_table(e, f"COCO evaluation of the same {e['num_detections']} detections on {e['num_images']} "
+                                   f"images, in this process (median of {s['eval_repeats']}):")]
     return "\n".join(rows)
 
 
