@@ -19,8 +19,6 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from detlib import runs
 from detlib.data.coco_files import coco_from_dict, load_coco_json
 from detlib.data.validation import evaluation_ground_truth
@@ -31,7 +29,8 @@ from detlib.jsonio import write_json
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.results import check_results_file, read_results
 
-# Scoring two files (--gt --dt) imports pycocotools only; a checkpoint (--run) imports torch and the model.
+# Scoring two files (--gt --dt) imports pycocotools and the backend only (not omegaconf, not torch); a checkpoint
+# (--run) imports torch and the model.
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -92,6 +91,8 @@ def report(detail: dict, out: Path | None, title: str, with_detail: bool = True)
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
+    from omegaconf import OmegaConf
+
     from detlib.device import autocast_dtype, channels_last, resolve_device
     from detlib.engine.checkpoint import load as load_checkpoint
     from detlib.engine.restore import build_from_run, load_run_config, load_weights, weights_note
