@@ -68,9 +68,12 @@ class ExifOrientation(Choice):
     ignore = "ignore"  # serve the pixels as stored: for datasets annotated on those
 
 
-class EvalBackend(Choice):
-    pycocotools = "pycocotools"
-    faster_coco_eval = "faster_coco_eval"  # same numbers, faster; needs the fast-eval extra
+class EvalBackend(Choice):  # detlib.evaluation.backends.BACKENDS, in the same order (tests/test_coco_eval_backends.py)
+    auto = "auto"  # the fastest installed that passes every parity test (backends.AUTO), else pycocotools
+    pycocotools = "pycocotools"  # the reference
+    ultrafast_pycocotools = "ultrafast_pycocotools"  # same numbers, Rust; a dependency
+    hotcoco = "hotcoco"  # same numbers, Rust; the fast-eval extra
+    faster_coco_eval = "faster_coco_eval"  # same 12 stats, C++, no true positives' IoU; the fast-eval extra
 
 
 @dataclass
@@ -157,7 +160,7 @@ class TrainerConfig:
 class EvalConfig:
     batch_size: int = 16
     max_dets: list[int] = field(default_factory=lambda: [1, 10, 100])
-    backend: EvalBackend = EvalBackend.pycocotools
+    backend: EvalBackend = EvalBackend.auto  # which evaluator; never part of a run's identity (same numbers)
     metrics: list[str] = field(default_factory=list)  # besides COCO AP: voc07 (detlib/evaluation/evaluators.py)
 
 

@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from detlib.config import register
+from detlib.evaluation import backends
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")
@@ -32,6 +33,15 @@ def run_train(*args: str, cwd: Path | None = None, timeout: int = 300) -> subpro
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(params=[pytest.param(b, marks=pytest.mark.skipif(
+    not backends.installed(b), reason=f"{backends.PACKAGES[b]} is not installed (uv sync; --extra fast-eval)"))
+    for b in backends.BACKENDS if b != "auto"])
+def eval_backend(request) -> str:
+    """Each COCO evaluation backend in turn (pycocotools itself too), for the tests that compare one with
+    pycocotools run directly; a backend not installed here is skipped, with the reason."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Evaluation scores the ground truth as given, exactly as pycocotools run directly does.
+"""Evaluation scores the ground truth as given, exactly as pycocotools run directly does, with every backend
+(``eval_backend``: each installed one in turn, ``tests/conftest.py``; pycocotools itself too).
 
 Training-time cleaning (boxes clipped to their image, boxes wholly outside dropped) only changes
 the boxes the model trains on, never what evaluation scores. What pycocotools would silently
@@ -65,13 +66,14 @@ def assert_same(ours: dict, theirs: list[float], keys=STAT_NAMES) -> None:
                 assert ours[k] == pytest.approx(v, abs=1e-12), (k, ours[k], v)
 
 
-def run_file_mode(tmp_path: Path, gt: dict, dt: list[dict]) -> tuple[int, dict | None]:
-    """``tools/evaluate.py --gt --dt --out``: its exit status and the metrics it wrote."""
+def run_file_mode(tmp_path: Path, gt: dict, dt: list[dict], backend: str = "auto") -> tuple[int, dict | None]:
+    """``tools/evaluate.py --gt --dt --out --backend``: its exit status and the metrics it wrote."""
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "dt.json").write_text(json.dumps(dt))
     out = tmp_path / "metrics.json"
     with contextlib.redirect_stdout(io.StringIO()):
-        rc = evaluate.main(["--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"), "--out", str(out)])
+        rc = evaluate.main(["--gt", str(tmp_path / "gt.json"), "--dt", str(tmp_path / "dt.json"), "--out", str(out),
+                            "--backend", backend])
     return rc, (json.loads(out.read_text()) if rc == 0 else None)
 
 
@@ -84,18 +86,18 @@ def run_file_mode(tmp_path: Path, gt: dict, dt: list[dict]) -> tuple[int, dict |
     ([-3, -2, 40, 30], [-3, -2, 40, 30]),  # past the top-left corner
     ([60, 50, 60, 40], [62, 51, 55, 38]),  # past two edges, a near hit
 ])
-def test_file_mode_scores_gt_past_the_edge_as_pycocotools(tmp_path, gt_box, dt_box):
+def test_file_mode_scores_gt_past_the_edge_as_pycocotools(eval_backend, tmp_path, gt_box, dt_box):
     gt = gt_dict([ann(1, 1, gt_box)])
     dt = [det(1, dt_box, 0.9)]
-    rc, ours = run_file_mode(tmp_path, gt, dt)
+    rc, ours = run_file_mode(tmp_path, gt, dt, eval_backend)
     assert rc == 0
     assert_same(ours, pycocotools_stats(gt, dt))
 
 
-def test_file_mode_keeps_gt_wholly_outside_the_image_as_pycocotools(tmp_path):
+def test_file_mode_keeps_gt_wholly_outside_the_image_as_pycocotools(eval_backend, tmp_path):
     gt = gt_dict([ann(1, 1, [10, 10, 30, 30]), ann(2, 1, [150, 10, 20, 20])])  # the second is off the image
     dt = [det(1, [10, 10, 30, 30], 0.9)]
-    rc, ours = run_file_mode(tmp_path, gt, dt)
+    rc, ours = run_file_mode(tmp_path, gt, dt, eval_backend)
     theirs = pycocotools_stats(gt, dt)
     assert rc == 0 and theirs[0] < 0.6  # half the objects are missed
     assert_same(ours, theirs)
@@ -123,10 +125,10 @@ def parity_case() -> tuple[dict, list[dict]]:
     return gt_dict(anns, n_images=3), dets
 
 
-def test_file_mode_parity_with_gt_past_the_edge_zero_area_and_crowd_regions(tmp_path, caplog):
+def test_file_mode_parity_with_gt_past_the_edge_zero_area_and_crowd_regions(eval_backend, tmp_path, caplog):
     gt, dt = parity_case()
     with caplog.at_level(logging.WARNING):
-        rc, ours = run_file_mode(tmp_path, gt, dt)
+        rc, ours = run_file_mode(tmp_path, gt, dt, eval_backend)
     assert rc == 0
     # The file as given: the stats over all sizes are pycocotools' on the raw file, to the last bit.
     assert_same(ours, pycocotools_stats(gt, dt), keys=("AP", "AP50", "AP75", "AR1", "AR10", "AR100"))
@@ -143,7 +145,7 @@ def _write_images(root: Path, gt: dict) -> None:
         Image.fromarray(np.zeros((im["height"], im["width"], 3), np.uint8)).save(root / im["file_name"])
 
 
-def test_val_set_scores_gt_as_given_while_training_boxes_are_clipped(tmp_path):
+def test_val_set_scores_gt_as_given_while_training_boxes_are_clipped(eval_backend, tmp_path):
     gt, dt = parity_case()
     _write_images(tmp_path, gt)
     (tmp_path / "ann.json").write_text(json.dumps(gt))
@@ -153,7 +155,7 @@ def test_val_set_scores_gt_as_given_while_training_boxes_are_clipped(tmp_path):
     fixed = copy.deepcopy(gt)
     for a in fixed["annotations"]:
         a["area"] = a["area"] or a["bbox"][2] * a["bbox"][3]
-    stats, _ = evaluate_coco(ds.coco, dt)
+    stats, _ = evaluate_coco(ds.coco, dt, backend=eval_backend)
     assert_same(stats, pycocotools_stats(fixed, dt))
     # What the model trains on: clipped to the image, the box wholly outside dropped, crowds left out.
     _, target = ds[ds.ids.index(2)]
@@ -161,13 +163,13 @@ def test_val_set_scores_gt_as_given_while_training_boxes_are_clipped(tmp_path):
     assert ds.boxes(1).max(0)[2] <= W and ds.boxes(3)[:, 3].max() <= H
 
 
-def test_val_set_renumbers_duplicate_annotation_ids_for_evaluation(tmp_path):
+def test_val_set_renumbers_duplicate_annotation_ids_for_evaluation(eval_backend, tmp_path):
     gt = gt_dict([ann(1, 1, [1, 1, 20, 20]), ann(1, 1, [40, 40, 20, 20]), ann(0, 1, [60, 10, 15, 15])])
     _write_images(tmp_path, gt)
     (tmp_path / "ann.json").write_text(json.dumps(gt))
     ds = CocoDetection(tmp_path / "ann.json", tmp_path)
     assert sorted(ds.coco.anns) == [1, 2, 3]
-    stats, _ = evaluate_coco(ds.coco, [det(1, a["bbox"], 1.0) for a in gt["annotations"]])
+    stats, _ = evaluate_coco(ds.coco, [det(1, a["bbox"], 1.0) for a in gt["annotations"]], backend=eval_backend)
     assert stats["AP"] == pytest.approx(1.0)
 
 
@@ -176,11 +178,11 @@ def test_val_set_renumbers_duplicate_annotation_ids_for_evaluation(tmp_path):
 
 
 @pytest.mark.parametrize("area", [0, 0.0, -12.5])
-def test_gt_area_zero_or_negative_is_recomputed_as_w_times_h_with_a_warning(tmp_path, caplog, area):
+def test_gt_area_zero_or_negative_is_recomputed_as_w_times_h_with_a_warning(eval_backend, tmp_path, caplog, area):
     gt = gt_dict([ann(1, 1, [10, 10, 30, 30]), ann(7, 1, [50, 10, 40, 40], area=area)])  # 1600 px: medium
     dt = [det(1, [10, 10, 30, 30], 0.9), det(1, [50, 10, 40, 40], 0.8)]
     with caplog.at_level(logging.WARNING):
-        rc, ours = run_file_mode(tmp_path, gt, dt)
+        rc, ours = run_file_mode(tmp_path, gt, dt, eval_backend)
     assert rc == 0
     fixed = copy.deepcopy(gt)
     fixed["annotations"][1]["area"] = 1600
@@ -263,34 +265,34 @@ def rounded_case(seed: int = 0, n_images: int = 4, per_image: int = 500) -> tupl
     return gt_dict(anns, n_images=n_images), [dets[k] for k in order]
 
 
-def test_tied_scores_fp_listed_before_tp_score_ap_half_as_pycocotools(tmp_path):
+def test_tied_scores_fp_listed_before_tp_score_ap_half_as_pycocotools(eval_backend, tmp_path):
     gt, dt = tie_case()
     theirs = pycocotools_stats(gt, dt)
     assert theirs[0] == pytest.approx(0.5)
-    ours, _ = evaluate_coco(coco_from_dict(gt), copy.deepcopy(dt))
+    ours, _ = evaluate_coco(coco_from_dict(gt), copy.deepcopy(dt), backend=eval_backend)
     assert_same(ours, theirs)
-    rc, file_mode = run_file_mode(tmp_path, gt, dt)  # tools/evaluate.py --gt --dt keeps the file's order
+    rc, file_mode = run_file_mode(tmp_path, gt, dt, eval_backend)  # tools/evaluate.py --gt --dt keeps the file's order
     assert rc == 0
     assert_same(file_mode, theirs)
 
 
-def test_rounded_scores_beyond_max_dets_give_pycocotools_twelve_stats(tmp_path):
+def test_rounded_scores_beyond_max_dets_give_pycocotools_twelve_stats(eval_backend, tmp_path):
     gt, dt = rounded_case()
     theirs = pycocotools_stats(gt, dt)
     assert 0.05 < theirs[0] < 0.95 and len({d["score"] for d in dt}) <= 101  # ties everywhere
-    ours, _ = evaluate_coco(coco_from_dict(gt), copy.deepcopy(dt))
+    ours, _ = evaluate_coco(coco_from_dict(gt), copy.deepcopy(dt), backend=eval_backend)
     assert_same(ours, theirs)
-    rc, file_mode = run_file_mode(tmp_path, gt, dt)
+    rc, file_mode = run_file_mode(tmp_path, gt, dt, eval_backend)
     assert rc == 0
     assert_same(file_mode, theirs)
 
 
-def test_file_mode_scores_images_without_width_height_or_file_name_as_pycocotools(tmp_path):
+def test_file_mode_scores_images_without_width_height_or_file_name_as_pycocotools(eval_backend, tmp_path):
     """pycocotools reads only the image ids; ``--gt --dt`` asks no more."""
     gt, dt = tie_case()
     gt["images"] = [{"id": 1}, {"id": 2, "file_name": ""}]
     gt["annotations"].append(ann(2, 2, [30, 30, 20, 20]))
     dt = dt + [det(2, [31, 30, 20, 20], 0.7)]
-    rc, ours = run_file_mode(tmp_path, gt, dt)
+    rc, ours = run_file_mode(tmp_path, gt, dt, eval_backend)
     assert rc == 0
     assert_same(ours, pycocotools_stats(gt, dt))

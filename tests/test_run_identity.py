@@ -238,6 +238,31 @@ def test_identity_drops_execution_keys_and_keeps_everything_else():
     assert not {"loss._target_", "trainer.lr", "data.fingerprint.train"} & set(hp)
 
 
+def test_the_evaluator_is_in_no_identity_so_runs_from_before_auto_continue_and_group_with_new_ones(tmp_path):
+    """``eval.backend``'s default went from pycocotools to auto (same numbers): a run recorded before is the same
+    run when relaunched (continued or skipped), and one group with runs scored by another backend, although
+    ``eval_detail.json`` now records the backend that scored it. Inference settings still split groups."""
+    def config(backend: str, max_dets: list[int]) -> dict:
+        return {"seed": 3, "trainer": {"lr": 0.02}, "eval": {"backend": backend, "max_dets": max_dets, "batch_size": 16},
+                "model": {"width": 32}}
+
+    def ident(cfg: dict) -> dict:
+        return run_record.identity(cfg, world_size=1, num_classes=4, data_fingerprints={"train": "f"})
+
+    before, now = config("pycocotools", [1, 10, 100]), config("auto", [1, 10, 100])
+    assert ident(before) == ident(now) and "eval.backend" not in ident(now)
+    record = {"identity": ident(before), "eval": run_record.eval_settings(before)}
+    run_record.check(record, ident(now), tmp_path)  # the relaunch is accepted: the same run
+    assert run_record.ignored("eval.backend")  # an override of it names no group either
+    old_detail = run_record.eval_settings(before)  # eval_detail.json's eval_settings before: no backend
+    group = run_record.comparison_identity(record, old_detail)
+    for used in ("ultrafast_pycocotools", "hotcoco", "pycocotools"):
+        new_record = {"identity": ident(now) | {"seed": 4}, "eval": run_record.eval_settings(now)}
+        assert run_record.comparison_identity(new_record, old_detail | {"eval.backend": used}) == group
+    other = config("auto", [1, 10, 300])
+    assert run_record.comparison_identity({"identity": ident(other), "eval": run_record.eval_settings(other)}) != group
+
+
 def test_a_record_is_never_overwritten(tmp_path):
     run_record.write_record(tmp_path, {"identity": {"seed": 0}})
     with pytest.raises(FileExistsError):

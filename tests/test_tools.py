@@ -45,7 +45,9 @@ from detlib.tools import (
     predict,
     visualize,
 )
+from detlib.tools.cli import ToolError
 from detlib.tools.compare_plots import plot_against
+from detlib.tools.results import RESULT_FIELDS
 from detlib.tools.sweep_callbacks import CompareRuns
 
 from .conftest import ROOT, run_train
@@ -655,10 +657,10 @@ def test_evaluate_file_mode_writes_only_what_it_is_told_and_needs_no_torch(coco_
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.json"]
     code = ("import sys; from detlib.tools import evaluate; "
             f"evaluate.main(['--gt', {str(coco_files['gt'])!r}, '--dt', {str(coco_files['dt'])!r}]); "
-            "print('torch' in sys.modules)")
+            "print('torch' in sys.modules, 'omegaconf' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "False"  # scoring files never imports torch
+    assert proc.stdout.strip().splitlines()[-1] == "False False"  # scoring files imports neither torch nor omegaconf
 
 
 def test_compare_runs_lists_diverged_runs(tmp_path):
@@ -691,6 +693,47 @@ def test_a_cuda_failure_in_a_tool_keeps_its_traceback(error, capsys):
 
     assert cli(bad_input, [], "evaluate.py") == 1
     assert capsys.readouterr().err == "evaluate.py: error: checkpoint x.pt does not fit the run's model\n"
+
+
+def test_an_omegaconf_error_is_still_one_line_though_file_mode_never_imports_omegaconf(capsys):
+    """``cli`` catches omegaconf's errors once omegaconf is imported (it is here), without importing it itself."""
+    from omegaconf.errors import ConfigKeyError
+
+    from detlib.tools.cli import cli
+
+    def bad_key(_argv):
+        raise ConfigKeyError("Key 'lrr' is not in struct")
+
+    assert cli(bad_key, [], "predict.py") == 1
+    assert capsys.readouterr().err == "predict.py: error: Key 'lrr' is not in struct\n"
+
+
+GOOD = {"image_id": 10, "category_id": 1, "bbox": [1.5, 2, 3, 4.25], "score": 0.5}
+
+
+@pytest.mark.parametrize("entry,ok", [
+    ({}, True), ({"bbox": [1, 2, 3, 4], "score": 1}, True), ({"extra": "kept"}, True),
+    ({"bbox": [1, 2, 3, True]}, False), ({"score": False}, False), ({"bbox": [1, 2, "3", 4]}, False),
+    ({"bbox": [1, 2, 3]}, False), ({"bbox": [1, 2, 3, 4, 5]}, False), ({"bbox": [1, 2, 0, 4]}, False),
+    ({"bbox": [1, 2, 3, -4]}, False), ({"bbox": [1, 2, 3, float("nan")]}, False), ({"score": float("inf")}, False),
+    ({"score": "0.5"}, False), ({"bbox": "1234"}, False), ({"bbox": [1, 2, 3, 10**400]}, False),
+    ({"score": -(10**400)}, False),
+])
+def test_the_fast_results_check_accepts_exactly_what_the_entry_by_entry_check_does(tmp_path, entry, ok):
+    """``read_results`` checks a whole file in a few passes and scans entry by entry only to name a bad one."""
+    from detlib.tools.results import _check_entry, _well_formed
+
+    bad = {**GOOD, **entry}
+    data = [GOOD, bad]
+    assert _well_formed(data) is ok and _well_formed([]) and _well_formed([GOOD])
+    if ok:
+        _check_entry("dt.json", 1, bad)
+    else:
+        with pytest.raises(ToolError, match="dt.json: entry 1"):
+            _check_entry("dt.json", 1, bad)
+    for missing in RESULT_FIELDS:
+        assert not _well_formed([GOOD, {k: v for k, v in GOOD.items() if k != missing}])
+    assert not _well_formed([GOOD, [1, 2]]) and not _well_formed([GOOD, "x"])
 
 
 def test_compare_runs_delta_ci_and_p_are_over_the_same_pairs_and_unpaired_seeds_are_named(tmp_path, capsys):

@@ -27,7 +27,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary  # noqa: 
 from torchvision.utils import draw_bounding_boxes, make_grid  # noqa: E402
 
 from detlib.data.coco import CocoDetection  # noqa: E402
-from detlib.evaluation.coco_eval import per_class_ap  # noqa: E402
+from detlib.evaluation.coco_eval import iou_index, per_class_ap  # noqa: E402
 from detlib.evaluation.report import category_names  # noqa: E402
 from detlib.runs import HPARAMS_RUN  # noqa: E402
 
@@ -53,10 +53,10 @@ def log_eval(writer: SummaryWriter, step: int, E: COCOeval, val_set: CocoDetecti
 def pr_figure(E: COCOeval, names: dict[int, str]):
     """Precision against recall per class at IoU 0.5 and 0.75 (area all, largest maxDets)."""
     prec = E.eval["precision"]  # (T, R, K, A, M)
-    recall = E.params.recThrs
+    recall = np.asarray(E.params.recThrs, dtype=np.float64)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     for ax, thr in zip(axes, (0.5, 0.75)):
-        t = int(abs(E.params.iouThrs - thr).argmin())
+        t = iou_index(E, thr)
         for k, cat in enumerate(E.params.catIds):
             p = prec[t, :, k, 0, -1]
             if (p > -1).any():
@@ -73,7 +73,7 @@ def log_pr_curves(writer: SummaryWriter, step: int, E: COCOeval, names: dict[int
     """Per class, COCOeval's precision at its 101 recall points (IoU ``iou``, area all, largest maxDets) as
     TensorBoard's own PR-curve plugin data (``val/pr/<class>``): interactive, steps comparable with a slider. The
     plugin's count fields are not defined for COCO's interpolated curve and are written as zeros."""
-    t = int(abs(E.params.iouThrs - iou).argmin())
+    t = iou_index(E, iou)
     recall = np.asarray(E.params.recThrs, dtype=np.float64)
     zeros = np.zeros_like(recall)
     for k, cat in enumerate(E.params.catIds):

@@ -21,6 +21,7 @@ from detlib.config import EvalConfig
 from detlib.data.coco import CocoDetection
 from detlib.engine import dashboard
 from detlib.engine.writers import Writers
+from detlib.evaluation import backends
 from detlib.evaluation.evaluators import compute, extra_metrics
 from detlib.evaluation.inference import evaluate
 from detlib.evaluation.report import category_names, write_eval_detail
@@ -51,10 +52,11 @@ def evaluate_and_log(ev: Evaluation, model: nn.Module, iteration: int,
     the ``val/*`` scalars (to the writers), TensorBoard's figures and ``histograms`` (the last logged training
     step's diagnostics), ``run_dir/eval_detail.json`` and ``run_dir/detections.json``."""
     t0, val_set = time.perf_counter(), ev.val_set
-    log.info("evaluating %d val images at iteration %d%s", len(val_set), iteration,
-             " (EMA weights)" if ev.weights == "ema" else "")
+    backend = backends.resolve(str(ev.cfg.backend))  # auto: the fastest installed; recorded in eval_detail.json
+    log.info("evaluating %d val images at iteration %d%s with %s", len(val_set), iteration,
+             " (EMA weights)" if ev.weights == "ema" else "", backends.label(backend))
     stats, val_losses, results, E = evaluate(
-        model, val_set, ev.device, ev.cfg.batch_size, tuple(ev.cfg.max_dets), ev.amp_dtype, ev.cfg.backend)
+        model, val_set, ev.device, ev.cfg.batch_size, tuple(ev.cfg.max_dets), ev.amp_dtype, backend)
     if not dist.is_main():
         return stats
     metrics = extra_metrics(ev.cfg.metrics)
@@ -67,7 +69,8 @@ def evaluate_and_log(ev: Evaluation, model: nn.Module, iteration: int,
             tb.add_histogram(k, v.cpu(), iteration)
     write_json(ev.run_dir / DETECTIONS, results, indent=None)  # before eval_detail: a detail always has its dets
     detail = write_eval_detail(ev.run_dir / EVAL_DETAIL, iteration, stats, E, category_names(val_set.coco),
-                               val_losses, ev.settings, weights=ev.weights, **extra)
+                               val_losses, ev.settings | {"eval.backend": backend}, weights=ev.weights,
+                               **extra)
     for k, v in ((detail["tide"] or {}).get("dAP") or {}).items():
         scalars[f"val/tide/dAP_{k}"] = v
     if detail["tp_iou"]:

@@ -27,7 +27,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detlib.evaluation.coco_eval import _results_coco, check_results
+from detlib.evaluation.backends import results_coco
+from detlib.evaluation.coco_eval import check_results
 
 METRICS = ("AP", "AP50", "AP75")
 
@@ -36,7 +37,7 @@ def image_evaluations(gt: COCO, results: list[dict], max_det: int = 100) -> COCO
     """pycocotools' per-image evaluation of COCO-format ``results`` on ``gt`` (area ``all``, ``max_det``
     detections per image), before accumulation."""
     check_results(gt, results)
-    E = COCOeval(gt, _results_coco(gt, results), iouType="bbox")
+    E = COCOeval(gt, results_coco(gt, results), iouType="bbox")
     E.params.areaRng, E.params.areaRngLbl, E.params.maxDets = [E.params.areaRng[0]], ["all"], [int(max_det)]
     with contextlib.redirect_stdout(io.StringIO()):
         E.evaluate()

@@ -1,10 +1,11 @@
-"""COCO box evaluation with pycocotools, guarded against the inputs it gets silently wrong.
+"""COCO box evaluation, pycocotools' numbers, guarded against the inputs pycocotools gets silently wrong.
 
-Two backends give the same numbers: ``pycocotools`` (the reference, the default) and
-``faster_coco_eval`` (its C++ port, several times faster; ``uv sync --extra fast-eval``). Both
-leave ``E.eval["precision"]`` ``(T, R, K, A, M)`` and ``E.params``, which everything below reads.
+Every backend gives the same numbers (``detlib.evaluation.backends``: pycocotools, the reference;
+ultrafast-pycocotools and hotcoco, Rust ports; faster-coco-eval, a C++ port; ``auto``, the default, the
+fastest installed). Each leaves ``E.eval["precision"]`` ``(T, R, K, A, M)`` and ``E.params``, which everything
+below reads.
 
-Before pycocotools runs: detections whose image is not in the ground truth are an error naming the
+Before any backend runs: detections whose image is not in the ground truth are an error naming the
 ids, and so is a detection box with width or height <= 0 (pycocotools would silently ignore one
 with a negative side); ``max_dets`` must be strictly increasing positive numbers (pycocotools reads
 -1 as "all but the last"); an empty detection list gives AP 0 with a warning instead of
@@ -18,19 +19,19 @@ non-default maxDets never give a silent -1.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detlib.evaluation import backends
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("pycocotools", "faster_coco_eval")
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -55,66 +56,34 @@ def to_coco_results(
     return results
 
 
-def backend_classes(backend: str) -> tuple[type, type]:
-    """``(COCO, COCOeval)`` classes of an evaluation backend; a clear error if it is unknown or not installed."""
-    if backend == "pycocotools":
-        return COCO, COCOeval
-    if backend == "faster_coco_eval":
-        try:
-            from faster_coco_eval import COCO as FastCOCO
-            from faster_coco_eval import COCOeval_faster
-        except ImportError as e:
-            raise ImportError(
-                "eval.backend=faster_coco_eval needs the faster-coco-eval package: "
-                "uv sync --extra fast-eval (or pip install faster-coco-eval), or use eval.backend=pycocotools"
-            ) from e
-        return FastCOCO, COCOeval_faster
-    raise ValueError(f"eval.backend must be one of {'|'.join(BACKENDS)}, got {backend!r}")
-
-
-def _coco(cls: type, dataset: dict) -> Any:
-    """A ``cls`` (either backend's COCO) indexed over ``dataset``, quietly."""
-    coco = cls()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def _results_coco(gt: COCO, results: list[dict], cls: type = COCO) -> Any:
-    """What ``gt.loadRes(results)`` builds for boxes, but also for an empty list."""
-    anns = []
-    for i, r in enumerate(results, start=1):
-        x, y, w, h = r["bbox"]
-        anns.append({**r, "id": i, "area": w * h, "iscrowd": 0})
-    return _coco(cls, {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]),
-                       "annotations": anns})
-
-
-def check_results(gt: COCO, results: list[dict]) -> None:
-    """Refuse detections that pycocotools would mis-score or crash on; errors name the ids."""
-    unknown = sorted({r["image_id"] for r in results} - set(gt.getImgIds()))
+def check_results(gt: COCO, results: list[dict]) -> np.ndarray:
+    """Refuse detections that pycocotools would mis-score or crash on; errors name the ids. Returns the
+    detections as ``rows`` ``(N, 7)`` float64 ``[image_id, x, y, w, h, score, category_id]`` (``loadRes``' array)."""
+    image_ids, cat_ids = list(map(itemgetter("image_id"), results)), list(map(itemgetter("category_id"), results))
+    unknown = sorted(set(image_ids) - set(gt.getImgIds()))
     if unknown:
         raise ValueError(f"detections name image ids not in the ground truth: {unknown[:10]} ({len(unknown)} ids)")
-    cats = sorted({r["category_id"] for r in results} - set(gt.getCatIds()))
+    cats = sorted(set(cat_ids) - set(gt.getCatIds()))
     if cats:
         raise ValueError(f"detections name category ids not in the ground truth: {cats[:10]}")
-    try:  # one vectorised check; the per-detection scans below only run to name what is wrong
-        a = np.asarray([[*r["bbox"], r["score"]] for r in results], dtype=np.float64).reshape(len(results), 5)
-        ok = bool(np.isfinite(a).all())
+    n = len(results)
+    try:  # vectorised checks; the per-detection scans below only run to name what is wrong
+        boxes = np.array([r["bbox"] for r in results], dtype=np.float64).reshape(n, 4)
+        scores = np.array([r["score"] for r in results], dtype=np.float64).reshape(n)
+        ok = bool(np.isfinite(boxes).all() and np.isfinite(scores).all())
     except (KeyError, TypeError, ValueError):
-        ok, a = False, None
-    bad = [] if ok else [r for r in results if len(r.get("bbox", ())) != 4 or not np.isfinite(r["bbox"]).all()
-                         or not np.isfinite(r.get("score", np.nan))]
-    if bad:
-        raise ValueError(f"{len(bad)} detections have a bad bbox or score, first: {bad[0]}")
-    if a is None:
-        a = np.asarray([[*r["bbox"], r["score"]] for r in results], dtype=np.float64).reshape(len(results), 5)
-    if results and not (a[:, 2:4] > 0).all():  # pycocotools ignores a negative side, mis-sizes a zero one
-        i = int(np.flatnonzero((a[:, 2:4] <= 0).any(1))[0])
+        ok = False
+    if not ok:
+        bad = [r for r in results if len(r.get("bbox", ())) != 4 or not np.isfinite(r["bbox"]).all()
+               or not np.isfinite(r.get("score", np.nan))]
+        raise ValueError(f"{len(bad)} detections have a bad bbox or score, first: {bad[0] if bad else results[0]}")
+    if n and not (boxes[:, 2:4] > 0).all():  # pycocotools ignores a negative side, mis-sizes a zero one
+        i = int(np.flatnonzero((boxes[:, 2:4] <= 0).any(1))[0])
         r = results[i]
         raise ValueError(f"detection {i} (image_id {r['image_id']}, category_id {r['category_id']}) has bbox "
                          f"width or height <= 0: {list(r['bbox'])}")
+    ids = np.array([image_ids, cat_ids], dtype=np.float64).reshape(2, n)
+    return np.column_stack([ids[0], boxes, scores, ids[1]])
 
 
 def check_max_dets(max_dets: Sequence[int]) -> list[int]:
@@ -137,7 +106,7 @@ def summarize(E: COCOeval) -> dict[str, float | None]:
     prec, rec = E.eval["precision"], E.eval["recall"]  # (T, R, K, A, M), (T, K, A, M)
     areas = {a: i for i, a in enumerate(p.areaRngLbl)}
     top = len(p.maxDets) - 1
-    t50, t75 = (int(np.argmin(np.abs(p.iouThrs - v))) for v in (0.5, 0.75))
+    t50, t75 = (iou_index(E, v) for v in (0.5, 0.75))
 
     def mean(x: np.ndarray) -> float | None:
         x = x[x > -1]
@@ -156,29 +125,28 @@ def summarize(E: COCOeval) -> dict[str, float | None]:
     return dict(zip(STAT_NAMES, values))
 
 
+def iou_index(E: Any, iou: float) -> int:
+    """Index of the IoU threshold nearest ``iou`` in ``E.params.iouThrs`` (an array or, hotcoco's, a list)."""
+    return int(np.argmin(np.abs(np.asarray(E.params.iouThrs, dtype=np.float64) - iou)))
+
+
 def evaluate_coco(
-    gt: COCO, results: list[dict], max_dets: Sequence[int] = (1, 10, 100), backend: str = "pycocotools"
+    gt: COCO, results: list[dict], max_dets: Sequence[int] = (1, 10, 100), backend: str = "auto"
 ) -> tuple[dict[str, float | None], Any]:
     """Box AP of COCO-format ``results`` against ``gt``: the 12 stats (floats in [0, 1] or None) and the COCOeval.
 
-    ``gt``: a pycocotools ``COCO``. ``backend``: ``pycocotools`` or ``faster_coco_eval`` (same
-    numbers; the returned evaluator is that backend's, with the same ``eval`` and ``params``).
+    ``gt``: a pycocotools ``COCO``. ``backend``: one of ``backends.BACKENDS`` (``auto``: the fastest installed;
+    the same numbers; the returned evaluator is that backend's, with the same ``eval`` and ``params``).
     """
-    coco_cls, eval_cls = backend_classes(backend)
+    backend = backends.resolve(backend)
     max_dets = check_max_dets(max_dets)
-    check_results(gt, results)
+    rows = check_results(gt, results)
     if not results:
         log.warning("no detections at all: every AP is 0")
     # No re-sorting: COCOeval's sorts by score are stable, so among tied scores the given order decides
     # which detection matches first. Scored in that order, a results file gets pycocotools' numbers;
     # training-time evaluation fixes its own deterministic order (``inference.evaluate``) and writes that.
-    if coco_cls is not COCO:  # the fast backend indexes the same dicts with its own COCO
-        gt = _coco(coco_cls, gt.dataset)
-    E = eval_cls(gt, _results_coco(gt, results, coco_cls), iouType="bbox")
-    E.params.maxDets = list(max_dets)
-    with contextlib.redirect_stdout(io.StringIO()):
-        E.evaluate()
-        E.accumulate()
+    E = backends.evaluate(backend, gt, results, rows, max_dets)
     stats = summarize(E)
     if not results:  # AP is 0 (not None) wherever ground truth exists
         stats = {k: (0.0 if v is not None else None) for k, v in stats.items()}
@@ -222,13 +190,18 @@ def format_table(stats: dict[str, float | None], title: str = "COCO box evaluati
 
 
 def true_positive_ious(E: Any, iou_thr: float = 0.5) -> np.ndarray | None:
-    """IoU of every true positive with the ground truth pycocotools matched it to, at the IoU threshold
-    ``iou_thr`` (area all, largest maxDets): a loss that localises better moves this distribution right.
-    None where the evaluator keeps no per-image matches (another backend)."""
+    """IoU of every true positive with the ground truth it was matched to, at the IoU threshold ``iou_thr``
+    (area all, largest maxDets), in pycocotools' order (category, image, score): a loss that localises better
+    moves this distribution right. None where the backend keeps no per-image matches (faster-coco-eval)."""
+    t = iou_index(E, iou_thr)
+    backend = backends.backend_of(E)
+    if backend == "ultrafast_pycocotools":  # its own per-detection matches, in pycocotools' order
+        return np.asarray(E.matches(iou_thr=float(E.params.iouThrs[t]), area="all")["iou"], dtype=float)
+    if backend == "hotcoco":
+        return _hotcoco_tp_ious(E, float(E.params.iouThrs[t]))
     evals, ious = getattr(E, "evalImgs", None), getattr(E, "ious", None)
-    if not isinstance(evals, list) or not isinstance(ious, dict):
+    if backend != "pycocotools" or not isinstance(evals, list) or not isinstance(ious, dict):
         return None
-    t = int(np.argmin(np.abs(np.asarray(E.params.iouThrs) - iou_thr)))
     area_all, out = list(E.params.areaRng[0]), []
     for e in evals:
         if e is None or list(e["aRng"]) != area_all or not len(e["dtIds"]):
@@ -238,3 +211,31 @@ def true_positive_ious(E: Any, iou_thr: float = 0.5) -> np.ndarray | None:
         gt_ids = [g["id"] for g in E._gts[e["image_id"], e["category_id"]]]
         out += [iou[d, gt_ids.index(int(g))] for d, g in enumerate(matches) if g > 0 and not ignored[d]]
     return np.asarray(out, dtype=float)
+
+
+def _hotcoco_tp_ious(E: Any, iou_thr: float) -> np.ndarray:
+    """hotcoco's matches at one threshold (area all, largest maxDets) from a second ``evaluate`` restricted to
+    them (its ``evalImgs`` are slow to read back: a quarter as many, one threshold), and pycocotools' box IoU
+    (``maskApi.c`` ``bbIou``, the same float64 operations) of each matched pair."""
+    import hotcoco as hc  # only ever reached with an evaluator that hotcoco made
+    p = E.params
+    R = hc.COCOeval(E.cocoGt, E.cocoDt, "bbox")
+    R.params.imgIds, R.params.catIds = p.imgIds, p.catIds
+    R.params.areaRng, R.params.areaRngLbl = [p.areaRng[0]], ["all"]
+    R.params.maxDets, R.params.iouThrs = [p.maxDets[-1]], [iou_thr]
+    R.evaluate()
+    cat_pos, img_pos = {c: i for i, c in enumerate(p.catIds)}, {m: i for i, m in enumerate(p.imgIds)}
+    evals = sorted((e for e in R.evalImgs if e is not None),  # pycocotools' order: category, then image
+                   key=lambda e: (cat_pos[e["category_id"]], img_pos[e["image_id"]]))
+    pairs = [(d, g) for e in evals for d, g, ign in zip(e["dtIds"], e["dtMatches"][0], e["dtIgnore"][0])
+             if g > 0 and not ign]
+    if not pairs:
+        return np.zeros(0)
+    gt_box = {a["id"]: a["bbox"] for a in R.cocoGt.dataset["annotations"]}
+    dt_box = {a["id"]: a["bbox"] for a in R.cocoDt.dataset["annotations"]}
+    D = np.array([dt_box[d] for d, _ in pairs], dtype=np.float64)
+    G = np.array([gt_box[int(g)] for _, g in pairs], dtype=np.float64)
+    w = np.minimum(D[:, 2] + D[:, 0], G[:, 2] + G[:, 0]) - np.maximum(D[:, 0], G[:, 0])
+    h = np.minimum(D[:, 3] + D[:, 1], G[:, 3] + G[:, 1]) - np.maximum(D[:, 1], G[:, 1])
+    inter = w * h
+    return inter / (D[:, 2] * D[:, 3] + G[:, 2] * G[:, 3] - inter)

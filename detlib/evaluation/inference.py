@@ -70,7 +70,7 @@ def predict(
 
 def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 16,
              max_dets: tuple[int, ...] = (1, 10, 100), autocast_dtype: torch.dtype | None = None,
-             backend: str = "pycocotools"):
+             backend: str = "auto"):
     """``(stats, val_losses, results, cocoeval)`` of ``model`` on ``dataset``; ``backend``: see ``evaluate_coco``."""
     rank, world = dist.rank(), dist.world_size()
     results, losses = predict(model, dataset, device, batch_size, autocast_dtype=autocast_dtype, rank=rank,

@@ -134,10 +134,11 @@ def tells_groups_apart(key: str) -> bool:
 def comparison_identity(record: Mapping, used_eval: Mapping | None = None) -> dict:
     """What ``compare_runs`` groups a run by: its recorded identity without the seed, plus the inference
     settings its metrics were computed with (``used_eval``: ``eval_detail.json``'s ``eval_settings``, else the
-    record's ``eval``): runs at other settings are not one set-up."""
+    record's ``eval``): runs at other settings are not one set-up. ``IGNORED`` keys there (``eval.backend``, which
+    evaluator scored it) never split a group."""
     out = dict(record["identity"]) | dict(record.get("eval") or {}) | dict(used_eval or {})
     out.pop(SEED, None)
-    return out
+    return {k: v for k, v in out.items() if not ignored(k)}  # eval_detail.json's eval.backend: same numbers
 
 
 def eval_settings(config: Mapping) -> dict:

@@ -1,8 +1,9 @@
-"""Benchmark detlib's training step against torchvision's own FasterRCNN, and the two COCO backends.
+"""Benchmark detlib's training step against torchvision's own FasterRCNN, and the COCO evaluation backends.
 
     uv run tools/benchmark.py --device cpu --iters 30 --warmup 5          # small model, CPU
     uv run tools/benchmark.py --device cuda --model faster_rcnn_r50_fpn --image-size 800 --batch 8 \\
         --amp bf16 --channels-last                                          # vs torchvision in fp32
+    uv run tools/benchmark.py --eval-processes --eval-repeats 5            # whole evaluate.py processes per backend
 
 One process, the same batches for both, built on the device before timing (no loading, copying or
 random drawing inside the timed windows); a timing run on random images builds no dataset. "ours" is ``configs/model/*.yaml`` composed with Hydra and
@@ -17,8 +18,10 @@ machine slows both alike: compare the ratios, not the absolute numbers.
 Reports images/s (median over windows), the ours / torchvision step-time ratio (median of the
 ratios of neighbouring windows), the step split into data / forward / backward / optimizer
 (on GPU from extra steps with ``torch.cuda.synchronize`` between phases; the windows have none),
-peak memory, and the wall time of ``evaluate_coco`` with pycocotools and faster-coco-eval on the
-same detections (and whether their 12 stats agree). Writes ``--out`` (JSON) and prints a table.
+peak memory, and the wall time of ``evaluate_coco`` with every installed backend on the same detections
+(and whether their 12 stats equal pycocotools'). ``--eval-processes`` times only evaluation, as whole
+``evaluate.py --gt --dt`` processes on a generated file of COCO val's size (``bench_eval.eval_fixture``).
+Writes ``--out`` (JSON) and prints a table.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,8 +42,16 @@ from detlib.data.coco import collate
 from detlib.data.sampler import TrainBatchSampler
 from detlib.data.synthetic import CLASSES
 from detlib.device import AMP_DTYPES, resolve_device, to_device
+from detlib.evaluation.backends import BACKENDS
 from detlib.jsonio import write_json
-from detlib.tools.bench_eval import detections, time_eval
+from detlib.tools.bench_eval import (
+    detections,
+    eval_table,
+    installed_backends,
+    time_eval,
+    time_processes,
+    write_eval_fixture,
+)
 from detlib.tools.bench_models import RandomDetection, build_ours, build_torchvision
 from detlib.tools.bench_timing import PHASES, Side, measure, ratios
 from detlib.tools.cli import cli, prog_name
@@ -68,6 +81,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="batches built on the device before timing and cycled (no loading inside the windows)")
     p.add_argument("--compile", action="store_true", help="torch.compile our backbone (inductor)")
     p.add_argument("--eval-repeats", type=int, default=3, help="evaluate_coco runs per backend (median)")
+    ev = p.add_argument_group("whole evaluation processes (instead of the training step)")
+    ev.add_argument("--eval-processes", action="store_true",
+                    help="time whole `evaluate.py --gt --dt --backend B` processes per installed backend, alternating, "
+                         "on a generated COCO-val-size fixture (--eval-repeats rounds after one untimed round)")
+    ev.add_argument("--fixture-images", type=int, default=5000, help="images in the fixture")
+    ev.add_argument("--fixture-objects", type=int, default=35000, help="ground-truth boxes (1 %% crowd regions)")
+    ev.add_argument("--fixture-detections", type=int, default=200000, help="detections")
+    ev.add_argument("--fixture-dir", type=Path, default=None,
+                    help="write the fixture's gt.json and dt.json here and keep them (default: a temporary folder)")
+    ev.add_argument("--backends", nargs="+", choices=[b for b in BACKENDS if b != "auto"], default=None,
+                    help="the backends timed (default: every installed one); pycocotools is always timed first")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--data-root", default=DataConfig().root, help="the synthetic data's cache folder")
     p.add_argument("--num-train", type=int, default=DataConfig().synthetic.num_train, help="synthetic train images")
@@ -106,13 +130,8 @@ def table(report: dict) -> str:
                 f" (torch's defaults; they apply to the fp32 side).")
     e = report.get("eval")
     if e:
-        rows += ["", f"COCO evaluation of the same {e['num_detections']} detections on {e['num_images']} images "
-                 f"(median of {s['eval_repeats']}):", "",
-                 "| backend | wall time, s | vs pycocotools | 12 stats identical |", "|---|---:|---:|---|",
-                 f"| pycocotools | {e['pycocotools_s']:.3f} | 1.000 | |",
-                 f"| faster_coco_eval | {e['faster_coco_eval_s']:.3f} | {e['ratio']:.3f} | "
-                 f"{'yes' if e['identical'] else 'NO'} (max diff {e['max_abs_diff']:.1e}) |"
-                 if e["ratio"] is not None else "| faster_coco_eval | not installed | | |"]
+        rows += ["", eval_table(e, f"COCO evaluation of the same {e['num_detections']} detections on {e['num_images']} "
+                                   f"images, in this process (median of {s['eval_repeats']}):")]
     return "\n".join(rows)
 
 
@@ -145,6 +164,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Build both models on the same batches, time them, time the evaluation; write ``--out``, print the table,
     return the report."""
     args = parse_args(argv)
+    if args.eval_processes:
+        return run_eval_processes(args, argv)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,6 +201,24 @@ def run(argv: Sequence[str] | None = None) -> dict:
         report["eval"] = time_eval(results, gt, args.eval_repeats)
     write_json(args.out, report)
     print(table(report))
+    return report
+
+
+def run_eval_processes(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+    """``--eval-processes``: write the fixture, time whole evaluation processes per backend; write ``--out``, print."""
+    names = ["pycocotools"] + [b for b in (args.backends or installed_backends()) if b != "pycocotools"]
+    size = {"n_images": args.fixture_images, "n_objects": args.fixture_objects,
+            "n_detections": args.fixture_detections, "seed": args.seed}
+    with tempfile.TemporaryDirectory(prefix="detlib-evalbench-") as tmp:
+        gt, dt = write_eval_fixture(args.fixture_dir or Path(tmp), **size)
+        e = time_processes(gt, dt, names, args.eval_repeats, Path(tmp))
+    report = {"settings": {"fixture": size, "eval_repeats": args.eval_repeats, "note": args.note,
+                           "python": sys.version.split()[0], "cpu": platform.processor() or platform.machine(),
+                           "command": sys.argv[1:] if argv is None else list(argv)}, "eval_processes": e}
+    write_json(args.out, report)
+    print(eval_table(e, f"Whole `evaluate.py --gt --dt` processes on {size['n_images']} images, {size['n_objects']} "
+                        f"objects, {size['n_detections']} detections (median of {e['repeats']} alternating rounds; "
+                        f"ratio: median of the run-by-run ratios). {args.note}".strip()))
     return report
 
 

@@ -229,7 +229,7 @@ def _pairs(name: str) -> frozenset[str]:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The comparison of the runs under ``argv``'s DIRs: print the table, write the report files.
-    Raises ``ToolError`` (and the other ``cli.USER_ERRORS``) on bad input."""
+    Raises ``ToolError`` (and the other ``cli.user_errors()``) on bad input."""
     args = parse_args(argv)
     groups, baseline, unfinished = _groups_and_baseline(args.dirs, args.baseline)
     rows = compare(groups, baseline)

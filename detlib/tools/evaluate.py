@@ -20,11 +20,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from detlib import runs
 from detlib.data.coco_files import coco_from_dict, load_coco_json
 from detlib.data.validation import evaluation_ground_truth
+from detlib.evaluation import backends
 from detlib.evaluation.coco_eval import evaluate_coco, format_table
 from detlib.evaluation.evaluators import compute, extra_metrics
 from detlib.evaluation.report import category_names, eval_detail, metrics
@@ -32,7 +31,8 @@ from detlib.jsonio import write_json
 from detlib.tools.cli import ToolError, cli, prog_name
 from detlib.tools.results import check_results_file, read_results
 
-# Scoring two files (--gt --dt) imports pycocotools only; a checkpoint (--run) imports torch and the model.
+# Scoring two files (--gt --dt) imports pycocotools and the backend only (not omegaconf, not torch); a checkpoint
+# (--run) imports torch and the model.
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,8 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     files = p.add_argument_group("file mode")
     files.add_argument("--gt", type=Path, help="COCO ground-truth annotation file")
     files.add_argument("--dt", type=Path, help="COCO results file (list of image_id, category_id, bbox, score)")
-    p.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"],
-                   help="COCO evaluation backend (default: the run's eval.backend, else pycocotools)")
+    p.add_argument("--backend", choices=backends.BACKENDS,
+                   help="COCO evaluation backend, same numbers (default: the run's eval.backend, else auto: "
+                        f"the fastest installed of {', '.join(backends.AUTO)}, else pycocotools)")
     p.add_argument("--out", type=Path, help=f"metrics JSON to write (default: RUN/{runs.EVAL_DIR}/{runs.METRICS} in checkpoint "
                                             "mode, none in file mode)")
     files.add_argument("--detail", type=Path, help=f"file mode: also write {runs.EVAL_DETAIL}'s content (AP per IoU "
@@ -92,6 +93,8 @@ def report(detail: dict, out: Path | None, title: str, with_detail: bool = True)
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Rebuild the run's model and val set, load the checkpoint, evaluate; write metrics and detections."""
+    from omegaconf import OmegaConf
+
     from detlib.device import autocast_dtype, channels_last, resolve_device
     from detlib.engine.checkpoint import load as load_checkpoint
     from detlib.engine.restore import build_from_run, load_run_config, load_weights, weights_note
@@ -105,14 +108,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     state = load_weights(model, ckpt, args.weights, saved)
     device = resolve_device(args.device)
     channels_last(model.to(device), bool(OmegaConf.select(cfg, "trainer.channels_last", default=True)))
-    backend = args.backend or OmegaConf.select(cfg, "eval.backend", default="pycocotools")
+    backend = backends.resolve(str(args.backend or OmegaConf.select(cfg, "eval.backend", default="auto")))
     amp = autocast_dtype(cfg.trainer.amp if args.amp == "run" else args.amp)
     stats, losses, results, E = evaluate(model, val_set, device, cfg.eval.batch_size, tuple(cfg.eval.max_dets),
                                           amp, backend)
     out = args.out or args.run / runs.EVAL_DIR / runs.METRICS
     dets = args.dets or out.with_name(runs.DETECTIONS)
     write_json(dets, results)
-    settings = runs.eval_settings(OmegaConf.to_container(cfg, resolve=False))
+    settings = runs.eval_settings(OmegaConf.to_container(cfg, resolve=False)) | {"eval.backend": backend}
     extra = compute(metrics, results, val_set.coco)
     detail = eval_detail(state["iteration"], stats, E, category_names(val_set.coco), losses, settings,
                          weights=state["loaded"], **extra)
@@ -135,9 +138,11 @@ def evaluate_files(args: argparse.Namespace) -> dict:
     gt = coco_from_dict(data)
     results = read_results(args.dt)
     check_results_file(args.dt, results, set(gt.getImgIds()), set(gt.getCatIds()))
-    stats, E = evaluate_coco(gt, results, backend=args.backend or "pycocotools")
-    detail = eval_detail(None, stats, E if results else None, category_names(gt), errors=args.detail is not None)
-    report(detail, args.out, f"{args.dt} against {args.gt}", with_detail=False)
+    backend = backends.resolve(args.backend or "auto")
+    stats, E = evaluate_coco(gt, results, backend=backend)
+    detail = eval_detail(None, stats, E if results else None, category_names(gt), None, {"eval.backend": backend},
+                         errors=args.detail is not None)
+    report(detail, args.out, f"{args.dt} against {args.gt} ({backends.label(backend)})", with_detail=False)
     if args.detail is not None:
         write_json(args.detail, detail)
         print(f"detail written to {args.detail}")
