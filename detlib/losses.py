@@ -5,7 +5,7 @@ Functions, two kinds:
 * elementwise losses on encoded deltas ``(N, 4)`` (dx, dy, dw, dh): ``smooth_l1``, ``huber``, ``l1``,
   ``l2`` (torch.nn.functional's), ``balanced_l1``, ``cauchy``;
 * IoU-family losses on decoded boxes ``(N, 4)`` xyxy: ``giou_loss``, ``diou_loss`` (torchvision.ops'),
-  ``iou_loss``, ``ciou_loss``, ``eiou_loss``; one value per box.
+  ``iou_loss``, ``ciou_loss``, ``eiou_loss``, ``siou_loss``; one value per box.
 
 Every function takes ``reduction`` in ``none | sum | mean`` and adds what torch's lack: float32 under
 autocast (half inputs are upcast), and ``mean`` of an empty input is 0 with a gradient (torch gives
@@ -145,7 +145,8 @@ def _box_terms(pred: Tensor, target: Tensor, eps: float) -> dict[str, Tensor]:
     cw = torch.max(x2, x2g) - torch.min(x1, x1g)  # enclosing box
     ch = torch.max(y2, y2g) - torch.min(y1, y1g)
     rho2 = ((x1 + x2 - x1g - x2g) ** 2 + (y1 + y2 - y1g - y2g) ** 2) / 4  # squared centre distance
-    return dict(iou=iou, union=union, cw=cw, ch=ch, rho2=rho2, wp=wp, hp=hp, wg=wg, hg=hg)
+    dx, dy = (x1g + x2g - x1 - x2) / 2, (y1g + y2g - y1 - y2) / 2  # centre offset, prediction to target
+    return dict(iou=iou, union=union, cw=cw, ch=ch, rho2=rho2, dx=dx, dy=dy, wp=wp, hp=hp, wg=wg, hg=hg)
 
 
 def iou_loss(
@@ -195,6 +196,33 @@ def eiou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduc
     dw2 = (t["wp"] - t["wg"]) ** 2 / (t["cw"] ** 2 + eps)
     dh2 = (t["hp"] - t["hg"]) ** 2 / (t["ch"] ** 2 + eps)
     return _reduce(1 - t["iou"] + t["rho2"] / c2 + dw2 + dh2, reduction)
+
+
+def siou_loss(input: Tensor, target: Tensor, theta: float = 4.0, eps: float = 1e-7,
+              reduction: Reduction = "mean") -> Tensor:
+    """SIoU loss (Gevorgyan 2022, arXiv 2205.12740): ``1 - IoU + (Delta + Omega) / 2``.
+
+    Angle cost ``Lambda = 1 - 2 sin^2(arcsin(c_h / sigma) - pi/4)`` with ``(c_w, c_h)`` the centre offset and
+    ``sigma`` its length (``arcsin`` of the smaller of the two angles to the axes); equal to
+    ``sin 2 alpha = 2 |c_w c_h| / sigma^2``, computed so: 0 along an axis, 1 at 45 degrees. Distance cost
+    ``Delta = sum_{t=x,y} 1 - exp(-gamma rho_t)``, ``gamma = 2 - Lambda``, ``rho_x = (c_w / C_w)^2``,
+    ``rho_y = (c_h / C_h)^2`` with ``C_w, C_h`` the enclosing box's sides. Shape cost
+    ``Omega = sum_{t=w,h} (1 - exp(-omega_t))^theta``, ``omega_w = |w - w_gt| / max(w, w_gt)``, theta 4.
+
+    mmdetection's ``siou_loss`` with ``neg_gamma=True`` (the paper's sign); its default ``neg_gamma=False``
+    uses ``exp(+gamma rho)``, which makes ``Delta <= 0`` and rewards centre distance. Not clamped to
+    mmdetection's ``[0, 2]``: far-off boxes keep a gradient (the loss is in ``[0, 3)``).
+    """
+    t = _box_terms(input, target, eps)
+    dx, dy = t["dx"], t["dy"]
+    angle = 2 * dx.abs() * dy.abs() / (dx**2 + dy**2 + eps)
+    gamma = 2 - angle
+    rho_x, rho_y = (dx / (t["cw"] + eps)) ** 2, (dy / (t["ch"] + eps)) ** 2
+    distance = 2 - torch.exp(-gamma * rho_x) - torch.exp(-gamma * rho_y)
+    omega_w = (t["wp"] - t["wg"]).abs() / (torch.max(t["wp"], t["wg"]) + eps)
+    omega_h = (t["hp"] - t["hg"]).abs() / (torch.max(t["hp"], t["hg"]) + eps)
+    shape = (1 - torch.exp(-omega_w)) ** theta + (1 - torch.exp(-omega_h)) ** theta
+    return _reduce(1 - t["iou"] + (distance + shape) / 2, reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +364,14 @@ class EIoULoss(BoxLoss):
 
     def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
         return on_boxes(eiou_loss, *args)
+
+
+class SIoULoss(BoxLoss):
+    def __init__(self, theta: float = 4.0, weight: float = 10.0) -> None:  # 10: as GIoU and DIoU
+        super().__init__(weight, theta=_check("theta", theta, _num(theta) and theta > 0, "must be > 0"))
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_boxes(siou_loss, *args, **self.params)
 
 
 class Cauchy(BoxLoss):

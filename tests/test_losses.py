@@ -80,7 +80,7 @@ def test_beta_zero_is_exactly_l1_with_finite_gradients():
     assert torch.allclose(L.smooth_l1(x, y, beta=1e-4), L.l1(x, y), atol=1e-4)
 
 
-BOX_LOSSES = [L.iou_loss, L.giou_loss, L.diou_loss, L.ciou_loss, L.eiou_loss]
+BOX_LOSSES = [L.iou_loss, L.giou_loss, L.diou_loss, L.ciou_loss, L.eiou_loss, L.siou_loss]
 ALL = [L.smooth_l1, L.huber, L.l1, L.l2, L.balanced_l1, L.cauchy] + BOX_LOSSES
 
 
@@ -240,7 +240,7 @@ def test_l2_gradient_grows_without_bound():
 
 @pytest.mark.parametrize("fn,kw", [(L.smooth_l1, {"beta": 0.7}), (L.huber, {"delta": 0.7}), (L.l2, {}),
                                    (L.balanced_l1, {}), (L.giou_loss, {}), (L.diou_loss, {}), (L.ciou_loss, {}),
-                                   (L.eiou_loss, {}), (L.iou_loss, {})])
+                                   (L.eiou_loss, {}), (L.iou_loss, {}), (L.siou_loss, {})])
 def test_gradcheck_away_from_kinks(fn, kw):
     if fn in BOX_LOSSES:
         p = (_boxes(5, 7) + 0.3).requires_grad_()
@@ -258,6 +258,7 @@ def test_gradcheck_away_from_kinks(fn, kw):
     (L.Huber, {"delta": -1.0}, "delta must be > 0"),
     (L.L1, {"weight": -1.0}, "weight must be >= 0"),
     (L.IoULoss, {"mode": "square"}, "mode must be"),
+    (L.SIoULoss, {"theta": 0.0}, "theta must be > 0"),
 ])
 def test_bad_parameters_fail_at_construction(cls, kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -303,7 +304,7 @@ def test_each_loss_yaml_holds_its_constructors_defaults(path):
 
 
 @pytest.mark.parametrize("cls", [L.SmoothL1, L.Huber, L.L1, L.L2, L.BalancedL1, L.Cauchy, L.IoULoss, L.GIoULoss,
-                                 L.DIoULoss, L.CIoULoss, L.EIoULoss])
+                                 L.DIoULoss, L.CIoULoss, L.EIoULoss, L.SIoULoss])
 def test_perfect_prediction_gives_zero_and_empty_gives_zero_with_gradient(cls):
     deltas, anchors, gt = _anchored()
     perfect = CODER.encode_single(gt, anchors)
@@ -331,3 +332,58 @@ def test_cauchy_by_hand_and_its_redescending_gradient():
     deltas, anchors, gt = _anchored()
     loss = L.Cauchy(scale=c, weight=2.0)(deltas, anchors, gt, CODER)
     assert loss.item() == pytest.approx(2 * L.cauchy(deltas, CODER.encode_single(gt, anchors), c, "sum").item())
+
+
+# ---- SIoU (Gevorgyan 2022, arXiv 2205.12740), from the paper's equations
+
+
+def _siou_by_the_paper(p, t, theta=4.0):
+    """One pair of xyxy boxes, in plain floats, each cost as the paper writes it (arcsin form of the angle)."""
+    (x1, y1, x2, y2), (a1, b1, a2, b2) = p, t
+    inter = max(0.0, min(x2, a2) - max(x1, a1)) * max(0.0, min(y2, b2) - max(y1, b1))
+    w, h, wg, hg = x2 - x1, y2 - y1, a2 - a1, b2 - b1
+    iou = inter / (w * h + wg * hg - inter)
+    c_w, c_h = (a1 + a2 - x1 - x2) / 2, (b1 + b2 - y1 - y2) / 2  # centre offset
+    sigma = math.hypot(c_w, c_h)
+    x = min(abs(c_w), abs(c_h)) / sigma if sigma else 0.0  # sin of the smaller angle to an axis (alpha or beta)
+    angle = 1 - 2 * math.sin(math.asin(x) - math.pi / 4) ** 2
+    gamma = 2 - angle
+    rho_x = (c_w / (max(x2, a2) - min(x1, a1))) ** 2
+    rho_y = (c_h / (max(y2, b2) - min(y1, b1))) ** 2
+    distance = sum(1 - math.exp(-gamma * r) for r in (rho_x, rho_y))
+    shape = sum((1 - math.exp(-abs(u - v) / max(u, v))) ** theta for u, v in ((w, wg), (h, hg)))
+    return 1 - iou + (distance + shape) / 2
+
+
+def test_siou_by_hand():
+    p = torch.tensor([[0.0, 0, 2, 2]] * 4, dtype=torch.float64)
+    t = torch.tensor([[1.0, 0, 3, 2],                     # along x: IoU 2/6, angle 0, gamma 2, rho_x (1/3)^2
+                      [1.0, 1, 3, 3],                     # 45 deg: IoU 1/7, angle 1, gamma 1, rho_x = rho_y = 1/9
+                      [3**0.5, 1, 3**0.5 + 2, 3],         # 30 deg: angle cos 30 = 3^0.5 / 2
+                      [-1.0, 0, 3, 2]], dtype=torch.float64)  # concentric, twice as wide: IoU 1/2, omega_w 1/2
+    r3 = 3**0.5
+    gamma30 = 2 - r3 / 2
+    expected = [
+        1 - 1 / 3 + (1 - math.exp(-2 / 9)) / 2,
+        1 - 1 / 7 + (2 - 2 * math.exp(-1 / 9)) / 2,
+        1 - (2 - r3) / (6 + r3) + (2 - math.exp(-gamma30 * 3 / (r3 + 2) ** 2) - math.exp(-gamma30 / 9)) / 2,
+        1 - 1 / 2 + (1 - math.exp(-0.5)) ** 4 / 2,
+    ]
+    got = L.siou_loss(p, t, reduction="none")
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    assert got.tolist() == pytest.approx([_siou_by_the_paper(a, b) for a, b in zip(p.tolist(), t.tolist())], abs=1e-6)
+    # the paper's angle form equals sin(2 alpha): 1 - 2 sin^2(30 - 45 deg) = cos 30 deg
+    assert 1 - 2 * math.sin(math.radians(-15)) ** 2 == pytest.approx(r3 / 2)
+
+
+def test_siou_matches_the_paper_on_random_boxes_and_theta_is_the_shape_power():
+    p, t = _boxes(40, 11), _boxes(40, 12)
+    p[:20] = t[:20] + 2 * torch.randn(20, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert (p[:, 2:] > p[:, :2]).all()
+    for theta in (4.0, 2.0):
+        expected = [_siou_by_the_paper(a, b, theta) for a, b in zip(p.tolist(), t.tolist())]
+        assert L.siou_loss(p, t, theta=theta, reduction="none").tolist() == pytest.approx(expected, abs=1e-6)
+    loss = L.SIoULoss(theta=2.0, weight=3.0)
+    deltas, anchors, gt = _anchored()
+    assert loss(deltas, anchors, gt, CODER).item() == pytest.approx(
+        3 * L.siou_loss(CODER.decode_single(deltas, anchors), gt, theta=2.0, reduction="sum").item())
