@@ -5,7 +5,7 @@ Functions, two kinds:
 * elementwise losses on encoded deltas ``(N, 4)`` (dx, dy, dw, dh): ``smooth_l1``, ``huber``, ``l1``,
   ``l2`` (torch.nn.functional's), ``balanced_l1``, ``cauchy``;
 * IoU-family losses on decoded boxes ``(N, 4)`` xyxy: ``giou_loss``, ``diou_loss`` (torchvision.ops'),
-  ``iou_loss``, ``ciou_loss``, ``eiou_loss``, ``siou_loss``; one value per box.
+  ``iou_loss``, ``ciou_loss``, ``eiou_loss``, ``siou_loss``, ``alpha_iou_loss``; one value per box.
 
 Every function takes ``reduction`` in ``none | sum | mean`` and adds what torch's lack: float32 under
 autocast (half inputs are upcast), and ``mean`` of an empty input is 0 with a gradient (torch gives
@@ -225,6 +225,44 @@ def siou_loss(input: Tensor, target: Tensor, theta: float = 4.0, eps: float = 1e
     return _reduce(1 - t["iou"] + (distance + shape) / 2, reduction)
 
 
+def _power(x: Tensor, alpha: float, eps: float) -> Tensor:
+    """``x ** alpha`` for ``x >= 0``; for ``alpha < 1``, whose gradient is infinite at 0, the gradient is that
+    at ``eps`` below ``eps`` and 0 at 0."""
+    if alpha >= 1:
+        return x.clamp(min=0) ** alpha
+    return torch.where(x > 0, x.clamp(min=eps) ** alpha, 0.0)
+
+
+ALPHA_IOU_MODES = ("iou", "giou", "diou", "ciou")
+
+
+def alpha_iou_loss(input: Tensor, target: Tensor, alpha: float = 3.0, mode: str = "iou", eps: float = 1e-7,
+                   reduction: Reduction = "mean") -> Tensor:
+    """Alpha-IoU loss (He et al., NeurIPS 2021, arXiv 2110.13675): ``1 - IoU^alpha + P^alpha``.
+
+    The penalty ``P`` by ``mode``: ``iou`` none; ``giou`` ``|C - (A u B)| / |C|``; ``diou`` ``rho^2 / c^2``
+    (so ``rho^(2 alpha) / c^(2 alpha)``); ``ciou`` that plus ``(beta v)^alpha``, beta and v as in ``ciou_loss``.
+    ``alpha = 1`` is ``iou_loss``, ``giou_loss``, ``diou_loss`` and ``ciou_loss``. With ``alpha > 1`` the
+    loss and gradient of high-IoU boxes grow relative to low-IoU ones (``dL/dIoU = -alpha IoU^(alpha-1)``);
+    alpha 3 is the paper's choice. The paper's Box-Cox form ``(1 - IoU^alpha) / alpha`` differs by the factor.
+    """
+    if mode not in ALPHA_IOU_MODES:
+        raise ValueError(f"mode must be one of {'|'.join(ALPHA_IOU_MODES)}, got {mode!r}")
+    t = _box_terms(input, target, eps)
+    loss = 1 - _power(t["iou"], alpha, eps)
+    if mode == "giou":
+        area_c = t["cw"] * t["ch"]
+        loss = loss + _power((area_c - t["union"]) / (area_c + eps), alpha, eps)
+    elif mode in ("diou", "ciou"):
+        loss = loss + _power(t["rho2"] / (t["cw"] ** 2 + t["ch"] ** 2 + eps), alpha, eps)
+    if mode == "ciou":
+        v = (4 / math.pi**2) * (torch.atan(t["wg"] / (t["hg"] + eps)) - torch.atan(t["wp"] / (t["hp"] + eps))) ** 2
+        with torch.no_grad():
+            beta = v / (1 - t["iou"] + v + eps)
+        loss = loss + _power(beta * v, alpha, eps)
+    return _reduce(loss, reduction)
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules that configs instantiate (configs/loss/*.yaml, for the box head and, as ``loss@rpn_loss``,
 # the RPN). Each checks its parameters at construction (start-up) and picks its space in ``per_box``.
@@ -372,6 +410,16 @@ class SIoULoss(BoxLoss):
 
     def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
         return on_boxes(siou_loss, *args, **self.params)
+
+
+class AlphaIoULoss(BoxLoss):
+    def __init__(self, alpha: float = 3.0, mode: str = "iou", weight: float = 10.0) -> None:  # 10: as IoULoss
+        if mode not in ALPHA_IOU_MODES:
+            raise ValueError(f"mode must be one of {'|'.join(ALPHA_IOU_MODES)}, got {mode!r}")
+        super().__init__(weight, alpha=_check("alpha", alpha, _num(alpha) and alpha > 0, "must be > 0"), mode=mode)
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_boxes(alpha_iou_loss, *args, **self.params)
 
 
 class Cauchy(BoxLoss):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from pathlib import Path
@@ -80,7 +81,14 @@ def test_beta_zero_is_exactly_l1_with_finite_gradients():
     assert torch.allclose(L.smooth_l1(x, y, beta=1e-4), L.l1(x, y), atol=1e-4)
 
 
-BOX_LOSSES = [L.iou_loss, L.giou_loss, L.diou_loss, L.ciou_loss, L.eiou_loss, L.siou_loss]
+def _alpha_iou(mode):
+    fn = functools.partial(L.alpha_iou_loss, mode=mode)
+    fn.__name__ = f"alpha_iou_loss[{mode}]"
+    return fn
+
+
+ALPHA_IOU = [_alpha_iou(m) for m in L.ALPHA_IOU_MODES]
+BOX_LOSSES = [L.iou_loss, L.giou_loss, L.diou_loss, L.ciou_loss, L.eiou_loss, L.siou_loss, *ALPHA_IOU]
 ALL = [L.smooth_l1, L.huber, L.l1, L.l2, L.balanced_l1, L.cauchy] + BOX_LOSSES
 
 
@@ -240,7 +248,8 @@ def test_l2_gradient_grows_without_bound():
 
 @pytest.mark.parametrize("fn,kw", [(L.smooth_l1, {"beta": 0.7}), (L.huber, {"delta": 0.7}), (L.l2, {}),
                                    (L.balanced_l1, {}), (L.giou_loss, {}), (L.diou_loss, {}), (L.ciou_loss, {}),
-                                   (L.eiou_loss, {}), (L.iou_loss, {}), (L.siou_loss, {})])
+                                   (L.eiou_loss, {}), (L.iou_loss, {}), (L.siou_loss, {}),
+                                   *[(L.alpha_iou_loss, {"mode": m}) for m in L.ALPHA_IOU_MODES]])
 def test_gradcheck_away_from_kinks(fn, kw):
     if fn in BOX_LOSSES:
         p = (_boxes(5, 7) + 0.3).requires_grad_()
@@ -259,6 +268,8 @@ def test_gradcheck_away_from_kinks(fn, kw):
     (L.L1, {"weight": -1.0}, "weight must be >= 0"),
     (L.IoULoss, {"mode": "square"}, "mode must be"),
     (L.SIoULoss, {"theta": 0.0}, "theta must be > 0"),
+    (L.AlphaIoULoss, {"alpha": 0.0}, "alpha must be > 0"),
+    (L.AlphaIoULoss, {"mode": "eiou"}, "mode must be one of iou|giou|diou|ciou"),
 ])
 def test_bad_parameters_fail_at_construction(cls, kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -304,7 +315,7 @@ def test_each_loss_yaml_holds_its_constructors_defaults(path):
 
 
 @pytest.mark.parametrize("cls", [L.SmoothL1, L.Huber, L.L1, L.L2, L.BalancedL1, L.Cauchy, L.IoULoss, L.GIoULoss,
-                                 L.DIoULoss, L.CIoULoss, L.EIoULoss, L.SIoULoss])
+                                 L.DIoULoss, L.CIoULoss, L.EIoULoss, L.SIoULoss, L.AlphaIoULoss])
 def test_perfect_prediction_gives_zero_and_empty_gives_zero_with_gradient(cls):
     deltas, anchors, gt = _anchored()
     perfect = CODER.encode_single(gt, anchors)
@@ -387,3 +398,55 @@ def test_siou_matches_the_paper_on_random_boxes_and_theta_is_the_shape_power():
     deltas, anchors, gt = _anchored()
     assert loss(deltas, anchors, gt, CODER).item() == pytest.approx(
         3 * L.siou_loss(CODER.decode_single(deltas, anchors), gt, theta=2.0, reduction="sum").item())
+
+
+# ---- Alpha-IoU (He et al. 2021, arXiv 2110.13675): 1 - IoU^alpha + P^alpha
+
+
+def test_alpha_iou_by_hand():
+    a, half = torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[0.0, 0, 10, 5]])  # IoU 1/2
+    assert L.alpha_iou_loss(a, half).item() == pytest.approx(1 - 0.5**3, abs=1e-6)
+    assert L.alpha_iou_loss(a, half, alpha=0.5).item() == pytest.approx(1 - 0.5**0.5, abs=1e-6)
+    c = torch.tensor([[20.0, 0, 30, 10]])  # disjoint: IoU 0, enclosing 300, union 200: P = 1/3
+    assert L.alpha_iou_loss(a, c, mode="giou").item() == pytest.approx(1 + (1 / 3) ** 3, abs=1e-6)
+    p, t = torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 0, 3, 2]])  # IoU 1/3, rho^2 1, c^2 = 3^2 + 2^2
+    assert L.alpha_iou_loss(p, t, mode="diou").item() == pytest.approx(1 - (1 / 3) ** 3 + (1 / 13) ** 3, abs=1e-6)
+    wide = torch.tensor([[0.0, 0, 4, 2]], dtype=torch.float64)  # IoU 4/8, rho^2 1, c^2 20, aspect 2 vs 1
+    v = 4 / math.pi**2 * (math.atan(2) - math.atan(1)) ** 2
+    beta = v / (1 - 0.5 + v)
+    expected = 1 - 0.5**3 + (1 / 20) ** 3 + (beta * v) ** 3
+    assert L.alpha_iou_loss(p.double(), wide, mode="ciou").item() == pytest.approx(expected, abs=1e-7)
+
+
+@pytest.mark.parametrize("mode,plain", [("iou", L.iou_loss), ("giou", L.giou_loss), ("diou", L.diou_loss),
+                                        ("ciou", L.ciou_loss)])
+def test_alpha_one_is_the_plain_loss(mode, plain):
+    p, t = _boxes(100, 21), _boxes(100, 22)
+    p[:40] = t[:40] + 0.5 * torch.randn(40, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    v, g = _value_and_grad(functools.partial(L.alpha_iou_loss, alpha=1.0, mode=mode), p, t, reduction="none")
+    rv, rg = _value_and_grad(plain, p, t, reduction="none")
+    torch.testing.assert_close(v, rv)
+    torch.testing.assert_close(g, rg)
+
+
+def test_alpha_iou_up_weights_the_gradient_of_high_iou_boxes():
+    """dL/dIoU = -alpha IoU^(alpha-1): with alpha 3 the gradient is 3 IoU^2 times the IoU loss's, so it grows
+    with the IoU (0.75 at IoU 1/2, 2.43 at 0.9), the paper's reweighting towards accurate boxes."""
+    target = torch.tensor([[0.0, 0, 10, 10]], dtype=torch.float64)
+    for h, ratio in ((5.0, 0.75), (9.0, 3 * 0.81)):
+        p = torch.tensor([[0.0, 0, 10, h]], dtype=torch.float64)  # IoU h / 10, d IoU / d y2 = 1 / 10
+        _, g = _value_and_grad(L.alpha_iou_loss, p, target, reduction="sum")
+        _, g1 = _value_and_grad(L.iou_loss, p, target, reduction="sum")
+        assert g1[0, 3].item() == pytest.approx(-0.1)
+        assert g[0, 3].item() == pytest.approx(-0.1 * ratio)
+
+
+def test_alpha_below_one_stays_finite_at_zero_penalty_and_zero_iou():
+    """alpha < 1: x^alpha has an infinite slope at 0 (identical boxes: penalty 0; disjoint: IoU 0)."""
+    t = _boxes(3, 30)
+    p = torch.cat([t[:1], t[1:2] + 200, t[2:] + 0.5]).requires_grad_()
+    for mode in L.ALPHA_IOU_MODES:
+        out = L.alpha_iou_loss(p, t, alpha=0.5, mode=mode, reduction="sum")
+        (g,) = torch.autograd.grad(out, p)
+        assert torch.isfinite(out) and torch.isfinite(g).all(), mode
+
