@@ -3,7 +3,8 @@
 Functions, two kinds:
 
 * elementwise losses on encoded deltas ``(N, 4)`` (dx, dy, dw, dh): ``smooth_l1``, ``huber``, ``l1``,
-  ``l2`` (torch.nn.functional's), ``balanced_l1``, ``cauchy``;
+  ``l2`` (torch.nn.functional's), ``balanced_l1``, ``cauchy``, and ``kl_loss``, which also takes the predicted
+  log-variance of each delta;
 * IoU-family losses on decoded boxes ``(N, 4)`` xyxy: ``giou_loss``, ``diou_loss`` (torchvision.ops'),
   ``iou_loss``, ``ciou_loss``, ``eiou_loss``, ``siou_loss``, ``alpha_iou_loss``; one value per box.
 
@@ -117,6 +118,24 @@ def cauchy(input: Tensor, target: Tensor, scale: float = 1.0, reduction: Reducti
     """
     c = scale
     return _reduce(0.5 * c * c * torch.log1p((_residual(input, target) / c) ** 2), reduction)
+
+
+def kl_loss(input: Tensor, target: Tensor, log_var: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """KL loss (He et al., CVPR 2019, arXiv 1809.08545, "Bounding Box Regression with Uncertainty").
+
+    The prediction is a Gaussian, mean ``input`` (x_e) and variance ``sigma^2 = exp(log_var)``; the target a
+    Dirac delta at ``target`` (x_g). ``KL(Dirac || Gaussian) = d^2 / (2 sigma^2) + log(sigma^2) / 2`` plus
+    constants, ``d = x_g - x_e``; with ``alpha = log_var`` and the paper's smooth-L1 form for ``|d| > 1``:
+    ``exp(-alpha) d^2 / 2 + alpha / 2`` if ``|d| <= 1``, else ``exp(-alpha) (|d| - 1/2) + alpha / 2``,
+    that is ``exp(-alpha) smooth_l1(d, beta=1) + alpha / 2``. ``alpha = 0`` (sigma 1) is smooth L1 with beta 1;
+    minimising over alpha gives ``sigma^2 = d^2`` below 1 and ``2|d| - 1`` above: a confident prediction costs
+    little when right, much when wrong. All three ``(N, 4)``; ``log_var`` gets its own gradient.
+    """
+    x, t = _pair(input, target)
+    if log_var.shape != x.shape:
+        raise ValueError(f"log_var shape {tuple(log_var.shape)} differs from the input's {tuple(x.shape)}")
+    alpha = _at_least_fp32(log_var)
+    return _reduce(torch.exp(-alpha) * F.smooth_l1_loss(x, t, reduction="none", beta=1.0) + alpha / 2, reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +318,13 @@ class BoxLoss(nn.Module):
     matched ground truth, ``box_coder`` torchvision's ``BoxCoder``. Returns ``weight`` times the reduced
     per-box loss (``(N,)`` with ``"none"``). A subclass sets its parameters in ``__init__`` (its signature
     is the config schema) and says its space in ``per_box`` with ``on_deltas`` or ``on_boxes``.
+
+    ``needs_log_variance``: the loss also takes a predicted log-variance per coordinate, so ``deltas`` is
+    ``(N, 8)``, the 4 deltas then their 4 log-variances. The box head reads it to add that output; the RPN,
+    whose head predicts none, refuses such a loss.
     """
+
+    needs_log_variance: bool = False
 
     def __init__(self, weight: float = 1.0, **params: float | str) -> None:
         super().__init__()
@@ -420,6 +445,21 @@ class AlphaIoULoss(BoxLoss):
 
     def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
         return on_boxes(alpha_iou_loss, *args, **self.params)
+
+
+class KLLoss(BoxLoss):
+    """``kl_loss`` on the encoded deltas; ``deltas (N, 8)``: the box head's 4 deltas and 4 log-variances."""
+
+    needs_log_variance = True
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__(weight)
+
+    def per_box(self, deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, box_coder: BoxCoder) -> Tensor:
+        if deltas.shape[-1:] != (8,):
+            raise ValueError(f"KLLoss takes (N, 8) predictions (4 deltas, 4 log-variances), got {tuple(deltas.shape)}")
+        target = box_coder.encode_single(gt_boxes, anchors)
+        return kl_loss(deltas[:, :4], target, deltas[:, 4:], reduction="none").sum(-1)
 
 
 class Cauchy(BoxLoss):

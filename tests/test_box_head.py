@@ -133,3 +133,57 @@ def test_target_outliers_change_the_regression_target_only():
     assert noisy.losses(logits[:n], deltas[:n], s0)["loss_box_reg"] == l0["loss_box_reg"]
     with pytest.raises(ValueError, match="target_outliers must be in"):
         RoIBoxHead(MultiScaleRoIAlign(["0"], 7, 2), 8, 3, L.L1(), target_outliers=1.5)
+
+
+# ---- the log-variance output (KL loss, He et al. 2019)
+
+
+def test_only_a_loss_that_needs_log_variances_adds_their_layer_and_the_rest_is_unchanged():
+    """The plain head's parameters and random draws are those of a head before the option existed: the layer is
+    created last and only for KLLoss; its start is sigma^2 ~ 1 (weights N(0, 1e-4), bias 0)."""
+    torch.manual_seed(0)
+    plain = _head(L.SmoothL1())
+    torch.manual_seed(0)
+    kl = _head(L.KLLoss())
+    assert plain.bbox_log_var is None and plain.box_dim == 4
+    assert [k for k in plain.state_dict() if "bbox_log_var" in k] == []
+    extra = set(kl.state_dict()) - set(plain.state_dict())
+    assert extra == {"bbox_log_var.weight", "bbox_log_var.bias"} and kl.bbox_log_var.out_features == 3 * 4
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, kl.state_dict()[k]), k
+    assert kl.bbox_log_var.weight.std().item() == pytest.approx(1e-4, rel=0.1)
+    assert torch.equal(kl.bbox_log_var.bias, torch.zeros(12))
+    features = {"0": torch.randn(2, 8, 16, 16)}
+    props = [torch.tensor([[0.0, 0, 8, 8], [2, 2, 14, 10]])]
+    logits, deltas = plain(features, props, [(16, 16)])
+    kl_logits, kl_out = kl(features, props, [(16, 16)])
+    assert deltas.shape == (2, 12) and kl_out.shape == (2, 24) and torch.equal(logits, kl_logits)
+    per_class = kl_out.view(2, 3, 8)
+    assert torch.equal(per_class[..., :4].reshape(2, 12), deltas)  # the same deltas, then the log-variances
+    assert per_class[..., 4:].abs().max().item() < 1e-2
+
+
+def test_kl_box_loss_sees_the_gt_class_deltas_and_log_variances():
+    loss = L.KLLoss()
+    head = _head(loss)
+    s = _sampled()
+    out = torch.randn(4, 3 * 8)
+    losses = head.losses(torch.randn(4, 3), out, s)
+    fg = [0, 1]
+    pred = out.view(4, 3, 8)[fg, s.labels[fg]]
+    target = head.box_coder.encode_single(s.gt_boxes[fg], s.proposals[fg])
+    by_hand = L.kl_loss(pred[:, :4], target, pred[:, 4:], reduction="sum") / 4  # over all 4 sampled RoIs
+    torch.testing.assert_close(losses["loss_box_reg"], by_hand)
+    diag = head.diagnostics(out, s, full=True)
+    assert diag["train/box_log_var"].item() == pytest.approx(pred[:, 4:].mean().item())
+    assert diag["train/shadow/l1"].item() == pytest.approx(L.l1(pred[:, :4], target, "sum").item() / 2)
+
+
+def test_the_rpn_refuses_a_loss_that_needs_log_variances():
+    from detlib.engine.build import build_model
+
+    from .conftest import compose_cfg
+
+    with pytest.raises(Exception, match="rpn_loss: KLLoss needs a predicted log-variance"):
+        build_model(compose_cfg("loss@rpn_loss=kl"), 3)
+    assert build_model(compose_cfg("loss=kl"), 3).roi_head.box_dim == 8

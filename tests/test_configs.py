@@ -26,7 +26,7 @@ EXPERIMENTS = sorted(p.stem for p in Path(CONFIGS, "experiment").glob("*.yaml"))
 
 def test_groups_are_complete():
     assert {"smooth_l1", "huber", "l1", "l2", "balanced_l1", "iou", "giou", "diou", "ciou", "eiou",
-            "siou", "alpha_iou"} <= set(LOSSES)
+            "siou", "alpha_iou", "kl"} <= set(LOSSES)
     assert not Path(CONFIGS, "rpn_loss").exists()  # the RPN takes the same group: loss@rpn_loss=NAME
 
 

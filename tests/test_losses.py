@@ -450,3 +450,73 @@ def test_alpha_below_one_stays_finite_at_zero_penalty_and_zero_iou():
         (g,) = torch.autograd.grad(out, p)
         assert torch.isfinite(out) and torch.isfinite(g).all(), mode
 
+
+
+# ---- KL loss (He et al. 2019, arXiv 1809.08545): exp(-alpha) smooth_l1(d, beta 1) + alpha / 2
+
+
+def test_kl_loss_by_hand():
+    """The paper's two branches, d = x_g - x_e, alpha = log sigma^2."""
+    x = torch.tensor([[0.5, 0.5, 3.0, -1.0]], dtype=torch.float64)  # x_e; x_g = 0
+    log_var = torch.tensor([[0.0, math.log(4), math.log(2), 0.0]], dtype=torch.float64)
+    expected = [0.5**2 / 2,                                # |d| <= 1, sigma^2 1: smooth L1 (beta 1)
+                0.25 * 0.5**2 / 2 + math.log(4) / 2,       # exp(-alpha) = 1/4
+                0.5 * (3 - 0.5) + math.log(2) / 2,         # |d| > 1: exp(-alpha)(|d| - 1/2) + alpha / 2
+                0.5]                                       # |d| = 1: both branches give 1/2
+    got = L.kl_loss(x, torch.zeros_like(x), log_var, reduction="none")
+    assert got[0].tolist() == pytest.approx(expected)
+    x, log_var = x.clone().requires_grad_(), log_var.clone().requires_grad_()
+    L.kl_loss(x, torch.zeros_like(x), log_var, reduction="sum").backward()
+    # d/dx_e = exp(-alpha) * smooth_l1'(x_e), d/dalpha = 1/2 - exp(-alpha) * smooth_l1
+    assert x.grad[0].tolist() == pytest.approx([0.5, 0.25 * 0.5, 0.5, -1.0])
+    assert log_var.grad[0].tolist() == pytest.approx([0.5 - 0.125, 0.5 - 0.25 * 0.125, 0.5 - 0.5 * 2.5, 0.0])
+
+
+def test_kl_loss_is_smooth_l1_at_unit_variance_and_learns_sigma_squared_as_the_error():
+    x, y = _pair()
+    zero = torch.zeros_like(y)
+    torch.testing.assert_close(L.kl_loss(x, y, zero, reduction="none"), L.smooth_l1(x, y, beta=1.0, reduction="none"))
+    # argmin over alpha: sigma^2 = d^2 for |d| <= 1 and 2|d| - 1 beyond (where d/dalpha = 0)
+    d = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=torch.float64)
+    best = torch.log(torch.where(d <= 1, d**2, 2 * d - 1)).requires_grad_()
+    L.kl_loss(d, torch.zeros_like(d), best, reduction="sum").backward()
+    assert best.grad.abs().max().item() < 1e-12
+    for shift in (-0.1, 0.1):  # and it is the minimum
+        assert (L.kl_loss(d, 0 * d, best.detach() + shift, reduction="none")
+                > L.kl_loss(d, 0 * d, best.detach(), reduction="none")).all()
+
+
+def test_kl_loss_empty_and_extreme_inputs_stay_finite():
+    for reduction in REDUCTIONS:
+        x, a = torch.zeros(0, 4, requires_grad=True), torch.zeros(0, 4, requires_grad=True)
+        out = L.kl_loss(x, torch.zeros(0, 4), a, reduction=reduction)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and x.grad.shape == a.grad.shape == (0, 4)
+    x = torch.tensor([[0.0, 1e4, -1e4, 0.3]], requires_grad=True)
+    a = torch.tensor([[-50.0, 50.0, 0.0, -20.0]], requires_grad=True)  # sigma^2 from 2e-22 to 5e21
+    out = L.kl_loss(x, torch.zeros(1, 4), a, reduction="sum")
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all() and torch.isfinite(a.grad).all()
+    half = L.kl_loss(x.detach().half(), torch.zeros(1, 4).half(), a.detach().bfloat16())
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    with pytest.raises(ValueError, match="log_var shape"):
+        L.kl_loss(x, torch.zeros(1, 4), torch.zeros(1, 3))
+
+
+def test_kl_module_takes_deltas_and_log_variances_and_only_it_needs_them():
+    deltas, anchors, gt = _anchored()
+    log_var = torch.randn(deltas.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    target = CODER.encode_single(gt, anchors)
+    loss = L.KLLoss(weight=2.0)
+    assert loss(torch.cat([deltas, log_var], 1), anchors, gt, CODER).item() == pytest.approx(
+        2 * L.kl_loss(deltas, target, log_var, reduction="sum").item())
+    perfect = torch.cat([target, torch.zeros_like(target)], 1)
+    assert loss(perfect, anchors, gt, CODER).item() == pytest.approx(0.0, abs=1e-9)  # sigma 1, no error
+    empty = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
+    out = loss(empty, empty.detach()[:, :4], empty.detach()[:, :4], CODER, reduction="mean")
+    out.backward()
+    assert out.item() == 0.0 and empty.grad is not None
+    with pytest.raises(ValueError, match=r"KLLoss takes \(N, 8\)"):
+        loss(deltas, anchors, gt, CODER)
+    assert L.KLLoss.needs_log_variance
+    assert not any(c.needs_log_variance for c in (L.SmoothL1, L.L1, L.GIoULoss, L.SIoULoss, L.AlphaIoULoss))

@@ -37,7 +37,7 @@ from detlib.modeling.proposals import check_proposal_ids
 TRUSTED_TARGETS = frozenset({
     *(f"detlib.losses.{name}" for name in ("SmoothL1", "Huber", "L1", "L2", "BalancedL1", "IoULoss", "GIoULoss",
                                           "DIoULoss", "CIoULoss", "EIoULoss", "Cauchy", "SIoULoss",
-                                          "AlphaIoULoss")),
+                                          "AlphaIoULoss", "KLLoss")),
     "detlib.modeling.backbone.SmallConvFPN",
     "detlib.modeling.backbone.VGG16",
     "detlib.modeling.backbone.resnet_fpn",

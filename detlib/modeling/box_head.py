@@ -9,6 +9,9 @@ smooth L1 with beta = 1/9. Prediction and loss are separate calls, so validation
 
 Built from torchvision's parts: ``MultiScaleRoIAlign``, ``BoxCoder``, ``Matcher``,
 ``BalancedPositiveNegativeSampler``, ``box_iou``, ``batched_nms``.
+
+A loss with ``needs_log_variance`` (``loss=kl``) makes the head also predict a log-variance per delta (He et
+al. 2019); with any other loss the head is the plain one.
 """
 
 from __future__ import annotations
@@ -92,6 +95,15 @@ class RoIBoxHead(nn.Module):
         if not 0 <= target_outliers <= 1:
             raise ValueError(f"target_outliers must be in [0, 1], got {target_outliers!r}")
         self.target_outliers = target_outliers  # a study knob: see corrupt_targets
+        # alpha = log sigma^2 per class and delta, for a loss that takes it (KLLoss); created last and only
+        # then, so every other loss keeps the plain head's parameters and random draws. Weights N(0, 1e-4) and
+        # bias 0 as in He et al. 2019: sigma^2 starts at ~1, where the KL loss is smooth L1 with beta 1.
+        self.bbox_log_var: nn.Linear | None = None
+        if box_loss.needs_log_variance:
+            self.bbox_log_var = nn.Linear(hidden, num_classes * 4)
+            nn.init.normal_(self.bbox_log_var.weight, std=1e-4)
+            nn.init.zeros_(self.bbox_log_var.bias)
+        self.box_dim = 8 if box_loss.needs_log_variance else 4  # per class: deltas (+ log-variances)
 
     def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> Sampled:
         """Add ground truth to the proposals, match by IoU, sample fg/bg RoIs per image."""
@@ -119,14 +131,20 @@ class RoIBoxHead(nn.Module):
     def forward(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> tuple[Tensor, Tensor]:
-        """RoI features -> ``logits (R, K)`` and ``deltas (R, K * 4)``, R = all proposals of the batch."""
+        """RoI features -> ``logits (R, K)`` and ``deltas (R, K * 4)``, R = all proposals of the batch; with a
+        log-variance head ``(R, K * 8)``: per class the 4 deltas, then their 4 log-variances."""
         x = self.mlp(self.roi_align(features, proposals, image_sizes))
-        return self.cls_score(x), self.bbox_pred(x)
+        logits, deltas = self.cls_score(x), self.bbox_pred(x)
+        if self.bbox_log_var is None:
+            return logits, deltas
+        n = x.shape[0]
+        return logits, torch.cat([deltas.view(n, -1, 4), self.bbox_log_var(x).view(n, -1, 4)], -1).view(n, -1)
 
     def fg_predictions(self, deltas: Tensor, sampled: Sampled) -> tuple[Tensor, Tensor, Tensor]:
-        """For foreground RoIs: predicted deltas of their ground-truth class (float32), proposals and GT boxes."""
+        """For foreground RoIs: predicted deltas of their ground-truth class (float32; ``(F, 8)`` with the
+        log-variances), proposals and GT boxes."""
         fg = torch.where(sampled.labels > 0)[0]
-        pred = deltas.view(deltas.shape[0], -1, 4)[fg, sampled.labels[fg]].float()
+        pred = deltas.view(deltas.shape[0], -1, self.box_dim)[fg, sampled.labels[fg]].float()
         return pred, sampled.proposals[fg], sampled.gt_boxes[fg]
 
     @torch.no_grad()
@@ -137,7 +155,11 @@ class RoIBoxHead(nn.Module):
         out = {"dump/proposals": sampled.proposals.detach(), "dump/labels": sampled.labels.detach(),
                "dump/deltas": deltas.detach()}
         if full:
-            out |= regression_diagnostics(*self.fg_predictions(deltas.detach(), sampled), self.box_coder)
+            pred, props, gt = self.fg_predictions(deltas.detach(), sampled)
+            out |= regression_diagnostics(pred[:, :4], props, gt, self.box_coder)
+            if self.box_dim == 8:  # the predicted log sigma^2 of the foreground deltas
+                out["train/box_log_var"] = pred[:, 4:].sum() / max(pred[:, 4:].numel(), 1)
+                out["train/box_log_var_hist"] = pred[:, 4:].flatten()
         return out
 
     def losses(self, logits: Tensor, deltas: Tensor, sampled: Sampled) -> dict[str, Tensor]:
@@ -161,7 +183,10 @@ class RoIBoxHead(nn.Module):
     ) -> list[dict[str, Tensor]]:
         """Per image: ``boxes (D, 4)`` xyxy, ``scores (D,)``, ``labels (D,)`` in 1..K-1, after class-wise NMS."""
         counts = [p.shape[0] for p in proposals]
-        boxes_all = self.box_coder.decode(deltas.float(), proposals)  # (R, K, 4)
+        deltas = deltas.float()
+        if self.box_dim == 8:  # the deltas only
+            deltas = deltas.view(deltas.shape[0], -1, 8)[..., :4].reshape(deltas.shape[0], -1)
+        boxes_all = self.box_coder.decode(deltas, proposals)  # (R, K, 4)
         scores_all = F.softmax(logits.float(), -1)
         results = []
         for boxes, scores, size in zip(boxes_all.split(counts), scores_all.split(counts), image_sizes):
