@@ -198,6 +198,7 @@ def test_a_negative_thread_count_is_refused_naming_the_key():
     ("model.min_size=[0]", r"model\.min_size\.0 must be > 0, got 0"),
     ("model.max_size=0", r"model\.max_size"),
     ("model.roi_head.score_thresh=nan", r"model\.roi_head\.score_thresh.*nan"),
+    ("model.roi_head.voting_sigma_t=0", r"model\.roi_head\.voting_sigma_t must be > 0"),
 ])
 def test_every_model_threshold_and_fraction_is_range_checked_naming_the_key(override, key):
     with pytest.raises(ValueError, match=key):
