@@ -136,6 +136,11 @@ def test_overrides_from_the_readme():
     cfg = compose_cfg("loss=huber", "loss.delta=0.5")
     assert instantiate(cfg.loss).params["delta"] == 0.5
     assert instantiate(compose_cfg("loss=smooth_l1", "loss.beta=0.111").loss).params["beta"] == 0.111
+    alpha = instantiate(compose_cfg("loss=alpha_iou", "loss.alpha=2", "loss.mode=giou").loss)
+    assert alpha.params == {"alpha": 2.0, "mode": "giou"}
+    kl = compose_cfg("loss=kl", "model.roi_head.variance_voting=true")
+    check_ranges(OmegaConf.to_object(kl))
+    assert instantiate(kl.loss).needs_log_variance and kl.model.roi_head.variance_voting is True
 
 
 @pytest.mark.parametrize("override,error", [
