@@ -264,7 +264,7 @@ MODEL_RULES: dict[str, tuple] = {
     "pre_nms_top_n_test": (lambda v: v >= 1, ">= 1"), "post_nms_top_n_train": (lambda v: v >= 1, ">= 1"),
     "post_nms_top_n_test": (lambda v: v >= 1, ">= 1"), "top_k": (lambda v: v >= 1, ">= 1"),
     "jitter": (lambda v: v >= 0, ">= 0"), "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-    "image_std": _POSITIVE,
+    "image_std": _POSITIVE, "voting_sigma_t": _POSITIVE,
 }
 
 

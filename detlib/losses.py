@@ -3,9 +3,10 @@
 Functions, two kinds:
 
 * elementwise losses on encoded deltas ``(N, 4)`` (dx, dy, dw, dh): ``smooth_l1``, ``huber``, ``l1``,
-  ``l2`` (torch.nn.functional's), ``balanced_l1``, ``cauchy``;
+  ``l2`` (torch.nn.functional's), ``balanced_l1``, ``cauchy``, and ``kl_loss``, which also takes the predicted
+  log-variance of each delta;
 * IoU-family losses on decoded boxes ``(N, 4)`` xyxy: ``giou_loss``, ``diou_loss`` (torchvision.ops'),
-  ``iou_loss``, ``ciou_loss``, ``eiou_loss``; one value per box.
+  ``iou_loss``, ``ciou_loss``, ``eiou_loss``, ``siou_loss``, ``alpha_iou_loss``; one value per box.
 
 Every function takes ``reduction`` in ``none | sum | mean`` and adds what torch's lack: float32 under
 autocast (half inputs are upcast), and ``mean`` of an empty input is 0 with a gradient (torch gives
@@ -119,6 +120,24 @@ def cauchy(input: Tensor, target: Tensor, scale: float = 1.0, reduction: Reducti
     return _reduce(0.5 * c * c * torch.log1p((_residual(input, target) / c) ** 2), reduction)
 
 
+def kl_loss(input: Tensor, target: Tensor, log_var: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """KL loss (He et al., CVPR 2019, arXiv 1809.08545, "Bounding Box Regression with Uncertainty").
+
+    The prediction is a Gaussian, mean ``input`` (x_e) and variance ``sigma^2 = exp(log_var)``; the target a
+    Dirac delta at ``target`` (x_g). ``KL(Dirac || Gaussian) = d^2 / (2 sigma^2) + log(sigma^2) / 2`` plus
+    constants, ``d = x_g - x_e``; with ``alpha = log_var`` and the paper's smooth-L1 form for ``|d| > 1``:
+    ``exp(-alpha) d^2 / 2 + alpha / 2`` if ``|d| <= 1``, else ``exp(-alpha) (|d| - 1/2) + alpha / 2``,
+    that is ``exp(-alpha) smooth_l1(d, beta=1) + alpha / 2``. ``alpha = 0`` (sigma 1) is smooth L1 with beta 1;
+    minimising over alpha gives ``sigma^2 = d^2`` below 1 and ``2|d| - 1`` above: a confident prediction costs
+    little when right, much when wrong. All three ``(N, 4)``; ``log_var`` gets its own gradient.
+    """
+    x, t = _pair(input, target)
+    if log_var.shape != x.shape:
+        raise ValueError(f"log_var shape {tuple(log_var.shape)} differs from the input's {tuple(x.shape)}")
+    alpha = _at_least_fp32(log_var)
+    return _reduce(torch.exp(-alpha) * F.smooth_l1_loss(x, t, reduction="none", beta=1.0) + alpha / 2, reduction)
+
+
 # ---------------------------------------------------------------------------------------------
 # IoU family, on decoded boxes (N, 4) xyxy. Computed in at least float32 (also under autocast).
 
@@ -145,7 +164,8 @@ def _box_terms(pred: Tensor, target: Tensor, eps: float) -> dict[str, Tensor]:
     cw = torch.max(x2, x2g) - torch.min(x1, x1g)  # enclosing box
     ch = torch.max(y2, y2g) - torch.min(y1, y1g)
     rho2 = ((x1 + x2 - x1g - x2g) ** 2 + (y1 + y2 - y1g - y2g) ** 2) / 4  # squared centre distance
-    return dict(iou=iou, union=union, cw=cw, ch=ch, rho2=rho2, wp=wp, hp=hp, wg=wg, hg=hg)
+    dx, dy = (x1g + x2g - x1 - x2) / 2, (y1g + y2g - y1 - y2) / 2  # centre offset, prediction to target
+    return dict(iou=iou, union=union, cw=cw, ch=ch, rho2=rho2, dx=dx, dy=dy, wp=wp, hp=hp, wg=wg, hg=hg)
 
 
 def iou_loss(
@@ -197,6 +217,71 @@ def eiou_loss(input: Tensor, target: Tensor, eps: float = 1e-7, reduction: Reduc
     return _reduce(1 - t["iou"] + t["rho2"] / c2 + dw2 + dh2, reduction)
 
 
+def siou_loss(input: Tensor, target: Tensor, theta: float = 4.0, eps: float = 1e-7,
+              reduction: Reduction = "mean") -> Tensor:
+    """SIoU loss (Gevorgyan 2022, arXiv 2205.12740): ``1 - IoU + (Delta + Omega) / 2``.
+
+    Angle cost ``Lambda = 1 - 2 sin^2(arcsin(c_h / sigma) - pi/4)`` with ``(c_w, c_h)`` the centre offset and
+    ``sigma`` its length (``arcsin`` of the smaller of the two angles to the axes); equal to
+    ``sin 2 alpha = 2 |c_w c_h| / sigma^2``, computed so: 0 along an axis, 1 at 45 degrees. Distance cost
+    ``Delta = sum_{t=x,y} 1 - exp(-gamma rho_t)``, ``gamma = 2 - Lambda``, ``rho_x = (c_w / C_w)^2``,
+    ``rho_y = (c_h / C_h)^2`` with ``C_w, C_h`` the enclosing box's sides. Shape cost
+    ``Omega = sum_{t=w,h} (1 - exp(-omega_t))^theta``, ``omega_w = |w - w_gt| / max(w, w_gt)``, theta 4.
+
+    mmdetection's ``siou_loss`` with ``neg_gamma=True`` (the paper's sign); its default ``neg_gamma=False``
+    uses ``exp(+gamma rho)``, which makes ``Delta <= 0`` and rewards centre distance. Not clamped to
+    mmdetection's ``[0, 2]``: far-off boxes keep a gradient (the loss is in ``[0, 3)``).
+    """
+    t = _box_terms(input, target, eps)
+    dx, dy = t["dx"], t["dy"]
+    angle = 2 * dx.abs() * dy.abs() / (dx**2 + dy**2 + eps)
+    gamma = 2 - angle
+    rho_x, rho_y = (dx / (t["cw"] + eps)) ** 2, (dy / (t["ch"] + eps)) ** 2
+    distance = 2 - torch.exp(-gamma * rho_x) - torch.exp(-gamma * rho_y)
+    omega_w = (t["wp"] - t["wg"]).abs() / (torch.max(t["wp"], t["wg"]) + eps)
+    omega_h = (t["hp"] - t["hg"]).abs() / (torch.max(t["hp"], t["hg"]) + eps)
+    shape = (1 - torch.exp(-omega_w)) ** theta + (1 - torch.exp(-omega_h)) ** theta
+    return _reduce(1 - t["iou"] + (distance + shape) / 2, reduction)
+
+
+def _power(x: Tensor, alpha: float, eps: float) -> Tensor:
+    """``x ** alpha`` for ``x >= 0``; for ``alpha < 1``, whose gradient is infinite at 0, the gradient is that
+    at ``eps`` below ``eps`` and 0 at 0."""
+    if alpha >= 1:
+        return x.clamp(min=0) ** alpha
+    return torch.where(x > 0, x.clamp(min=eps) ** alpha, 0.0)
+
+
+ALPHA_IOU_MODES = ("iou", "giou", "diou", "ciou")
+
+
+def alpha_iou_loss(input: Tensor, target: Tensor, alpha: float = 3.0, mode: str = "iou", eps: float = 1e-7,
+                   reduction: Reduction = "mean") -> Tensor:
+    """Alpha-IoU loss (He et al., NeurIPS 2021, arXiv 2110.13675): ``1 - IoU^alpha + P^alpha``.
+
+    The penalty ``P`` by ``mode``: ``iou`` none; ``giou`` ``|C - (A u B)| / |C|``; ``diou`` ``rho^2 / c^2``
+    (so ``rho^(2 alpha) / c^(2 alpha)``); ``ciou`` that plus ``(beta v)^alpha``, beta and v as in ``ciou_loss``.
+    ``alpha = 1`` is ``iou_loss``, ``giou_loss``, ``diou_loss`` and ``ciou_loss``. With ``alpha > 1`` the
+    loss and gradient of high-IoU boxes grow relative to low-IoU ones (``dL/dIoU = -alpha IoU^(alpha-1)``);
+    alpha 3 is the paper's choice. The paper's Box-Cox form ``(1 - IoU^alpha) / alpha`` differs by the factor.
+    """
+    if mode not in ALPHA_IOU_MODES:
+        raise ValueError(f"mode must be one of {'|'.join(ALPHA_IOU_MODES)}, got {mode!r}")
+    t = _box_terms(input, target, eps)
+    loss = 1 - _power(t["iou"], alpha, eps)
+    if mode == "giou":
+        area_c = t["cw"] * t["ch"]
+        loss = loss + _power((area_c - t["union"]) / (area_c + eps), alpha, eps)
+    elif mode in ("diou", "ciou"):
+        loss = loss + _power(t["rho2"] / (t["cw"] ** 2 + t["ch"] ** 2 + eps), alpha, eps)
+    if mode == "ciou":
+        v = (4 / math.pi**2) * (torch.atan(t["wg"] / (t["hg"] + eps)) - torch.atan(t["wp"] / (t["hp"] + eps))) ** 2
+        with torch.no_grad():
+            beta = v / (1 - t["iou"] + v + eps)
+        loss = loss + _power(beta * v, alpha, eps)
+    return _reduce(loss, reduction)
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules that configs instantiate (configs/loss/*.yaml, for the box head and, as ``loss@rpn_loss``,
 # the RPN). Each checks its parameters at construction (start-up) and picks its space in ``per_box``.
@@ -233,7 +318,13 @@ class BoxLoss(nn.Module):
     matched ground truth, ``box_coder`` torchvision's ``BoxCoder``. Returns ``weight`` times the reduced
     per-box loss (``(N,)`` with ``"none"``). A subclass sets its parameters in ``__init__`` (its signature
     is the config schema) and says its space in ``per_box`` with ``on_deltas`` or ``on_boxes``.
+
+    ``needs_log_variance``: the loss also takes a predicted log-variance per coordinate, so ``deltas`` is
+    ``(N, 8)``, the 4 deltas then their 4 log-variances. The box head reads it to add that output; the RPN,
+    whose head predicts none, refuses such a loss.
     """
+
+    needs_log_variance: bool = False
 
     def __init__(self, weight: float = 1.0, **params: float | str) -> None:
         super().__init__()
@@ -336,6 +427,39 @@ class EIoULoss(BoxLoss):
 
     def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
         return on_boxes(eiou_loss, *args)
+
+
+class SIoULoss(BoxLoss):
+    def __init__(self, theta: float = 4.0, weight: float = 10.0) -> None:  # 10: as GIoU and DIoU
+        super().__init__(weight, theta=_check("theta", theta, _num(theta) and theta > 0, "must be > 0"))
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_boxes(siou_loss, *args, **self.params)
+
+
+class AlphaIoULoss(BoxLoss):
+    def __init__(self, alpha: float = 3.0, mode: str = "iou", weight: float = 10.0) -> None:  # 10: as IoULoss
+        if mode not in ALPHA_IOU_MODES:
+            raise ValueError(f"mode must be one of {'|'.join(ALPHA_IOU_MODES)}, got {mode!r}")
+        super().__init__(weight, alpha=_check("alpha", alpha, _num(alpha) and alpha > 0, "must be > 0"), mode=mode)
+
+    def per_box(self, *args: Tensor | BoxCoder) -> Tensor:
+        return on_boxes(alpha_iou_loss, *args, **self.params)
+
+
+class KLLoss(BoxLoss):
+    """``kl_loss`` on the encoded deltas; ``deltas (N, 8)``: the box head's 4 deltas and 4 log-variances."""
+
+    needs_log_variance = True
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__(weight)
+
+    def per_box(self, deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, box_coder: BoxCoder) -> Tensor:
+        if deltas.shape[-1:] != (8,):
+            raise ValueError(f"KLLoss takes (N, 8) predictions (4 deltas, 4 log-variances), got {tuple(deltas.shape)}")
+        target = box_coder.encode_single(gt_boxes, anchors)
+        return kl_loss(deltas[:, :4], target, deltas[:, 4:], reduction="none").sum(-1)
 
 
 class Cauchy(BoxLoss):

@@ -133,3 +133,102 @@ def test_target_outliers_change_the_regression_target_only():
     assert noisy.losses(logits[:n], deltas[:n], s0)["loss_box_reg"] == l0["loss_box_reg"]
     with pytest.raises(ValueError, match="target_outliers must be in"):
         RoIBoxHead(MultiScaleRoIAlign(["0"], 7, 2), 8, 3, L.L1(), target_outliers=1.5)
+
+
+# ---- the log-variance output (KL loss, He et al. 2019) and variance voting
+
+
+def test_only_a_loss_that_needs_log_variances_adds_their_layer_and_the_rest_is_unchanged():
+    """The plain head's parameters and random draws are those of a head before the option existed: the layer is
+    created last and only for KLLoss; its start is sigma^2 ~ 1 (weights N(0, 1e-4), bias 0)."""
+    torch.manual_seed(0)
+    plain = _head(L.SmoothL1())
+    torch.manual_seed(0)
+    kl = _head(L.KLLoss())
+    assert plain.bbox_log_var is None and plain.box_dim == 4
+    assert [k for k in plain.state_dict() if "bbox_log_var" in k] == []
+    extra = set(kl.state_dict()) - set(plain.state_dict())
+    assert extra == {"bbox_log_var.weight", "bbox_log_var.bias"} and kl.bbox_log_var.out_features == 3 * 4
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, kl.state_dict()[k]), k
+    assert kl.bbox_log_var.weight.std().item() == pytest.approx(1e-4, rel=0.1)
+    assert torch.equal(kl.bbox_log_var.bias, torch.zeros(12))
+    features = {"0": torch.randn(2, 8, 16, 16)}
+    props = [torch.tensor([[0.0, 0, 8, 8], [2, 2, 14, 10]])]
+    logits, deltas = plain(features, props, [(16, 16)])
+    kl_logits, kl_out = kl(features, props, [(16, 16)])
+    assert deltas.shape == (2, 12) and kl_out.shape == (2, 24) and torch.equal(logits, kl_logits)
+    per_class = kl_out.view(2, 3, 8)
+    assert torch.equal(per_class[..., :4].reshape(2, 12), deltas)  # the same deltas, then the log-variances
+    assert per_class[..., 4:].abs().max().item() < 1e-2
+
+
+def test_kl_box_loss_sees_the_gt_class_deltas_and_log_variances():
+    loss = L.KLLoss()
+    head = _head(loss)
+    s = _sampled()
+    out = torch.randn(4, 3 * 8)
+    losses = head.losses(torch.randn(4, 3), out, s)
+    fg = [0, 1]
+    pred = out.view(4, 3, 8)[fg, s.labels[fg]]
+    target = head.box_coder.encode_single(s.gt_boxes[fg], s.proposals[fg])
+    by_hand = L.kl_loss(pred[:, :4], target, pred[:, 4:], reduction="sum") / 4  # over all 4 sampled RoIs
+    torch.testing.assert_close(losses["loss_box_reg"], by_hand)
+    diag = head.diagnostics(out, s, full=True)
+    assert diag["train/box_log_var"].item() == pytest.approx(pred[:, 4:].mean().item())
+    assert diag["train/shadow/l1"].item() == pytest.approx(L.l1(pred[:, :4], target, "sum").item() / 2)
+
+
+def test_variance_voting_by_hand():
+    """Algorithm 1 of He et al. 2019 on one kept box A and its candidates: B overlaps it (IoU 5/6), C is another
+    class, D does not overlap; the weights are p / sigma^2, p = exp(-(1 - IoU)^2 / sigma_t)."""
+    from detlib.modeling.box_head import variance_voting
+
+    a, b = [0.0, 0, 10, 10], [0.0, 0, 10, 12]
+    cand = torch.tensor([a, b, [0.0, 0, 10, 11], [50.0, 50, 60, 60]], dtype=torch.float64)
+    labels = torch.tensor([1, 1, 2, 1])
+    var = torch.ones(4, 4, dtype=torch.float64)
+    voted = variance_voting(cand[:1], labels[:1], cand, labels, var, sigma_t=0.02)
+    p = math.exp(-((1 - 5 / 6) ** 2) / 0.02)
+    cy = (5 + 6 * p) / (1 + p)
+    h = math.exp((math.log(10) + p * math.log(12)) / (1 + p))
+    assert voted[0].tolist() == pytest.approx([0, cy - h / 2, 10, cy + h / 2])
+    var[1, 1], var[1, 3] = 1e-9, 1e-9  # B is certain of its centre y and height: A takes them
+    voted = variance_voting(cand[:1], labels[:1], cand, labels, var)
+    assert voted[0].tolist() == pytest.approx(b, abs=1e-5)
+    assert variance_voting(cand[:0], labels[:0], cand, labels, var).shape == (0, 4)
+
+
+def test_postprocess_with_variance_voting_keeps_scores_and_labels():
+    head = _head(L.KLLoss())
+    torch.manual_seed(0)
+    props = [torch.rand(30, 2) * 40, torch.rand(5, 2) * 40]
+    props = [torch.cat([p, p + torch.rand(p.shape[0], 2) * 20 + 4], 1) for p in props]
+    logits, out = torch.randn(35, 3) * 3, torch.randn(35, 24) * 0.3
+    plain = head.postprocess(logits, out, props, [(64, 64)] * 2)
+    head.variance_voting = True
+    voted = head.postprocess(logits, out, props, [(64, 64)] * 2)
+    for d0, d1 in zip(plain, voted):
+        assert torch.equal(d0["scores"], d1["scores"]) and torch.equal(d0["labels"], d1["labels"])
+        assert torch.isfinite(d1["boxes"]).all()
+    assert any(not torch.allclose(d0["boxes"], d1["boxes"]) for d0, d1 in zip(plain, voted))
+    head.voting_sigma_t = 1e-9  # no neighbour counts: each kept box stays itself
+    for d0, d1 in zip(plain, head.postprocess(logits, out, props, [(64, 64)] * 2)):
+        torch.testing.assert_close(d0["boxes"], d1["boxes"], atol=1e-4, rtol=1e-5)
+    out[:, 4:] = 1e4  # absurd log-variances: clamped, still finite
+    assert all(torch.isfinite(d["boxes"]).all() for d in head.postprocess(logits, out, props, [(64, 64)] * 2))
+
+
+def test_variance_voting_and_the_rpn_refuse_a_head_without_log_variances():
+    from detlib.engine.build import build_model
+
+    from .conftest import compose_cfg
+
+    with pytest.raises(ValueError, match="variance_voting needs a loss that predicts a log-variance"):
+        RoIBoxHead(MultiScaleRoIAlign(["0"], 7, 2), 8, 3, L.SmoothL1(), variance_voting=True)
+    with pytest.raises(ValueError, match="voting_sigma_t must be > 0"):
+        RoIBoxHead(MultiScaleRoIAlign(["0"], 7, 2), 8, 3, L.KLLoss(), voting_sigma_t=0.0)
+    with pytest.raises(Exception, match="rpn_loss: KLLoss needs a predicted log-variance"):
+        build_model(compose_cfg("loss@rpn_loss=kl"), 3)
+    model = build_model(compose_cfg("loss=kl", "model.roi_head.variance_voting=true"), 3)
+    assert model.roi_head.variance_voting and model.roi_head.box_dim == 8

@@ -25,7 +25,8 @@ EXPERIMENTS = sorted(p.stem for p in Path(CONFIGS, "experiment").glob("*.yaml"))
 
 
 def test_groups_are_complete():
-    assert {"smooth_l1", "huber", "l1", "l2", "balanced_l1", "iou", "giou", "diou", "ciou", "eiou"} <= set(LOSSES)
+    assert {"smooth_l1", "huber", "l1", "l2", "balanced_l1", "iou", "giou", "diou", "ciou", "eiou",
+            "siou", "alpha_iou", "kl"} <= set(LOSSES)
     assert not Path(CONFIGS, "rpn_loss").exists()  # the RPN takes the same group: loss@rpn_loss=NAME
 
 
@@ -135,6 +136,11 @@ def test_overrides_from_the_readme():
     cfg = compose_cfg("loss=huber", "loss.delta=0.5")
     assert instantiate(cfg.loss).params["delta"] == 0.5
     assert instantiate(compose_cfg("loss=smooth_l1", "loss.beta=0.111").loss).params["beta"] == 0.111
+    alpha = instantiate(compose_cfg("loss=alpha_iou", "loss.alpha=2", "loss.mode=giou").loss)
+    assert alpha.params == {"alpha": 2.0, "mode": "giou"}
+    kl = compose_cfg("loss=kl", "model.roi_head.variance_voting=true")
+    check_ranges(OmegaConf.to_object(kl))
+    assert instantiate(kl.loss).needs_log_variance and kl.model.roi_head.variance_voting is True
 
 
 @pytest.mark.parametrize("override,error", [
@@ -197,6 +203,7 @@ def test_a_negative_thread_count_is_refused_naming_the_key():
     ("model.min_size=[0]", r"model\.min_size\.0 must be > 0, got 0"),
     ("model.max_size=0", r"model\.max_size"),
     ("model.roi_head.score_thresh=nan", r"model\.roi_head\.score_thresh.*nan"),
+    ("model.roi_head.voting_sigma_t=0", r"model\.roi_head\.voting_sigma_t must be > 0"),
 ])
 def test_every_model_threshold_and_fraction_is_range_checked_naming_the_key(override, key):
     with pytest.raises(ValueError, match=key):

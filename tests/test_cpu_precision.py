@@ -36,12 +36,14 @@ def parts(data_root):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_bf16_on_cpu_trains_every_loss_finite(parts, loss):
-    """Both heads train with ``loss`` (``loss@rpn_loss`` too) for 3 steps in bf16 + channels_last: every loss
-    term and gradient is finite, and the boxes the heads compare are float32."""
+    """Both heads train with ``loss`` (``loss@rpn_loss`` too, but for a loss that needs predicted variances, which
+    only the box head makes) for 3 steps in bf16 + channels_last: every loss term and gradient is finite, and the
+    boxes the heads compare are float32."""
     cfg, typed, train_set, _ = parts
     torch.manual_seed(0)
-    model = channels_last(build_model(cfg, train_set.num_classes, instantiate(compose_cfg(f"loss={loss}").loss),
-                                      instantiate(compose_cfg(f"loss@rpn_loss={loss}").rpn_loss))).train()
+    box_loss = instantiate(compose_cfg(f"loss={loss}").loss)
+    rpn_loss = instantiate(compose_cfg(*[] if box_loss.needs_log_variance else [f"loss@rpn_loss={loss}"]).rpn_loss)
+    model = channels_last(build_model(cfg, train_set.num_classes, box_loss, rpn_loss)).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     params = [p for p in model.parameters() if p.requires_grad]

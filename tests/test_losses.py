@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from pathlib import Path
@@ -80,7 +81,14 @@ def test_beta_zero_is_exactly_l1_with_finite_gradients():
     assert torch.allclose(L.smooth_l1(x, y, beta=1e-4), L.l1(x, y), atol=1e-4)
 
 
-BOX_LOSSES = [L.iou_loss, L.giou_loss, L.diou_loss, L.ciou_loss, L.eiou_loss]
+def _alpha_iou(mode):
+    fn = functools.partial(L.alpha_iou_loss, mode=mode)
+    fn.__name__ = f"alpha_iou_loss[{mode}]"
+    return fn
+
+
+ALPHA_IOU = [_alpha_iou(m) for m in L.ALPHA_IOU_MODES]
+BOX_LOSSES = [L.iou_loss, L.giou_loss, L.diou_loss, L.ciou_loss, L.eiou_loss, L.siou_loss, *ALPHA_IOU]
 ALL = [L.smooth_l1, L.huber, L.l1, L.l2, L.balanced_l1, L.cauchy] + BOX_LOSSES
 
 
@@ -240,7 +248,8 @@ def test_l2_gradient_grows_without_bound():
 
 @pytest.mark.parametrize("fn,kw", [(L.smooth_l1, {"beta": 0.7}), (L.huber, {"delta": 0.7}), (L.l2, {}),
                                    (L.balanced_l1, {}), (L.giou_loss, {}), (L.diou_loss, {}), (L.ciou_loss, {}),
-                                   (L.eiou_loss, {}), (L.iou_loss, {})])
+                                   (L.eiou_loss, {}), (L.iou_loss, {}), (L.siou_loss, {}),
+                                   *[(L.alpha_iou_loss, {"mode": m}) for m in L.ALPHA_IOU_MODES]])
 def test_gradcheck_away_from_kinks(fn, kw):
     if fn in BOX_LOSSES:
         p = (_boxes(5, 7) + 0.3).requires_grad_()
@@ -258,6 +267,9 @@ def test_gradcheck_away_from_kinks(fn, kw):
     (L.Huber, {"delta": -1.0}, "delta must be > 0"),
     (L.L1, {"weight": -1.0}, "weight must be >= 0"),
     (L.IoULoss, {"mode": "square"}, "mode must be"),
+    (L.SIoULoss, {"theta": 0.0}, "theta must be > 0"),
+    (L.AlphaIoULoss, {"alpha": 0.0}, "alpha must be > 0"),
+    (L.AlphaIoULoss, {"mode": "eiou"}, "mode must be one of iou|giou|diou|ciou"),
 ])
 def test_bad_parameters_fail_at_construction(cls, kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -303,7 +315,7 @@ def test_each_loss_yaml_holds_its_constructors_defaults(path):
 
 
 @pytest.mark.parametrize("cls", [L.SmoothL1, L.Huber, L.L1, L.L2, L.BalancedL1, L.Cauchy, L.IoULoss, L.GIoULoss,
-                                 L.DIoULoss, L.CIoULoss, L.EIoULoss])
+                                 L.DIoULoss, L.CIoULoss, L.EIoULoss, L.SIoULoss, L.AlphaIoULoss])
 def test_perfect_prediction_gives_zero_and_empty_gives_zero_with_gradient(cls):
     deltas, anchors, gt = _anchored()
     perfect = CODER.encode_single(gt, anchors)
@@ -331,3 +343,180 @@ def test_cauchy_by_hand_and_its_redescending_gradient():
     deltas, anchors, gt = _anchored()
     loss = L.Cauchy(scale=c, weight=2.0)(deltas, anchors, gt, CODER)
     assert loss.item() == pytest.approx(2 * L.cauchy(deltas, CODER.encode_single(gt, anchors), c, "sum").item())
+
+
+# ---- SIoU (Gevorgyan 2022, arXiv 2205.12740), from the paper's equations
+
+
+def _siou_by_the_paper(p, t, theta=4.0):
+    """One pair of xyxy boxes, in plain floats, each cost as the paper writes it (arcsin form of the angle)."""
+    (x1, y1, x2, y2), (a1, b1, a2, b2) = p, t
+    inter = max(0.0, min(x2, a2) - max(x1, a1)) * max(0.0, min(y2, b2) - max(y1, b1))
+    w, h, wg, hg = x2 - x1, y2 - y1, a2 - a1, b2 - b1
+    iou = inter / (w * h + wg * hg - inter)
+    c_w, c_h = (a1 + a2 - x1 - x2) / 2, (b1 + b2 - y1 - y2) / 2  # centre offset
+    sigma = math.hypot(c_w, c_h)
+    x = min(abs(c_w), abs(c_h)) / sigma if sigma else 0.0  # sin of the smaller angle to an axis (alpha or beta)
+    angle = 1 - 2 * math.sin(math.asin(x) - math.pi / 4) ** 2
+    gamma = 2 - angle
+    rho_x = (c_w / (max(x2, a2) - min(x1, a1))) ** 2
+    rho_y = (c_h / (max(y2, b2) - min(y1, b1))) ** 2
+    distance = sum(1 - math.exp(-gamma * r) for r in (rho_x, rho_y))
+    shape = sum((1 - math.exp(-abs(u - v) / max(u, v))) ** theta for u, v in ((w, wg), (h, hg)))
+    return 1 - iou + (distance + shape) / 2
+
+
+def test_siou_by_hand():
+    p = torch.tensor([[0.0, 0, 2, 2]] * 4, dtype=torch.float64)
+    t = torch.tensor([[1.0, 0, 3, 2],                     # along x: IoU 2/6, angle 0, gamma 2, rho_x (1/3)^2
+                      [1.0, 1, 3, 3],                     # 45 deg: IoU 1/7, angle 1, gamma 1, rho_x = rho_y = 1/9
+                      [3**0.5, 1, 3**0.5 + 2, 3],         # 30 deg: angle cos 30 = 3^0.5 / 2
+                      [-1.0, 0, 3, 2]], dtype=torch.float64)  # concentric, twice as wide: IoU 1/2, omega_w 1/2
+    r3 = 3**0.5
+    gamma30 = 2 - r3 / 2
+    expected = [
+        1 - 1 / 3 + (1 - math.exp(-2 / 9)) / 2,
+        1 - 1 / 7 + (2 - 2 * math.exp(-1 / 9)) / 2,
+        1 - (2 - r3) / (6 + r3) + (2 - math.exp(-gamma30 * 3 / (r3 + 2) ** 2) - math.exp(-gamma30 / 9)) / 2,
+        1 - 1 / 2 + (1 - math.exp(-0.5)) ** 4 / 2,
+    ]
+    got = L.siou_loss(p, t, reduction="none")
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    assert got.tolist() == pytest.approx([_siou_by_the_paper(a, b) for a, b in zip(p.tolist(), t.tolist())], abs=1e-6)
+    # the paper's angle form equals sin(2 alpha): 1 - 2 sin^2(30 - 45 deg) = cos 30 deg
+    assert 1 - 2 * math.sin(math.radians(-15)) ** 2 == pytest.approx(r3 / 2)
+
+
+def test_siou_matches_the_paper_on_random_boxes_and_theta_is_the_shape_power():
+    p, t = _boxes(40, 11), _boxes(40, 12)
+    p[:20] = t[:20] + 2 * torch.randn(20, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert (p[:, 2:] > p[:, :2]).all()
+    for theta in (4.0, 2.0):
+        expected = [_siou_by_the_paper(a, b, theta) for a, b in zip(p.tolist(), t.tolist())]
+        assert L.siou_loss(p, t, theta=theta, reduction="none").tolist() == pytest.approx(expected, abs=1e-6)
+    loss = L.SIoULoss(theta=2.0, weight=3.0)
+    deltas, anchors, gt = _anchored()
+    assert loss(deltas, anchors, gt, CODER).item() == pytest.approx(
+        3 * L.siou_loss(CODER.decode_single(deltas, anchors), gt, theta=2.0, reduction="sum").item())
+
+
+# ---- Alpha-IoU (He et al. 2021, arXiv 2110.13675): 1 - IoU^alpha + P^alpha
+
+
+def test_alpha_iou_by_hand():
+    a, half = torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[0.0, 0, 10, 5]])  # IoU 1/2
+    assert L.alpha_iou_loss(a, half).item() == pytest.approx(1 - 0.5**3, abs=1e-6)
+    assert L.alpha_iou_loss(a, half, alpha=0.5).item() == pytest.approx(1 - 0.5**0.5, abs=1e-6)
+    c = torch.tensor([[20.0, 0, 30, 10]])  # disjoint: IoU 0, enclosing 300, union 200: P = 1/3
+    assert L.alpha_iou_loss(a, c, mode="giou").item() == pytest.approx(1 + (1 / 3) ** 3, abs=1e-6)
+    p, t = torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 0, 3, 2]])  # IoU 1/3, rho^2 1, c^2 = 3^2 + 2^2
+    assert L.alpha_iou_loss(p, t, mode="diou").item() == pytest.approx(1 - (1 / 3) ** 3 + (1 / 13) ** 3, abs=1e-6)
+    wide = torch.tensor([[0.0, 0, 4, 2]], dtype=torch.float64)  # IoU 4/8, rho^2 1, c^2 20, aspect 2 vs 1
+    v = 4 / math.pi**2 * (math.atan(2) - math.atan(1)) ** 2
+    beta = v / (1 - 0.5 + v)
+    expected = 1 - 0.5**3 + (1 / 20) ** 3 + (beta * v) ** 3
+    assert L.alpha_iou_loss(p.double(), wide, mode="ciou").item() == pytest.approx(expected, abs=1e-7)
+
+
+@pytest.mark.parametrize("mode,plain", [("iou", L.iou_loss), ("giou", L.giou_loss), ("diou", L.diou_loss),
+                                        ("ciou", L.ciou_loss)])
+def test_alpha_one_is_the_plain_loss(mode, plain):
+    p, t = _boxes(100, 21), _boxes(100, 22)
+    p[:40] = t[:40] + 0.5 * torch.randn(40, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    v, g = _value_and_grad(functools.partial(L.alpha_iou_loss, alpha=1.0, mode=mode), p, t, reduction="none")
+    rv, rg = _value_and_grad(plain, p, t, reduction="none")
+    torch.testing.assert_close(v, rv)
+    torch.testing.assert_close(g, rg)
+
+
+def test_alpha_iou_up_weights_the_gradient_of_high_iou_boxes():
+    """dL/dIoU = -alpha IoU^(alpha-1): with alpha 3 the gradient is 3 IoU^2 times the IoU loss's, so it grows
+    with the IoU (0.75 at IoU 1/2, 2.43 at 0.9), the paper's reweighting towards accurate boxes."""
+    target = torch.tensor([[0.0, 0, 10, 10]], dtype=torch.float64)
+    for h, ratio in ((5.0, 0.75), (9.0, 3 * 0.81)):
+        p = torch.tensor([[0.0, 0, 10, h]], dtype=torch.float64)  # IoU h / 10, d IoU / d y2 = 1 / 10
+        _, g = _value_and_grad(L.alpha_iou_loss, p, target, reduction="sum")
+        _, g1 = _value_and_grad(L.iou_loss, p, target, reduction="sum")
+        assert g1[0, 3].item() == pytest.approx(-0.1)
+        assert g[0, 3].item() == pytest.approx(-0.1 * ratio)
+
+
+def test_alpha_below_one_stays_finite_at_zero_penalty_and_zero_iou():
+    """alpha < 1: x^alpha has an infinite slope at 0 (identical boxes: penalty 0; disjoint: IoU 0)."""
+    t = _boxes(3, 30)
+    p = torch.cat([t[:1], t[1:2] + 200, t[2:] + 0.5]).requires_grad_()
+    for mode in L.ALPHA_IOU_MODES:
+        out = L.alpha_iou_loss(p, t, alpha=0.5, mode=mode, reduction="sum")
+        (g,) = torch.autograd.grad(out, p)
+        assert torch.isfinite(out) and torch.isfinite(g).all(), mode
+
+
+
+# ---- KL loss (He et al. 2019, arXiv 1809.08545): exp(-alpha) smooth_l1(d, beta 1) + alpha / 2
+
+
+def test_kl_loss_by_hand():
+    """The paper's two branches, d = x_g - x_e, alpha = log sigma^2."""
+    x = torch.tensor([[0.5, 0.5, 3.0, -1.0]], dtype=torch.float64)  # x_e; x_g = 0
+    log_var = torch.tensor([[0.0, math.log(4), math.log(2), 0.0]], dtype=torch.float64)
+    expected = [0.5**2 / 2,                                # |d| <= 1, sigma^2 1: smooth L1 (beta 1)
+                0.25 * 0.5**2 / 2 + math.log(4) / 2,       # exp(-alpha) = 1/4
+                0.5 * (3 - 0.5) + math.log(2) / 2,         # |d| > 1: exp(-alpha)(|d| - 1/2) + alpha / 2
+                0.5]                                       # |d| = 1: both branches give 1/2
+    got = L.kl_loss(x, torch.zeros_like(x), log_var, reduction="none")
+    assert got[0].tolist() == pytest.approx(expected)
+    x, log_var = x.clone().requires_grad_(), log_var.clone().requires_grad_()
+    L.kl_loss(x, torch.zeros_like(x), log_var, reduction="sum").backward()
+    # d/dx_e = exp(-alpha) * smooth_l1'(x_e), d/dalpha = 1/2 - exp(-alpha) * smooth_l1
+    assert x.grad[0].tolist() == pytest.approx([0.5, 0.25 * 0.5, 0.5, -1.0])
+    assert log_var.grad[0].tolist() == pytest.approx([0.5 - 0.125, 0.5 - 0.25 * 0.125, 0.5 - 0.5 * 2.5, 0.0])
+
+
+def test_kl_loss_is_smooth_l1_at_unit_variance_and_learns_sigma_squared_as_the_error():
+    x, y = _pair()
+    zero = torch.zeros_like(y)
+    torch.testing.assert_close(L.kl_loss(x, y, zero, reduction="none"), L.smooth_l1(x, y, beta=1.0, reduction="none"))
+    # argmin over alpha: sigma^2 = d^2 for |d| <= 1 and 2|d| - 1 beyond (where d/dalpha = 0)
+    d = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=torch.float64)
+    best = torch.log(torch.where(d <= 1, d**2, 2 * d - 1)).requires_grad_()
+    L.kl_loss(d, torch.zeros_like(d), best, reduction="sum").backward()
+    assert best.grad.abs().max().item() < 1e-12
+    for shift in (-0.1, 0.1):  # and it is the minimum
+        assert (L.kl_loss(d, 0 * d, best.detach() + shift, reduction="none")
+                > L.kl_loss(d, 0 * d, best.detach(), reduction="none")).all()
+
+
+def test_kl_loss_empty_and_extreme_inputs_stay_finite():
+    for reduction in REDUCTIONS:
+        x, a = torch.zeros(0, 4, requires_grad=True), torch.zeros(0, 4, requires_grad=True)
+        out = L.kl_loss(x, torch.zeros(0, 4), a, reduction=reduction)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and x.grad.shape == a.grad.shape == (0, 4)
+    x = torch.tensor([[0.0, 1e4, -1e4, 0.3]], requires_grad=True)
+    a = torch.tensor([[-50.0, 50.0, 0.0, -20.0]], requires_grad=True)  # sigma^2 from 2e-22 to 5e21
+    out = L.kl_loss(x, torch.zeros(1, 4), a, reduction="sum")
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all() and torch.isfinite(a.grad).all()
+    half = L.kl_loss(x.detach().half(), torch.zeros(1, 4).half(), a.detach().bfloat16())
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    with pytest.raises(ValueError, match="log_var shape"):
+        L.kl_loss(x, torch.zeros(1, 4), torch.zeros(1, 3))
+
+
+def test_kl_module_takes_deltas_and_log_variances_and_only_it_needs_them():
+    deltas, anchors, gt = _anchored()
+    log_var = torch.randn(deltas.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    target = CODER.encode_single(gt, anchors)
+    loss = L.KLLoss(weight=2.0)
+    assert loss(torch.cat([deltas, log_var], 1), anchors, gt, CODER).item() == pytest.approx(
+        2 * L.kl_loss(deltas, target, log_var, reduction="sum").item())
+    perfect = torch.cat([target, torch.zeros_like(target)], 1)
+    assert loss(perfect, anchors, gt, CODER).item() == pytest.approx(0.0, abs=1e-9)  # sigma 1, no error
+    empty = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
+    out = loss(empty, empty.detach()[:, :4], empty.detach()[:, :4], CODER, reduction="mean")
+    out.backward()
+    assert out.item() == 0.0 and empty.grad is not None
+    with pytest.raises(ValueError, match=r"KLLoss takes \(N, 8\)"):
+        loss(deltas, anchors, gt, CODER)
+    assert L.KLLoss.needs_log_variance
+    assert not any(c.needs_log_variance for c in (L.SmoothL1, L.L1, L.GIoULoss, L.SIoULoss, L.AlphaIoULoss))

@@ -111,7 +111,7 @@ def test_a_run_recorded_before_a_key_was_added_reads_as_holding_its_old_value(tm
     today, today_dir = _run(tmp_path / "today", config)
     old, old_dir = _run(tmp_path / "old", config)
     for key in runs.ADDED_KEYS:
-        del old["identity"][key]
+        del old["eval" if runs.record._under(key, runs.EVAL_ONLY) else "identity"][key]
     (old_dir / runs.RECORD).write_text(json.dumps(old))
     recorded = runs.read_record(old_dir)
     assert recorded["identity"]["data.exif_orientation"] == "ignore"  # how runs before the switch read pixels
@@ -126,3 +126,19 @@ def test_a_run_recorded_before_a_key_was_added_reads_as_holding_its_old_value(tm
     else:
         raise AssertionError("a relaunch with an EMA continued a run recorded without one")
     assert "trainer.ema_decay" not in runs.upgrade({"model.backbone.name": "x"})
+
+
+def test_an_added_inference_key_upgrades_the_records_eval_settings_not_its_identity(tmp_path):
+    """``model.roi_head.variance_voting`` (an ``EVAL_ONLY`` key added later): a record from before it reads as
+    evaluated without voting and is one group with today's runs; the identity never holds it."""
+    config = OmegaConf.to_container(compose_cfg(), resolve=True, enum_to_str=True)
+    _, today_dir = _run(tmp_path / "today", config)
+    old, old_dir = _run(tmp_path / "old", config)
+    for key in ("model.roi_head.variance_voting", "model.roi_head.voting_sigma_t"):
+        assert key in old["eval"] and key not in old["identity"]
+        del old["eval"][key]
+    (old_dir / runs.RECORD).write_text(json.dumps(old))
+    recorded = runs.read_record(old_dir)
+    assert recorded["eval"]["model.roi_head.variance_voting"] is False
+    assert "model.roi_head.variance_voting" not in recorded["identity"]
+    assert len(group_runs([load_run(old_dir), load_run(today_dir)])) == 1

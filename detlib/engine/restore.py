@@ -36,7 +36,8 @@ from detlib.modeling.proposals import check_proposal_ids
 # is here. Components of your own: ``DETLIB_TRUSTED_TARGETS=mypkg.Backbone,mypkg.Loss`` (exact names).
 TRUSTED_TARGETS = frozenset({
     *(f"detlib.losses.{name}" for name in ("SmoothL1", "Huber", "L1", "L2", "BalancedL1", "IoULoss", "GIoULoss",
-                                          "DIoULoss", "CIoULoss", "EIoULoss", "Cauchy")),
+                                          "DIoULoss", "CIoULoss", "EIoULoss", "Cauchy", "SIoULoss",
+                                          "AlphaIoULoss", "KLLoss")),
     "detlib.modeling.backbone.SmallConvFPN",
     "detlib.modeling.backbone.VGG16",
     "detlib.modeling.backbone.resnet_fpn",

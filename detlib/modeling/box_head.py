@@ -9,6 +9,9 @@ smooth L1 with beta = 1/9. Prediction and loss are separate calls, so validation
 
 Built from torchvision's parts: ``MultiScaleRoIAlign``, ``BoxCoder``, ``Matcher``,
 ``BalancedPositiveNegativeSampler``, ``box_iou``, ``batched_nms``.
+
+A loss with ``needs_log_variance`` (``loss=kl``) makes the head also predict a log-variance per delta (He et
+al. 2019), which inference may use for variance voting; with any other loss the head is the plain one.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class RoIBoxHead(nn.Module):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         target_outliers: float = 0.0,
+        variance_voting: bool = False,
+        voting_sigma_t: float = 0.02,
     ) -> None:
         super().__init__()
         self.roi_align = roi_align
@@ -92,6 +97,21 @@ class RoIBoxHead(nn.Module):
         if not 0 <= target_outliers <= 1:
             raise ValueError(f"target_outliers must be in [0, 1], got {target_outliers!r}")
         self.target_outliers = target_outliers  # a study knob: see corrupt_targets
+        # alpha = log sigma^2 per class and delta, for a loss that takes it (KLLoss); created last and only
+        # then, so every other loss keeps the plain head's parameters and random draws. Weights N(0, 1e-4) and
+        # bias 0 as in He et al. 2019: sigma^2 starts at ~1, where the KL loss is smooth L1 with beta 1.
+        self.bbox_log_var: nn.Linear | None = None
+        if box_loss.needs_log_variance:
+            self.bbox_log_var = nn.Linear(hidden, num_classes * 4)
+            nn.init.normal_(self.bbox_log_var.weight, std=1e-4)
+            nn.init.zeros_(self.bbox_log_var.bias)
+        self.box_dim = 8 if box_loss.needs_log_variance else 4  # per class: deltas (+ log-variances)
+        if variance_voting and not box_loss.needs_log_variance:
+            raise ValueError("variance_voting needs a loss that predicts a log-variance per coordinate (loss=kl), "
+                             f"got {type(box_loss).__name__}")
+        if not voting_sigma_t > 0:
+            raise ValueError(f"voting_sigma_t must be > 0, got {voting_sigma_t!r}")
+        self.variance_voting, self.voting_sigma_t = variance_voting, voting_sigma_t
 
     def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> Sampled:
         """Add ground truth to the proposals, match by IoU, sample fg/bg RoIs per image."""
@@ -119,14 +139,20 @@ class RoIBoxHead(nn.Module):
     def forward(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> tuple[Tensor, Tensor]:
-        """RoI features -> ``logits (R, K)`` and ``deltas (R, K * 4)``, R = all proposals of the batch."""
+        """RoI features -> ``logits (R, K)`` and ``deltas (R, K * 4)``, R = all proposals of the batch; with a
+        log-variance head ``(R, K * 8)``: per class the 4 deltas, then their 4 log-variances."""
         x = self.mlp(self.roi_align(features, proposals, image_sizes))
-        return self.cls_score(x), self.bbox_pred(x)
+        logits, deltas = self.cls_score(x), self.bbox_pred(x)
+        if self.bbox_log_var is None:
+            return logits, deltas
+        n = x.shape[0]
+        return logits, torch.cat([deltas.view(n, -1, 4), self.bbox_log_var(x).view(n, -1, 4)], -1).view(n, -1)
 
     def fg_predictions(self, deltas: Tensor, sampled: Sampled) -> tuple[Tensor, Tensor, Tensor]:
-        """For foreground RoIs: predicted deltas of their ground-truth class (float32), proposals and GT boxes."""
+        """For foreground RoIs: predicted deltas of their ground-truth class (float32; ``(F, 8)`` with the
+        log-variances), proposals and GT boxes."""
         fg = torch.where(sampled.labels > 0)[0]
-        pred = deltas.view(deltas.shape[0], -1, 4)[fg, sampled.labels[fg]].float()
+        pred = deltas.view(deltas.shape[0], -1, self.box_dim)[fg, sampled.labels[fg]].float()
         return pred, sampled.proposals[fg], sampled.gt_boxes[fg]
 
     @torch.no_grad()
@@ -137,7 +163,11 @@ class RoIBoxHead(nn.Module):
         out = {"dump/proposals": sampled.proposals.detach(), "dump/labels": sampled.labels.detach(),
                "dump/deltas": deltas.detach()}
         if full:
-            out |= regression_diagnostics(*self.fg_predictions(deltas.detach(), sampled), self.box_coder)
+            pred, props, gt = self.fg_predictions(deltas.detach(), sampled)
+            out |= regression_diagnostics(pred[:, :4], props, gt, self.box_coder)
+            if self.box_dim == 8:  # the predicted log sigma^2 of the foreground deltas
+                out["train/box_log_var"] = pred[:, 4:].sum() / max(pred[:, 4:].numel(), 1)
+                out["train/box_log_var_hist"] = pred[:, 4:].flatten()
         return out
 
     def losses(self, logits: Tensor, deltas: Tensor, sampled: Sampled) -> dict[str, Tensor]:
@@ -159,22 +189,46 @@ class RoIBoxHead(nn.Module):
     def postprocess(
         self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
-        """Per image: ``boxes (D, 4)`` xyxy, ``scores (D,)``, ``labels (D,)`` in 1..K-1, after class-wise NMS."""
+        """Per image: ``boxes (D, 4)`` xyxy, ``scores (D,)``, ``labels (D,)`` in 1..K-1, after class-wise NMS
+        (and, with ``variance_voting``, each kept box voted by its neighbours: ``variance_voting``)."""
         counts = [p.shape[0] for p in proposals]
-        boxes_all = self.box_coder.decode(deltas.float(), proposals)  # (R, K, 4)
+        deltas, log_var = deltas.float(), None
+        if self.box_dim == 8:
+            split = deltas.view(deltas.shape[0], -1, 8)
+            deltas, log_var = split[..., :4].reshape(deltas.shape[0], -1), split[..., 4:]
+        boxes_all = self.box_coder.decode(deltas, proposals)  # (R, K, 4)
         scores_all = F.softmax(logits.float(), -1)
+        variances = ([self.vote_variances(v, p) for v, p in zip(log_var.split(counts), proposals)]
+                     if self.variance_voting else [None] * len(counts))
         results = []
-        for boxes, scores, size in zip(boxes_all.split(counts), scores_all.split(counts), image_sizes):
+        for boxes, scores, size, var in zip(boxes_all.split(counts), scores_all.split(counts), image_sizes, variances):
             boxes = clip_boxes_to_image(boxes, size)[:, 1:]  # drop background
             labels = torch.arange(1, self.num_classes, device=boxes.device).expand(scores.shape[0], -1)
             boxes, scores, labels = boxes.reshape(-1, 4), scores[:, 1:].reshape(-1), labels.reshape(-1)
             keep = torch.where(scores > self.score_thresh)[0]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            var = None if var is None else var[keep]
             keep = remove_small_boxes(boxes, 1e-2)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            var = None if var is None else var[keep]
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            kept = boxes[keep]
+            if var is not None:
+                kept = variance_voting(kept, labels[keep], boxes, labels, var, self.voting_sigma_t)
+            results.append({"boxes": kept, "scores": scores[keep], "labels": labels[keep]})
         return results
+
+    def vote_variances(self, log_var: Tensor, proposals: Tensor) -> Tensor:
+        """``(P * (K-1), 4)``: the variances of ``(cx, cy, log w, log h)`` of each foreground-class box of one
+        image, from the predicted ``log_var (P, K, 4)`` of its deltas and its ``proposals (P, 4)``: decoding is
+        linear in each delta (``cx = px + pw dx / wx``, ``log w = log pw + dw / ww``), so the variances scale
+        exactly: ``(pw / wx)^2 sigma_dx^2``, ..., ``sigma_dw^2 / ww^2``. The exponent is clamped to +-50 so that
+        ``exp`` and ``1 / var`` stay finite in float32."""
+        wx, wy, ww, wh = self.box_coder.weights
+        size = (proposals[:, 2:] - proposals[:, :2]).float()  # (P, 2): pw, ph
+        scale = torch.cat([size / size.new_tensor([wx, wy]), size.new_tensor([1 / ww, 1 / wh]).expand_as(size)], 1)
+        var = torch.exp(log_var[:, 1:].clamp(-50, 50)) * scale[:, None] ** 2  # drop background, as the boxes
+        return var.reshape(-1, 4)
 
 
 def corrupt_targets(gt: Tensor, p: float) -> Tensor:
@@ -194,3 +248,28 @@ def corrupt_targets(gt: Tensor, p: float) -> Tensor:
     scaled = torch.cat([centre - scale * wh / 2, centre + scale * wh / 2], 1)
     bad = torch.where((kind == 0)[:, None], gt + shift.repeat(1, 2), scaled)
     return torch.where(hit[:, None], bad, gt)
+
+
+def variance_voting(boxes: Tensor, labels: Tensor, cand_boxes: Tensor, cand_labels: Tensor, cand_var: Tensor,
+                    sigma_t: float = 0.02) -> Tensor:
+    """Variance voting (He et al., CVPR 2019, Algorithm 1): each kept box becomes, coordinate by coordinate, the
+    mean of the candidate boxes of its class that overlap it, weighted by ``p_i / sigma_i^2``,
+    ``p_i = exp(-(1 - IoU(b_i, b))^2 / sigma_t)`` (itself included, p = 1; sigma_t 0.02 in the paper).
+
+    ``boxes (D, 4)`` xyxy, the boxes NMS kept, ``labels (D,)``; ``cand_* (M, ...)``: every box NMS chose
+    from (the kept ones among them), ``cand_var (M, 4)`` the variances of its ``(cx, cy, log w, log h)``
+    (``RoIBoxHead.vote_variances``). The paper votes on the corners; detlib's head predicts the variances of
+    centre offsets and log sizes, so the vote is in those coordinates, where they hold exactly. Scores
+    are unchanged. Returns ``(D, 4)`` xyxy.
+    """
+    if boxes.shape[0] == 0:
+        return boxes
+    iou = box_iou(boxes, cand_boxes) * (labels[:, None] == cand_labels[None])
+    p = torch.exp(-((1 - iou) ** 2) / sigma_t) * (iou > 0)
+    weight = p[..., None] / cand_var[None]  # (D, M, 4)
+    wh = cand_boxes[:, 2:] - cand_boxes[:, :2]
+    code = torch.cat([(cand_boxes[:, :2] + cand_boxes[:, 2:]) / 2, wh.log()], 1)  # (M, 4): cx, cy, log w, log h
+    voted = (weight * code).sum(1) / weight.sum(1)
+    centre, size = voted[:, :2], voted[:, 2:].exp()
+    return torch.cat([centre - size / 2, centre + size / 2], 1)
+

@@ -26,6 +26,9 @@ class RPN(RegionProposalNetwork):
 
     def __init__(self, *args, box_loss: BoxLoss, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if box_loss.needs_log_variance:  # torchvision's RPNHead predicts 4 deltas per anchor, no variance
+            raise ValueError(f"rpn_loss: {type(box_loss).__name__} needs a predicted log-variance per coordinate, "
+                             "which only the box head makes: use it as loss=NAME and another loss@rpn_loss")
         self.box_loss = box_loss
 
     def forward(  # type: ignore[override]

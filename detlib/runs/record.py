@@ -50,6 +50,7 @@ IGNORED = (
 EVAL_ONLY = (
     "eval.max_dets", "eval.batch_size", "model.roi_head.score_thresh", "model.roi_head.nms_thresh",
     "model.roi_head.detections_per_img", "model.rpn.pre_nms_top_n_test", "model.rpn.post_nms_top_n_test",
+    "model.roi_head.variance_voting", "model.roi_head.voting_sigma_t",
 )
 # Keys added after runs were first recorded, each with the value that reproduces what a run recorded without it
 # computed. A record that lacks one is read as holding that value (as detectron2 upgrades an old config), so a
@@ -58,6 +59,8 @@ EVAL_ONLY = (
 ADDED_KEYS: dict[str, object] = {
     "trainer.ema_decay": None,
     "data.exif_orientation": "ignore",  # runs before it read pixels as stored
+    "model.roi_head.variance_voting": False,
+    "model.roi_head.voting_sigma_t": 0.02,
 }
 SEED = "seed"  # part of the identity; a comparison groups runs that differ only in it, and pairs them by it
 
@@ -85,13 +88,15 @@ def flatten(node: object, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def upgrade(ident: Mapping) -> dict:
+def upgrade(ident: Mapping, eval_only: bool = False) -> dict:
     """``ident`` with every ``ADDED_KEYS`` key it lacks, at the value runs before that key computed with (only
-    where the key's section exists: a model without an RoI head gets no RoI-head key)."""
+    where the key's section exists: a model without an RoI head gets no RoI-head key). ``ident``: a record's
+    identity, which takes the added keys but the ``EVAL_ONLY`` ones, or with ``eval_only`` its ``eval``
+    settings, which take only those."""
     out = dict(ident)
     for key, value in ADDED_KEYS.items():
         section = key.rpartition(".")[0]
-        if key not in out and any(k.startswith(section + ".") for k in ident):
+        if _under(key, EVAL_ONLY) == eval_only and key not in out and any(k.startswith(section + ".") for k in ident):
             out[key] = value
     return dict(sorted(out.items()))
 
@@ -189,6 +194,8 @@ def read_record(run_dir: str | Path, need: str = "identity") -> dict | None:
         raise RunIdentityError(f"{path}: not a detlib run record (no '{need}' object)")
     if isinstance(record.get("identity"), dict):
         record["identity"] = upgrade(record["identity"])
+    if isinstance(record.get("eval"), dict):
+        record["eval"] = upgrade(record["eval"], eval_only=True)
     return record
 
 
