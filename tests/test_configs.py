@@ -109,7 +109,7 @@ def test_fixed_value_sets_fail_at_compose_with_the_options(override, key):
 def test_fixed_value_sets_are_checked_in_configs_built_in_python():
     cfg = Config()
     cfg.trainer.amp = "fp32"
-    with pytest.raises(ValueError, match=r"config: trainer\.amp must be off\|bf16\|fp16, got 'fp32'"):
+    with pytest.raises(ValueError, match=r"config: trainer\.amp must be auto\|off\|bf16\|fp16, got 'fp32'"):
         check_ranges(cfg)
 
 
