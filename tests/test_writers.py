@@ -116,7 +116,7 @@ def test_the_loop_writes_through_the_chosen_writers_only(data_root, tmp_path):
     assert not (tmp_path / "tb").exists()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     keys = {k for r in lines for k in r}
-    assert [r["iteration"] for r in lines] == [1, 2, 2] and {"train/loss", "it_per_s", "val/AP"} <= keys
+    assert [r["iteration"] for r in lines] == [1, 2, 2] and {"loss/total", "it_per_s", "val/AP"} <= keys
     from_jsonl = {(r["iteration"], k, v) for r in lines for k, v in r.items() if k not in ("iteration", "time")}
     from_csv = {(int(r["iteration"]), r["tag"], None if r["value"] == "" else float(r["value"]))
                 for r in _csv_rows(tmp_path / "metrics.csv")}
