@@ -240,7 +240,8 @@ def restore_hydra_files(run_dir: str | Path, record: Mapping) -> None:
     folder = Path(run_dir) / HYDRA_DIR
     if not folder.is_dir():
         return
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(record["config"])))
+    text = record.get("hydra_config")  # Hydra's own text (interpolations unresolved), when the record kept it
+    (folder / "config.yaml").write_text(text or OmegaConf.to_yaml(OmegaConf.create(record["config"])))
     (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(record["overrides"]))))
 
 
