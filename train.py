@@ -266,8 +266,8 @@ def record_for(cfg: DictConfig, typed: Config, train_set, val_set, run_dir: Path
         config, ident, overrides=list(hc.overrides.task),
         choices={k: str(v) for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra/")},
         data_files={"train": str(train_set.ann_file), "val": str(val_set.ann_file)},
-        classes=[{"id": c, "name": n} for c, n in zip(train_set.cat_ids, train_set.class_names)])
-    record["hydra_config"] = OmegaConf.to_yaml(cfg)  # .hydra/config.yaml as Hydra wrote it, put back on a refusal
+        classes=[{"id": c, "name": n} for c, n in zip(train_set.cat_ids, train_set.class_names)],
+        hydra_config=runs.hydra_config_text(run_dir))  # before trainer.amp=auto was resolved
     saved = runs.read_record(run_dir)
     if saved is None:
         leftovers = [f for f in runs.foreign_files(run_dir) if f != runs.RECORD]

@@ -41,6 +41,7 @@ from detlib.runs.record import (  # noqa: F401
     fingerprint,
     flatten,
     hparams,
+    hydra_config_text,
     identity,
     ignored,
     make_record,

@@ -162,8 +162,11 @@ def diff(old: Mapping, new: Mapping) -> list[str]:
 
 
 def make_record(config: Mapping, ident: Mapping, *, overrides: list[str], choices: Mapping[str, str],
-                data_files: Mapping[str, str], classes: Sequence[Mapping] | None = None) -> dict:
-    """``classes``: ``[{"id": category id, "name": name}]`` in label order (label k is ``classes[k - 1]``)."""
+                data_files: Mapping[str, str], classes: Sequence[Mapping] | None = None,
+                hydra_config: str | None = None) -> dict:
+    """``classes``: ``[{"id": category id, "name": name}]`` in label order (label k is ``classes[k - 1]``).
+    ``hydra_config``: the text of ``.hydra/config.yaml`` as Hydra wrote it (interpolations unresolved), which
+    ``restore_hydra_files`` puts back after a refused launch."""
     return {
         "format": FORMAT,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -176,7 +179,7 @@ def make_record(config: Mapping, ident: Mapping, *, overrides: list[str], choice
         "data_files": dict(data_files),
         "classes": [dict(c) for c in classes or []],
         "config": config,
-    }
+    } | ({"hydra_config": hydra_config} if hydra_config is not None else {})
 
 
 def read_record(run_dir: str | Path, need: str = "identity") -> dict | None:
@@ -231,6 +234,12 @@ def recorded_classes(record: Mapping) -> tuple[dict[int, str], dict[int, int]] |
     if not classes:
         return None
     return ({k: str(c["name"]) for k, c in enumerate(classes, 1)}, {k: int(c["id"]) for k, c in enumerate(classes, 1)})
+
+
+def hydra_config_text(run_dir: str | Path) -> str | None:
+    """The folder's ``.hydra/config.yaml`` as Hydra wrote it for this launch; None without one."""
+    path = Path(run_dir) / HYDRA_DIR / "config.yaml"
+    return path.read_text() if path.is_file() else None
 
 
 def restore_hydra_files(run_dir: str | Path, record: Mapping) -> None:
